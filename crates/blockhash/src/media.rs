@@ -1,0 +1,72 @@
+//! Which media objects each block contains.
+
+use kvroute_protocol::{BlockExtraInfo, MediaId, MediaSpan};
+use std::ops::Range;
+
+/// Tells the hasher which media objects a block contains.
+///
+/// Implemented for request-level [`MediaSpan`] lists, for Dynamo's per-block media info (as
+/// found in KV events and in `compute_block_hash_for_seq`'s `block_mm_infos`), and for
+/// [`NoMedia`]. Implement it for your own representation if you have one; ids may be appended
+/// in any order (the hasher sorts them) and duplicates are significant.
+pub trait BlockMedia {
+    /// Appends to `out` the ids of the media objects in block number `index`, which covers the
+    /// half-open token range `tokens` of the whole sequence.
+    fn block_media(&self, index: usize, tokens: Range<usize>, out: &mut Vec<MediaId>);
+}
+
+/// A text-only sequence: every block hashes its tokens alone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NoMedia;
+
+impl BlockMedia for NoMedia {
+    #[inline(always)]
+    fn block_media(&self, _index: usize, _tokens: Range<usize>, _out: &mut Vec<MediaId>) {}
+}
+
+/// A block contains every media object whose span intersects it, once per id even when the
+/// object appears twice in the block: exactly what Dynamo's `RequestExtraInfo::to_block_level`
+/// builds from request-level spans.
+impl BlockMedia for [MediaSpan] {
+    #[inline]
+    fn block_media(&self, _index: usize, tokens: Range<usize>, out: &mut Vec<MediaId>) {
+        let first_of_block = out.len();
+        for span in self {
+            if span.touches(tokens.clone()) && !out[first_of_block..].contains(&span.id) {
+                out.push(span.id);
+            }
+        }
+    }
+}
+
+impl BlockMedia for Vec<MediaSpan> {
+    #[inline]
+    fn block_media(&self, index: usize, tokens: Range<usize>, out: &mut Vec<MediaId>) {
+        self.as_slice().block_media(index, tokens, out);
+    }
+}
+
+impl<T: BlockMedia + ?Sized> BlockMedia for &T {
+    #[inline]
+    fn block_media(&self, index: usize, tokens: Range<usize>, out: &mut Vec<MediaId>) {
+        (**self).block_media(index, tokens, out);
+    }
+}
+
+/// Dynamo's per-block form: entry `i` describes block `i`; a missing entry, `None`, or an empty
+/// object list means a text-only block. Every listed object counts, duplicates included.
+impl BlockMedia for [Option<BlockExtraInfo>] {
+    #[inline]
+    fn block_media(&self, index: usize, _tokens: Range<usize>, out: &mut Vec<MediaId>) {
+        if let Some(Some(info)) = self.get(index) {
+            out.extend(info.mm_objects.iter().map(|object| object.mm_hash));
+        }
+    }
+}
+
+impl BlockMedia for Vec<Option<BlockExtraInfo>> {
+    #[inline]
+    fn block_media(&self, index: usize, tokens: Range<usize>, out: &mut Vec<MediaId>) {
+        self.as_slice().block_media(index, tokens, out);
+    }
+}

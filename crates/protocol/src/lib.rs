@@ -1,0 +1,21 @@
+//! Identifiers, hashes and KV cache events shared by every kvroute crate.
+//!
+//! It owns the vocabulary: newtypes for workers, data-parallel ranks, block and sequence
+//! hashes and media ids, and the KV event model that reads and writes NVIDIA Dynamo's
+//! `RouterEvent` JSON exactly. It does no I/O and no hashing.
+//!
+//! ```
+//! use kvroute_protocol::{RouterEvent, WorkerId};
+//!
+//! let line = r#"{"worker_id":7,"storage_tier":"device","residency_domain":"worker","event":{"event_id":44,"data":"cleared","dp_rank":0}}"#;
+//! let event = RouterEvent::from_json(line.as_bytes())?;
+//! assert_eq!(event.worker_id, WorkerId(7));
+//! assert_eq!(event.to_json(), line);
+//! # Ok::<(), kvroute_protocol::ProtocolError>(())
+//! ```
+
+mod event;
+mod ids;
+
+pub use event::*;
+pub use ids::{BlockHash, DpRank, MediaId, MediaSpan, SequenceHash, WorkerId};
