@@ -2,14 +2,10 @@
 
 use crate::media::BlockMedia;
 use crate::sequence::sequence_hash;
+use crate::xxh3::SeededXxh3;
 use crate::{HashError, BASE_SEED};
 use kvroute_protocol::{BlockHash, MediaId, SequenceHash};
-use xxhash_rust::const_xxh3::const_custom_default_secret;
-use xxhash_rust::xxh3::{xxh3_64_with_secret, xxh3_64_with_seed};
-
-/// XXH3 hashes inputs up to this many bytes with the seed directly and longer ones with a
-/// secret derived from the seed.
-const XXH3_MID_SIZE_MAX: usize = 240;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Salt for LoRA adapter names and cache namespaces: each is hashed with its own inner seed and
 /// added (wrapping) to [`BASE_SEED`].
@@ -79,8 +75,7 @@ impl BlockHasherBuilder {
         Ok(BlockHasher {
             block_size: self.block_size,
             eagle: self.eagle,
-            seed: self.seed,
-            secret: const_custom_default_secret(self.seed),
+            xxh3: SeededXxh3::new(self.seed),
         })
     }
 }
@@ -105,9 +100,7 @@ impl BlockHasherBuilder {
 pub struct BlockHasher {
     block_size: u32,
     eagle: bool,
-    seed: u64,
-    /// XXH3's secret for `seed`, derived once instead of on every long input.
-    secret: [u8; 192],
+    xxh3: SeededXxh3,
 }
 
 impl std::fmt::Debug for BlockHasher {
@@ -115,7 +108,7 @@ impl std::fmt::Debug for BlockHasher {
         f.debug_struct("BlockHasher")
             .field("block_size", &self.block_size)
             .field("eagle", &self.eagle)
-            .field("seed", &self.seed)
+            .field("seed", &self.seed())
             .finish_non_exhaustive()
     }
 }
@@ -147,7 +140,7 @@ impl BlockHasher {
 
     /// The XXH3 seed of block hashes: [`BASE_SEED`] plus the LoRA and namespace salts.
     pub fn seed(&self) -> u64 {
-        self.seed
+        self.xxh3.seed()
     }
 
     /// Tokens hashed per block: `block_size`, or `block_size + 1` in Eagle mode.
@@ -180,9 +173,8 @@ impl BlockHasher {
         media: &M,
         out: &mut Vec<BlockHash>,
     ) {
-        out.reserve(self.block_count(tokens.len()));
-        self.for_each_block(tokens, 0, media, &mut Scratch::default(), |block| {
-            out.push(block)
+        self.extend_blocks(tokens, 0, media, &mut Scratch::default(), out, |block| {
+            block
         });
     }
 
@@ -194,12 +186,11 @@ impl BlockHasher {
         media: &M,
         out: &mut Vec<SequenceHash>,
     ) {
-        out.reserve(self.block_count(tokens.len()));
         let mut parent = None;
-        self.for_each_block(tokens, 0, media, &mut Scratch::default(), |block| {
+        self.extend_blocks(tokens, 0, media, &mut Scratch::default(), out, |block| {
             let sequence = sequence_hash(parent, block);
             parent = Some(sequence);
-            out.push(sequence);
+            sequence
         });
     }
 
@@ -210,12 +201,11 @@ impl BlockHasher {
         media: &M,
         out: &mut Vec<HashedBlock>,
     ) {
-        out.reserve(self.block_count(tokens.len()));
         let mut parent = None;
-        self.for_each_block(tokens, 0, media, &mut Scratch::default(), |block| {
+        self.extend_blocks(tokens, 0, media, &mut Scratch::default(), out, |block| {
             let sequence = sequence_hash(parent, block);
             parent = Some(sequence);
-            out.push(HashedBlock { block, sequence });
+            HashedBlock { block, sequence }
         });
     }
 
@@ -242,16 +232,23 @@ impl BlockHasher {
     }
 
     /// Hashes every complete window of `tokens`, whose first token is block `first_block`'s
-    /// first token, and hands each block hash to `visit` in order.
+    /// first token, appends `finish(block hash)` for each to `out` in order, and returns how
+    /// many tokens the hashed blocks advanced over.
     #[inline]
-    pub(crate) fn for_each_block<M: BlockMedia + ?Sized>(
+    pub(crate) fn extend_blocks<M: BlockMedia + ?Sized, T>(
         &self,
         tokens: &[u32],
         first_block: usize,
         media: &M,
         scratch: &mut Scratch,
-        mut visit: impl FnMut(BlockHash),
+        out: &mut Vec<T>,
+        mut finish: impl FnMut(BlockHash) -> T,
     ) -> usize {
+        #[cfg(target_endian = "little")]
+        if !self.eagle && media.is_text_only() {
+            return self.extend_text_blocks(tokens, out, finish);
+        }
+        out.reserve(self.block_count(tokens.len()));
         let stride = self.block_size as usize;
         let window_len = self.window_len();
         let mut start = 0;
@@ -259,11 +256,61 @@ impl BlockHasher {
         while start + window_len <= tokens.len() {
             let block_start = index * stride;
             media.block_media(index, block_start..block_start + stride, &mut scratch.media);
-            visit(self.hash_window(&tokens[start..start + window_len], scratch));
+            out.push(finish(
+                self.hash_window(&tokens[start..start + window_len], scratch),
+            ));
             start += stride;
             index += 1;
         }
         start
+    }
+
+    /// Text-only blocks, hashed straight from the token slice. The common block sizes get a
+    /// loop of their own, so the block length is a constant and XXH3's length dispatch and
+    /// bounds checks fold away; `extend` over an exact-size iterator writes without a capacity
+    /// check per block.
+    #[cfg(target_endian = "little")]
+    #[inline]
+    fn extend_text_blocks<T>(
+        &self,
+        tokens: &[u32],
+        out: &mut Vec<T>,
+        finish: impl FnMut(BlockHash) -> T,
+    ) -> usize {
+        match self.block_size {
+            16 => self.extend_fixed_blocks::<16, T>(tokens, out, finish),
+            32 => self.extend_fixed_blocks::<32, T>(tokens, out, finish),
+            64 => self.extend_fixed_blocks::<64, T>(tokens, out, finish),
+            128 => self.extend_fixed_blocks::<128, T>(tokens, out, finish),
+            block_size => {
+                let blocks = tokens.chunks_exact(block_size as usize);
+                let consumed = tokens.len() - blocks.remainder().len();
+                out.extend(
+                    blocks
+                        .map(|block| BlockHash(self.xxh3.hash(bytemuck::cast_slice(block))))
+                        .map(finish),
+                );
+                consumed
+            }
+        }
+    }
+
+    #[cfg(target_endian = "little")]
+    #[inline]
+    fn extend_fixed_blocks<const B: usize, T>(
+        &self,
+        tokens: &[u32],
+        out: &mut Vec<T>,
+        finish: impl FnMut(BlockHash) -> T,
+    ) -> usize {
+        let (blocks, _) = tokens.as_chunks::<B>();
+        out.extend(
+            blocks
+                .iter()
+                .map(|block| BlockHash(self.xxh3.hash(bytemuck::cast_slice(block.as_slice()))))
+                .map(finish),
+        );
+        blocks.len() * B
     }
 
     /// Hashes one window with the media ids collected in `scratch.media` (which it empties).
@@ -271,7 +318,7 @@ impl BlockHasher {
     pub(crate) fn hash_window(&self, window: &[u32], scratch: &mut Scratch) -> BlockHash {
         if scratch.media.is_empty() {
             #[cfg(target_endian = "little")]
-            return BlockHash(self.xxh3(bytemuck::cast_slice(window)));
+            return BlockHash(self.xxh3.hash(bytemuck::cast_slice(window)));
         }
         scratch.media.sort_unstable();
         let bytes = &mut scratch.bytes;
@@ -282,18 +329,7 @@ impl BlockHasher {
         bytes.extend(window.iter().flat_map(|token| token.to_le_bytes()));
         bytes.extend(scratch.media.iter().flat_map(|id| id.0.to_le_bytes()));
         scratch.media.clear();
-        BlockHash(self.xxh3(bytes))
-    }
-
-    /// Seeded XXH3-64, with the secret derived once for long inputs (bit-exact with
-    /// `xxh3_64_with_seed`, which derives it on every call).
-    #[inline(always)]
-    fn xxh3(&self, bytes: &[u8]) -> u64 {
-        if bytes.len() > XXH3_MID_SIZE_MAX {
-            xxh3_64_with_secret(bytes, &self.secret)
-        } else {
-            xxh3_64_with_seed(bytes, self.seed)
-        }
+        BlockHash(self.xxh3.hash(bytes))
     }
 }
 
@@ -302,22 +338,4 @@ impl BlockHasher {
 pub(crate) struct Scratch {
     pub(crate) media: Vec<MediaId>,
     pub(crate) bytes: Vec<u8>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn derived_secret_matches_seeded_xxh3_across_the_length_cutoff() {
-        let hasher = BlockHasher::builder(16).lora_name("x").build().unwrap();
-        let data: Vec<u8> = (0..1024u32).map(|i| (i * 31 % 251) as u8).collect();
-        for len in [0, 1, 16, 17, 128, 129, 239, 240, 241, 256, 512, 1024] {
-            assert_eq!(
-                hasher.xxh3(&data[..len]),
-                xxh3_64_with_seed(&data[..len], hasher.seed()),
-                "length {len}"
-            );
-        }
-    }
 }

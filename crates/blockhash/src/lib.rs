@@ -39,6 +39,7 @@
 mod hasher;
 mod media;
 mod sequence;
+mod xxh3;
 
 pub use hasher::{BlockHasher, BlockHasherBuilder, HashedBlock};
 pub use kvroute_protocol::{BlockHash, MediaId, MediaSpan, SequenceHash};

@@ -13,6 +13,12 @@ pub trait BlockMedia {
     /// Appends to `out` the ids of the media objects in block number `index`, which covers the
     /// half-open token range `tokens` of the whole sequence.
     fn block_media(&self, index: usize, tokens: Range<usize>, out: &mut Vec<MediaId>);
+
+    /// Whether no block contains media, which lets the hasher take its text-only fast path.
+    /// Returning `false` is always correct.
+    fn is_text_only(&self) -> bool {
+        false
+    }
 }
 
 /// A text-only sequence: every block hashes its tokens alone.
@@ -22,6 +28,10 @@ pub struct NoMedia;
 impl BlockMedia for NoMedia {
     #[inline(always)]
     fn block_media(&self, _index: usize, _tokens: Range<usize>, _out: &mut Vec<MediaId>) {}
+
+    fn is_text_only(&self) -> bool {
+        true
+    }
 }
 
 /// A block contains every media object whose span intersects it, once per id even when the
@@ -37,6 +47,10 @@ impl BlockMedia for [MediaSpan] {
             }
         }
     }
+
+    fn is_text_only(&self) -> bool {
+        self.iter().all(|span| span.len == 0)
+    }
 }
 
 impl BlockMedia for Vec<MediaSpan> {
@@ -44,12 +58,20 @@ impl BlockMedia for Vec<MediaSpan> {
     fn block_media(&self, index: usize, tokens: Range<usize>, out: &mut Vec<MediaId>) {
         self.as_slice().block_media(index, tokens, out);
     }
+
+    fn is_text_only(&self) -> bool {
+        self.as_slice().is_text_only()
+    }
 }
 
 impl<T: BlockMedia + ?Sized> BlockMedia for &T {
     #[inline]
     fn block_media(&self, index: usize, tokens: Range<usize>, out: &mut Vec<MediaId>) {
         (**self).block_media(index, tokens, out);
+    }
+
+    fn is_text_only(&self) -> bool {
+        (**self).is_text_only()
     }
 }
 
@@ -62,11 +84,19 @@ impl BlockMedia for [Option<BlockExtraInfo>] {
             out.extend(info.mm_objects.iter().map(|object| object.mm_hash));
         }
     }
+
+    fn is_text_only(&self) -> bool {
+        self.iter().flatten().all(|info| info.mm_objects.is_empty())
+    }
 }
 
 impl BlockMedia for Vec<Option<BlockExtraInfo>> {
     #[inline]
     fn block_media(&self, index: usize, tokens: Range<usize>, out: &mut Vec<MediaId>) {
         self.as_slice().block_media(index, tokens, out);
+    }
+
+    fn is_text_only(&self) -> bool {
+        self.as_slice().is_text_only()
     }
 }

@@ -47,18 +47,13 @@ pub fn sequence_hashes_into(
     }
 }
 
-/// Chains `block` after `last` and appends both hashes to `out`.
+/// Chains `block` after `last`, counting it.
 #[inline]
-fn record(
-    last: &mut Option<SequenceHash>,
-    blocks: &mut usize,
-    block: BlockHash,
-    out: &mut Vec<HashedBlock>,
-) {
+fn chain(last: &mut Option<SequenceHash>, blocks: &mut usize, block: BlockHash) -> HashedBlock {
     let sequence = sequence_hash(*last, block);
     *last = Some(sequence);
     *blocks += 1;
-    out.push(HashedBlock { block, sequence });
+    HashedBlock { block, sequence }
 }
 
 /// Hashes a sequence incrementally: feed tokens as they arrive (prompt, then decoded tokens)
@@ -129,7 +124,7 @@ impl SequenceHasher {
                 &mut self.scratch.media,
             );
             let block = self.hasher.hash_window(&self.pending, &mut self.scratch);
-            record(&mut self.last, &mut self.blocks, block, out);
+            out.push(chain(&mut self.last, &mut self.blocks, block));
             // The next block starts `stride` tokens into this window; in Eagle mode its first
             // token was the last one of this window.
             rest = &rest[missing - (window_len - stride)..];
@@ -143,8 +138,9 @@ impl SequenceHasher {
             scratch,
             ..
         } = self;
-        let consumed = hasher.for_each_block(rest, *blocks, media, scratch, |block| {
-            record(last, blocks, block, out)
+        let first_block = *blocks;
+        let consumed = hasher.extend_blocks(rest, first_block, media, scratch, out, |block| {
+            chain(last, blocks, block)
         });
         self.pending.extend_from_slice(&rest[consumed..]);
     }
