@@ -1,0 +1,396 @@
+//! Header-only parsing: format, dimensions, EXIF orientation and cheap integrity checks,
+//! without decoding or allocating any pixel.
+
+use crate::error::ImageError;
+use crate::exif::{tiff_orientation, Orientation};
+use crate::format::{declares_a_type, ImageFormat};
+
+/// What the header of an image says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ImageInfo {
+    /// The format, from the magic bytes.
+    pub format: ImageFormat,
+    /// Width as served to the model: after EXIF orientation (transposing orientations swap
+    /// width and height), as HF transformers' `load_image` does.
+    pub width: u32,
+    /// Height as served to the model, after EXIF orientation.
+    pub height: u32,
+    /// The EXIF orientation found (JPEG only; [`Orientation::NORMAL`] otherwise).
+    pub orientation: Orientation,
+}
+
+impl ImageInfo {
+    /// Width times height.
+    pub const fn pixels(&self) -> u64 {
+        self.width as u64 * self.height as u64
+    }
+
+    /// Width and height as stored in the file, before orientation.
+    pub const fn stored_dimensions(&self) -> (u32, u32) {
+        if self.orientation.swaps_dimensions() {
+            (self.height, self.width)
+        } else {
+            (self.width, self.height)
+        }
+    }
+}
+
+/// Reads the format, dimensions and orientation of an image from its header and checks that
+/// the file is complete (a PNG ends with `IEND`, a JPEG with `EOI`, a GIF with its trailer, a
+/// WebP holds its whole RIFF chunk, a BMP its whole pixel array).
+///
+/// This never decodes pixels nor allocates: the cost is a few dozen byte reads, independent of
+/// the image size. `declared` is the content type the client or server claimed, if any; a type
+/// that names another format is an error.
+///
+/// ```
+/// use kvroute_mmhash::{probe, ImageError, ImageFormat};
+///
+/// // A 1x1 GIF.
+/// let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;";
+/// let info = probe(gif, Some("image/gif"))?;
+/// assert_eq!((info.format, info.width, info.height), (ImageFormat::Gif, 1, 1));
+/// assert!(matches!(probe(gif, Some("image/png")), Err(ImageError::FormatMismatch { .. })));
+/// assert_eq!(probe(b"not an image", None), Err(ImageError::UnknownFormat));
+/// # Ok::<(), ImageError>(())
+/// ```
+pub fn probe(bytes: &[u8], declared: Option<&str>) -> Result<ImageInfo, ImageError> {
+    let format = ImageFormat::sniff(bytes).ok_or(ImageError::UnknownFormat)?;
+    if let Some(declared) = declares_a_type(declared) {
+        if ImageFormat::from_mime(declared) != Some(format) {
+            return Err(ImageError::FormatMismatch {
+                declared: declared.to_owned(),
+                detected: format,
+            });
+        }
+    }
+    let reader = Reader { bytes, format };
+    let (width, height, orientation) = match format {
+        ImageFormat::Png => reader.png()?,
+        ImageFormat::Jpeg => reader.jpeg()?,
+        ImageFormat::Gif => reader.gif()?,
+        ImageFormat::WebP => reader.webp()?,
+        ImageFormat::Bmp => reader.bmp()?,
+    };
+    if width == 0 || height == 0 {
+        return Err(reader.corrupt("zero width or height"));
+    }
+    let (width, height) = if orientation.swaps_dimensions() {
+        (height, width)
+    } else {
+        (width, height)
+    };
+    Ok(ImageInfo {
+        format,
+        width,
+        height,
+        orientation,
+    })
+}
+
+/// Bounds-checked little readers over the file; every out-of-range read is `Truncated`.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    format: ImageFormat,
+}
+
+type Header = (u32, u32, Orientation);
+
+impl Reader<'_> {
+    fn truncated(&self, what: &'static str) -> ImageError {
+        ImageError::Truncated {
+            format: self.format,
+            what,
+        }
+    }
+
+    fn corrupt(&self, what: &'static str) -> ImageError {
+        ImageError::Corrupt {
+            format: self.format,
+            what,
+        }
+    }
+
+    fn array<const N: usize>(&self, at: usize, what: &'static str) -> Result<[u8; N], ImageError> {
+        at.checked_add(N)
+            .and_then(|end| self.bytes.get(at..end))
+            .and_then(|slice| slice.try_into().ok())
+            .ok_or_else(|| self.truncated(what))
+    }
+
+    fn u16_be(&self, at: usize, what: &'static str) -> Result<u16, ImageError> {
+        self.array(at, what).map(u16::from_be_bytes)
+    }
+
+    fn u16_le(&self, at: usize, what: &'static str) -> Result<u16, ImageError> {
+        self.array(at, what).map(u16::from_le_bytes)
+    }
+
+    fn u32_be(&self, at: usize, what: &'static str) -> Result<u32, ImageError> {
+        self.array(at, what).map(u32::from_be_bytes)
+    }
+
+    fn u32_le(&self, at: usize, what: &'static str) -> Result<u32, ImageError> {
+        self.array(at, what).map(u32::from_le_bytes)
+    }
+
+    fn u24_le(&self, at: usize, what: &'static str) -> Result<u32, ImageError> {
+        self.array::<3>(at, what)
+            .map(|[a, b, c]| u32::from_le_bytes([a, b, c, 0]))
+    }
+
+    /// PNG: IHDR must be the first chunk; the file must end with the IEND chunk.
+    fn png(&self) -> Result<Header, ImageError> {
+        const IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82];
+        if self.u32_be(8, "IHDR")? != 13 || self.array::<4>(12, "IHDR")? != *b"IHDR" {
+            return Err(self.corrupt("first chunk is not a 13-byte IHDR"));
+        }
+        let width = self.u32_be(16, "IHDR")?;
+        let height = self.u32_be(20, "IHDR")?;
+        self.array::<5>(24, "IHDR")?;
+        if width > i32::MAX as u32 || height > i32::MAX as u32 {
+            return Err(self.corrupt("dimension above 2^31 - 1"));
+        }
+        if !self.bytes.ends_with(&IEND) {
+            return Err(self.truncated("missing IEND chunk at end of file"));
+        }
+        Ok((width, height, Orientation::NORMAL))
+    }
+
+    /// JPEG: walk the marker segments from SOI to SOS, taking the frame size from SOF and the
+    /// orientation from the first `Exif` APP1; the file must end with EOI (`FF D9`), which is
+    /// how a scan cut short is caught without decoding it.
+    fn jpeg(&self) -> Result<Header, ImageError> {
+        let mut at = 2;
+        let mut frame = None;
+        let mut orientation = None;
+        loop {
+            if self.array::<1>(at, "marker before SOS")? != [0xFF] {
+                return Err(self.corrupt("expected a marker"));
+            }
+            // Fill bytes: any number of 0xFF before the marker code.
+            while self.array::<1>(at + 1, "marker before SOS")? == [0xFF] {
+                at += 1;
+            }
+            let [marker] = self.array::<1>(at + 1, "marker before SOS")?;
+            at += 2;
+            match marker {
+                // Standalone markers carry no length.
+                0x01 | 0xD0..=0xD7 => continue,
+                0xD8 | 0xD9 => return Err(self.corrupt("SOI or EOI before the first scan")),
+                0x00 => return Err(self.corrupt("invalid marker 0xFF00 in header")),
+                _ => {}
+            }
+            let len = usize::from(self.u16_be(at, "segment length")?);
+            if len < 2 {
+                return Err(self.corrupt("segment length below 2"));
+            }
+            let end = at + len;
+            if end > self.bytes.len() {
+                return Err(self.truncated("segment extends past end of file"));
+            }
+            let payload = &self.bytes[at + 2..end];
+            match marker {
+                0xE1 if orientation.is_none() && payload.starts_with(b"Exif\0\0") => {
+                    orientation = tiff_orientation(&payload[6..]);
+                }
+                // SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC).
+                0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => {
+                    if payload.len() < 6 {
+                        return Err(self.corrupt("SOF segment too short"));
+                    }
+                    let height = u32::from(u16::from_be_bytes([payload[1], payload[2]]));
+                    let width = u32::from(u16::from_be_bytes([payload[3], payload[4]]));
+                    frame.get_or_insert((width, height));
+                }
+                0xDA => break,
+                _ => {}
+            }
+            at = end;
+        }
+        let (width, height) = frame.ok_or_else(|| self.corrupt("no SOF segment before SOS"))?;
+        if !self.bytes.ends_with(&[0xFF, 0xD9]) {
+            return Err(self.truncated("missing EOI marker (FF D9) at end of file"));
+        }
+        Ok((width, height, orientation.unwrap_or(Orientation::NORMAL)))
+    }
+
+    /// GIF: the logical screen size (what Pillow and image-rs report); must end with the
+    /// trailer byte `0x3B`.
+    fn gif(&self) -> Result<Header, ImageError> {
+        let width = u32::from(self.u16_le(6, "logical screen descriptor")?);
+        let height = u32::from(self.u16_le(8, "logical screen descriptor")?);
+        self.array::<3>(10, "logical screen descriptor")?;
+        if self.bytes.last() != Some(&0x3B) {
+            return Err(self.truncated("missing trailer (0x3B) at end of file"));
+        }
+        Ok((width, height, Orientation::NORMAL))
+    }
+
+    /// WebP: the RIFF chunk must be complete; the size comes from the first chunk (`VP8 `
+    /// lossy, `VP8L` lossless or `VP8X` extended canvas).
+    fn webp(&self) -> Result<Header, ImageError> {
+        let riff_len = u64::from(self.u32_le(4, "RIFF header")?);
+        if riff_len + 8 > self.bytes.len() as u64 {
+            return Err(self.truncated("RIFF chunk extends past end of file"));
+        }
+        let chunk = self.array::<4>(12, "first chunk")?;
+        let chunk_len = u64::from(self.u32_le(16, "first chunk")?);
+        if 20 + chunk_len > riff_len + 8 {
+            return Err(self.truncated("first chunk extends past the RIFF chunk"));
+        }
+        let (width, height) = match &chunk {
+            b"VP8 " => {
+                if self.array::<3>(23, "VP8 frame header")? != [0x9D, 0x01, 0x2A] {
+                    return Err(self.corrupt("VP8 start code missing"));
+                }
+                let width = self.u16_le(26, "VP8 frame header")? & 0x3FFF;
+                let height = self.u16_le(28, "VP8 frame header")? & 0x3FFF;
+                (u32::from(width), u32::from(height))
+            }
+            b"VP8L" => {
+                if self.array::<1>(20, "VP8L header")? != [0x2F] {
+                    return Err(self.corrupt("VP8L signature missing"));
+                }
+                let bits = self.u32_le(21, "VP8L header")?;
+                ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+            }
+            b"VP8X" => {
+                let width = self.u24_le(24, "VP8X header")? + 1;
+                let height = self.u24_le(27, "VP8X header")? + 1;
+                (width, height)
+            }
+            _ => return Err(self.corrupt("first chunk is not VP8, VP8L or VP8X")),
+        };
+        Ok((width, height, Orientation::NORMAL))
+    }
+
+    /// BMP: BITMAPCOREHEADER or BITMAPINFOHEADER and later; an uncompressed pixel array must
+    /// be present in full.
+    fn bmp(&self) -> Result<Header, ImageError> {
+        let pixel_offset = u64::from(self.u32_le(10, "file header")?);
+        let dib_len = self.u32_le(14, "DIB header")?;
+        let (width, height, bpp, compression) = if dib_len == 12 {
+            let width = i64::from(self.u16_le(18, "DIB header")?);
+            let height = i64::from(self.u16_le(20, "DIB header")?);
+            (width, height, self.u16_le(24, "DIB header")?, 0)
+        } else if dib_len >= 40 {
+            let width = i64::from(self.u32_le(18, "DIB header")? as i32);
+            let height = i64::from(self.u32_le(22, "DIB header")? as i32);
+            (
+                width,
+                height,
+                self.u16_le(28, "DIB header")?,
+                self.u32_le(30, "DIB header")?,
+            )
+        } else {
+            return Err(self.corrupt("unknown DIB header size"));
+        };
+        // A negative height means rows are stored top-down.
+        let height = height.unsigned_abs();
+        if width <= 0 || height > i32::MAX as u64 {
+            return Err(self.corrupt("invalid dimensions"));
+        }
+        let width = width.unsigned_abs();
+        let file_len = self.bytes.len() as u64;
+        // BI_RGB (0) and BI_BITFIELDS (3) store rows of whole 32-bit words.
+        let needed = if matches!(compression, 0 | 3) {
+            let stride = (width * u64::from(bpp)).div_ceil(32) * 4;
+            stride
+                .checked_mul(height)
+                .and_then(|n| n.checked_add(pixel_offset))
+        } else {
+            Some(pixel_offset)
+        };
+        if needed.is_none_or(|needed| needed > file_len) {
+            return Err(self.truncated("pixel array extends past end of file"));
+        }
+        // Both fit in u32: width and height were read from at most 32 bits.
+        Ok((width as u32, height as u32, Orientation::NORMAL))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A baseline JPEG skeleton: SOI, optional APP1 Exif, SOF0, SOS, EOI (no real scan).
+    fn jpeg(width: u16, height: u16, exif_orientation: Option<u16>) -> Vec<u8> {
+        let mut out = vec![0xFF, 0xD8];
+        if let Some(value) = exif_orientation {
+            let mut tiff = b"MM\0*\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01".to_vec();
+            tiff.extend_from_slice(&value.to_be_bytes());
+            tiff.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+            let mut payload = b"Exif\0\0".to_vec();
+            payload.extend_from_slice(&tiff);
+            out.extend_from_slice(&[0xFF, 0xE1]);
+            out.extend_from_slice(&(payload.len() as u16 + 2).to_be_bytes());
+            out.extend_from_slice(&payload);
+        }
+        out.extend_from_slice(&[0xFF, 0xC0, 0, 11, 8]);
+        out.extend_from_slice(&height.to_be_bytes());
+        out.extend_from_slice(&width.to_be_bytes());
+        out.extend_from_slice(&[1, 1, 0x11, 0]);
+        out.extend_from_slice(&[0xFF, 0xDA, 0, 8, 1, 1, 0, 0, 63, 0, 0x12, 0x34, 0xFF, 0xD9]);
+        out
+    }
+
+    #[test]
+    fn jpeg_orientation_swaps_transposed_only() {
+        for value in 1..=8 {
+            let info = probe(&jpeg(30, 20, Some(value)), None).unwrap();
+            let expected = if value >= 5 { (20, 30) } else { (30, 20) };
+            assert_eq!((info.width, info.height), expected, "orientation {value}");
+            assert_eq!(info.stored_dimensions(), (30, 20));
+        }
+        assert_eq!(
+            probe(&jpeg(30, 20, None), None).unwrap().orientation,
+            Orientation::NORMAL
+        );
+    }
+
+    #[test]
+    fn every_prefix_of_a_jpeg_is_an_error() {
+        let full = jpeg(30, 20, Some(6));
+        for cut in 0..full.len() {
+            assert!(
+                probe(&full[..cut], None).is_err(),
+                "prefix of {cut} bytes accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn bmp_and_webp_headers() {
+        // 2x2 24-bit BMP, bottom-up, with a 4-byte padded row stride.
+        let mut bmp = b"BM".to_vec();
+        bmp.extend_from_slice(&(54u32 + 16).to_le_bytes());
+        bmp.extend_from_slice(&[0; 4]);
+        bmp.extend_from_slice(&54u32.to_le_bytes());
+        bmp.extend_from_slice(&40u32.to_le_bytes());
+        bmp.extend_from_slice(&2i32.to_le_bytes());
+        bmp.extend_from_slice(&(-2i32).to_le_bytes());
+        bmp.extend_from_slice(&1u16.to_le_bytes());
+        bmp.extend_from_slice(&24u16.to_le_bytes());
+        bmp.extend_from_slice(&[0; 24]);
+        bmp.extend_from_slice(&[0; 16]);
+        let info = probe(&bmp, Some("image/bmp")).unwrap();
+        assert_eq!((info.width, info.height), (2, 2));
+        assert!(matches!(
+            probe(&bmp[..60], None),
+            Err(ImageError::Truncated { .. })
+        ));
+
+        let mut webp = b"RIFF".to_vec();
+        webp.extend_from_slice(&22u32.to_le_bytes());
+        webp.extend_from_slice(b"WEBPVP8X");
+        webp.extend_from_slice(&10u32.to_le_bytes());
+        webp.extend_from_slice(&[0, 0, 0, 0, 0x1F, 0x03, 0, 0x0F, 0x02, 0]);
+        let info = probe(&webp, None).unwrap();
+        assert_eq!((info.width, info.height), (800, 528));
+        assert!(matches!(
+            probe(&webp[..25], None),
+            Err(ImageError::Truncated { .. })
+        ));
+    }
+}

@@ -1,0 +1,159 @@
+//! Media identity: 64-bit ids from blake3 digests, and client-supplied ids.
+
+use crate::error::ImageError;
+use crate::header::ImageInfo;
+use kvroute_protocol::MediaId;
+use std::io::Cursor;
+
+/// Inputs at least this long are hashed with blake3's multi-threaded (rayon) update; below it
+/// the thread hand-off costs more than it saves.
+pub const PARALLEL_HASH_THRESHOLD: usize = 512 * 1024;
+
+/// What a computed media id is a digest of.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum IdMode {
+    /// The encoded file exactly as received: no decode, the fastest. Two encodings of the
+    /// same picture get different ids. The default.
+    #[default]
+    Bytes,
+    /// The decoded picture: canonical RGB8 (alpha dropped, EXIF orientation applied), with its
+    /// width and height. The same picture in two lossless encodings shares an id; the pixels
+    /// of lossy formats (JPEG) depend on the decoder. Costs a full decode.
+    Pixels,
+}
+
+/// The 64-bit media id of a blake3 digest: its first 8 bytes, big-endian. That is the value
+/// of the first 16 hex digits of the digest, as TensorRT-LLM and Dynamo read hex digests.
+///
+/// ```
+/// use kvroute_mmhash::media_id_from_digest;
+///
+/// let digest = blake3::hash(b"hello");
+/// let hex = digest.to_hex();
+/// assert_eq!(
+///     media_id_from_digest(digest.as_bytes()).get(),
+///     u64::from_str_radix(&hex[..16], 16).unwrap()
+/// );
+/// ```
+pub fn media_id_from_digest(digest: &[u8; 32]) -> MediaId {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    MediaId(u64::from_be_bytes(first))
+}
+
+/// blake3 over `bytes`, multi-threaded from [`PARALLEL_HASH_THRESHOLD`] bytes on.
+pub fn blake3_digest(bytes: &[u8]) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    if bytes.len() >= PARALLEL_HASH_THRESHOLD {
+        hasher.update_rayon(bytes);
+    } else {
+        hasher.update(bytes);
+    }
+    *hasher.finalize().as_bytes()
+}
+
+/// The media id of an encoded file in [`IdMode::Bytes`]: [`media_id_from_digest`] of the
+/// blake3 digest of the file.
+pub fn bytes_media_id(bytes: &[u8]) -> MediaId {
+    media_id_from_digest(&blake3_digest(bytes))
+}
+
+/// The canonical decoded picture's identity ([`IdMode::Pixels`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PixelDigest {
+    /// Width after EXIF orientation.
+    pub width: u32,
+    /// Height after EXIF orientation.
+    pub height: u32,
+    /// blake3 of the RGB8 pixels, row-major, alpha dropped (not composited), no color
+    /// management: the same bytes as Pillow's `Image.convert("RGB").tobytes()` for PNG, GIF
+    /// and lossless WebP.
+    pub rgb8: [u8; 32],
+}
+
+impl PixelDigest {
+    /// The media id: [`media_id_from_digest`] of blake3 over width (u32 LE), height (u32 LE)
+    /// and the RGB8 digest, so two pictures with the same pixel bytes in another shape differ.
+    pub fn media_id(&self) -> MediaId {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&self.width.to_le_bytes());
+        hasher.update(&self.height.to_le_bytes());
+        hasher.update(&self.rgb8);
+        media_id_from_digest(hasher.finalize().as_bytes())
+    }
+}
+
+/// Decodes `bytes` (already [`probe`](crate::probe)d into `info`, cap checked) to canonical RGB8
+/// and digests it. The decoder gets allocation limits matching the header, so a file whose
+/// data disagrees with its header cannot make it allocate more.
+pub(crate) fn pixel_digest(bytes: &[u8], info: &ImageInfo) -> Result<PixelDigest, ImageError> {
+    let decode_error = |error: image::ImageError| ImageError::Decode {
+        format: info.format,
+        message: error.to_string(),
+    };
+    let (stored_width, stored_height) = info.stored_dimensions();
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(stored_width);
+    limits.max_image_height = Some(stored_height);
+    // At most 8 bytes per pixel (RGBA16) for the decoded buffer, plus one RGB8 copy.
+    limits.max_alloc = Some(info.pixels().saturating_mul(11).saturating_add(1 << 20));
+    let mut reader = image::ImageReader::with_format(Cursor::new(bytes), info.format.to_image_rs());
+    reader.limits(limits);
+    let mut decoded = reader.decode().map_err(decode_error)?;
+    decoded.apply_orientation(info.orientation.to_image_rs());
+    let rgb8 = decoded.into_rgb8();
+    if (rgb8.width(), rgb8.height()) != (info.width, info.height) {
+        return Err(ImageError::Corrupt {
+            format: info.format,
+            what: "decoded size differs from the header",
+        });
+    }
+    Ok(PixelDigest {
+        width: info.width,
+        height: info.height,
+        rgb8: blake3_digest(rgb8.as_raw()),
+    })
+}
+
+/// Where a request's media id came from.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum IdSource {
+    /// Computed from the content in this mode.
+    Content(IdMode),
+    /// Supplied by the client (`uuid` on the image part); forward it to the engine unchanged.
+    Client(String),
+}
+
+/// The media id for a client-supplied `uuid`.
+///
+/// * Dynamo's marker form (16 hex digits then 48 zeros, what Dynamo forwards to vLLM) and any
+///   other 16-or-more hex-digit string (a hex digest, as TensorRT-LLM produces): the value of
+///   its first 16 hex digits, so a client echoing a kvroute or engine id gets that very id.
+/// * Anything else: [`media_id_from_digest`] of blake3 over the string's UTF-8 bytes.
+///
+/// ```
+/// use kvroute_mmhash::{forward_uuid, media_id_from_uuid};
+/// use kvroute_protocol::MediaId;
+///
+/// let id = MediaId(0x0123_4567_89ab_cdef);
+/// assert_eq!(media_id_from_uuid(&forward_uuid(id)), id);
+/// assert_ne!(media_id_from_uuid("cat-photo-1"), media_id_from_uuid("cat-photo-2"));
+/// ```
+pub fn media_id_from_uuid(uuid: &str) -> MediaId {
+    let hex_prefix = uuid
+        .get(..16)
+        .filter(|_| uuid.bytes().all(|b| b.is_ascii_hexdigit()));
+    match hex_prefix.and_then(|hex| u64::from_str_radix(hex, 16).ok()) {
+        Some(value) => MediaId(value),
+        None => media_id_from_digest(blake3::hash(uuid.as_bytes()).as_bytes()),
+    }
+}
+
+/// The `uuid` to forward to the engine for a content-derived id: Dynamo's marker form, 16
+/// lowercase hex digits of the id followed by 48 zeros (64 characters, the length of a vLLM
+/// multimodal hash), which Dynamo's vLLM event parser maps back to the same `u64`.
+pub fn forward_uuid(id: MediaId) -> String {
+    format!("{:016x}{}", id.get(), "0".repeat(48))
+}

@@ -1,0 +1,171 @@
+//! The whole media path for one image part: source, limits, header, identity.
+
+use crate::error::{ImageError, MediaError};
+use crate::fetch::{fetch, FetchPolicy};
+use crate::header::{probe, ImageInfo};
+use crate::id::{bytes_media_id, media_id_from_uuid, pixel_digest, IdMode, IdSource, PixelDigest};
+use crate::source::ImageSource;
+use kvroute_protocol::MediaId;
+
+/// Pillow's `DecompressionBombError` threshold (twice `Image.MAX_IMAGE_PIXELS`): HF
+/// transformers loads images with Pillow, so an engine refuses anything larger anyway.
+pub const DEFAULT_MAX_PIXELS: u64 = 2 * 89_478_485;
+
+/// Default cap on an encoded image, from a data URL or a fetch: 20 MiB.
+pub const DEFAULT_MAX_BYTES: u64 = 20 << 20;
+
+/// Limits and identity settings for [`MediaProcessor`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MediaConfig {
+    /// What computed media ids digest.
+    pub id_mode: IdMode,
+    /// Refuse images whose header declares more pixels (decompression bombs), before any
+    /// pixel is decoded, in every id mode.
+    pub max_pixels: u64,
+    /// Refuse encoded images larger than this many bytes.
+    pub max_bytes: u64,
+    /// Whether and how http(s) image URLs are fetched (disabled by default).
+    pub fetch: FetchPolicy,
+}
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            id_mode: IdMode::default(),
+            max_pixels: DEFAULT_MAX_PIXELS,
+            max_bytes: DEFAULT_MAX_BYTES,
+            fetch: FetchPolicy::default(),
+        }
+    }
+}
+
+impl MediaConfig {
+    /// This configuration with another id mode.
+    pub fn with_id_mode(mut self, id_mode: IdMode) -> Self {
+        self.id_mode = id_mode;
+        self
+    }
+
+    /// This configuration with another pixel cap.
+    pub fn with_max_pixels(mut self, max_pixels: u64) -> Self {
+        self.max_pixels = max_pixels;
+        self
+    }
+
+    /// This configuration with another fetch policy.
+    pub fn with_fetch(mut self, fetch: FetchPolicy) -> Self {
+        self.fetch = fetch;
+        self
+    }
+}
+
+/// One image, ready for routing: what it is, how large it is served, and its id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PreparedImage {
+    /// Format, dimensions after EXIF orientation, orientation.
+    pub info: ImageInfo,
+    /// The media id to hash into blocks.
+    pub id: MediaId,
+    /// Where the id came from; a client id is to be forwarded to the engine unchanged.
+    pub id_source: IdSource,
+}
+
+/// A prepared image with the bytes it was prepared from (decoded from a data URL or fetched),
+/// for a gateway that forwards them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadedImage {
+    /// The encoded image, exactly as received.
+    pub bytes: Vec<u8>,
+    /// What was learnt from it.
+    pub image: PreparedImage,
+}
+
+/// Turns image parts into [`PreparedImage`]s under one [`MediaConfig`]. Cheap to share.
+#[derive(Clone, Debug, Default)]
+pub struct MediaProcessor {
+    config: MediaConfig,
+}
+
+impl MediaProcessor {
+    /// A processor with this configuration.
+    pub fn new(config: MediaConfig) -> Self {
+        Self { config }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &MediaConfig {
+        &self.config
+    }
+
+    /// Checks an encoded image already in memory without hashing it: byte cap, header
+    /// (format, declared type, dimensions, orientation, completeness), pixel cap.
+    pub fn inspect(&self, bytes: &[u8], declared: Option<&str>) -> Result<ImageInfo, ImageError> {
+        let max_bytes = self.config.max_bytes;
+        if bytes.len() as u64 > max_bytes {
+            return Err(ImageError::TooManyBytes {
+                len: bytes.len() as u64,
+                max_bytes,
+            });
+        }
+        let info = probe(bytes, declared)?;
+        if info.pixels() > self.config.max_pixels {
+            return Err(ImageError::TooManyPixels {
+                width: info.width,
+                height: info.height,
+                max_pixels: self.config.max_pixels,
+            });
+        }
+        Ok(info)
+    }
+
+    /// [`inspect`](Self::inspect)s an image, then decodes it to canonical RGB8 and digests it
+    /// (what [`IdMode::Pixels`] ids are made of). A file over the pixel cap is refused before
+    /// any pixel buffer exists.
+    pub fn pixel_digest(
+        &self,
+        bytes: &[u8],
+        declared: Option<&str>,
+    ) -> Result<PixelDigest, ImageError> {
+        pixel_digest(bytes, &self.inspect(bytes, declared)?)
+    }
+
+    /// Prepares an encoded image already in memory: [`inspect`](Self::inspect), then the id.
+    /// A client `uuid` wins over the content id (the image is still inspected: routing needs
+    /// its dimensions, and a broken file should fail here rather than in the engine).
+    pub fn prepare(
+        &self,
+        bytes: &[u8],
+        declared: Option<&str>,
+        uuid: Option<&str>,
+    ) -> Result<PreparedImage, ImageError> {
+        let info = self.inspect(bytes, declared)?;
+        let (id, id_source) = match (uuid, self.config.id_mode) {
+            (Some(uuid), _) => (media_id_from_uuid(uuid), IdSource::Client(uuid.to_owned())),
+            (None, IdMode::Bytes) => (bytes_media_id(bytes), IdSource::Content(IdMode::Bytes)),
+            (None, IdMode::Pixels) => (
+                pixel_digest(bytes, &info)?.media_id(),
+                IdSource::Content(IdMode::Pixels),
+            ),
+        };
+        Ok(PreparedImage {
+            info,
+            id,
+            id_source,
+        })
+    }
+
+    /// Prepares an OpenAI `image_url.url` value: a base64 `data:` URL, or an http(s) URL when
+    /// the fetch policy enables fetching (it is off by default).
+    pub async fn load(&self, url: &str, uuid: Option<&str>) -> Result<LoadedImage, MediaError> {
+        let (bytes, declared) = match ImageSource::parse(url, self.config.max_bytes)? {
+            ImageSource::Data { mime, bytes } => (bytes, mime.map(str::to_owned)),
+            ImageSource::Remote(url) => {
+                let fetched = fetch(url, &self.config.fetch, self.config.max_bytes).await?;
+                (fetched.bytes, fetched.content_type)
+            }
+        };
+        let image = self.prepare(&bytes, declared.as_deref(), uuid)?;
+        Ok(LoadedImage { bytes, image })
+    }
+}

@@ -1,0 +1,136 @@
+//! Where image bytes come from: `data:` URLs, raw bytes, http(s) URLs.
+
+use crate::error::{ImageError, MediaError};
+use base64::Engine as _;
+
+/// An OpenAI `image_url.url` value, classified.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ImageSource<'a> {
+    /// A `data:` URL, base64-decoded.
+    Data {
+        /// The declared media type (`image/png`), if the URL names one.
+        mime: Option<&'a str>,
+        /// The decoded bytes.
+        bytes: Vec<u8>,
+    },
+    /// An `http://` or `https://` URL, to be fetched under a [`FetchPolicy`](crate::FetchPolicy).
+    Remote(&'a str),
+}
+
+impl<'a> ImageSource<'a> {
+    /// Classifies `url`, decoding a `data:` URL (which must be base64) into at most
+    /// `max_bytes` bytes. The size is checked before decoding, so an oversized data URL
+    /// allocates nothing.
+    ///
+    /// ```
+    /// use kvroute_mmhash::ImageSource;
+    ///
+    /// let source = ImageSource::parse("data:image/gif;base64,R0lGODlh", 1 << 20)?;
+    /// assert_eq!(source, ImageSource::Data { mime: Some("image/gif"), bytes: b"GIF89a".to_vec() });
+    /// assert!(matches!(ImageSource::parse("https://example.com/a.png", 1 << 20)?, ImageSource::Remote(_)));
+    /// # Ok::<(), kvroute_mmhash::MediaError>(())
+    /// ```
+    pub fn parse(url: &'a str, max_bytes: u64) -> Result<Self, MediaError> {
+        let url = url.trim();
+        let scheme_end = url.find(':').ok_or_else(|| invalid("no URL scheme"))?;
+        let scheme = &url[..scheme_end];
+        if scheme.eq_ignore_ascii_case("data") {
+            let rest = &url[scheme_end + 1..];
+            let comma = rest
+                .find(',')
+                .ok_or_else(|| invalid("data URL without a comma"))?;
+            let (meta, payload) = (&rest[..comma], &rest[comma + 1..]);
+            let Some(mime) = meta.strip_suffix(";base64") else {
+                return Err(invalid("data URL is not base64"));
+            };
+            let mime = mime.split(';').next().filter(|m| !m.is_empty());
+            let bytes = decode_base64(payload, max_bytes)?;
+            Ok(Self::Data { mime, bytes })
+        } else if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") {
+            Ok(Self::Remote(url))
+        } else {
+            Err(invalid("scheme is not data, http or https"))
+        }
+    }
+}
+
+fn invalid(what: &str) -> MediaError {
+    MediaError::InvalidSource(what.to_owned())
+}
+
+/// Standard-alphabet base64 with optional padding; ASCII whitespace (line breaks some clients
+/// insert) is skipped.
+fn decode_base64(payload: &str, max_bytes: u64) -> Result<Vec<u8>, MediaError> {
+    const ENGINE: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let is_space = |b: &u8| b.is_ascii_whitespace();
+    let significant = payload.bytes().filter(|b| !is_space(b)).count() as u64;
+    // Every 4 characters decode to 3 bytes, less up to 2 for padding.
+    let decoded_at_least = (significant.div_ceil(4) * 3).saturating_sub(2);
+    if decoded_at_least > max_bytes {
+        return Err(ImageError::TooManyBytes {
+            len: decoded_at_least,
+            max_bytes,
+        }
+        .into());
+    }
+    let result = if significant < payload.len() as u64 {
+        ENGINE.decode(
+            payload
+                .bytes()
+                .filter(|b| !is_space(b))
+                .collect::<Vec<u8>>(),
+        )
+    } else {
+        ENGINE.decode(payload)
+    };
+    let bytes = result.map_err(|error| invalid(&format!("bad base64 in data URL: {error}")))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(ImageError::TooManyBytes {
+            len: bytes.len() as u64,
+            max_bytes,
+        }
+        .into());
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_urls() {
+        assert!(matches!(
+            ImageSource::parse("data:image/png,abc", 100),
+            Err(MediaError::InvalidSource(_))
+        ));
+        assert!(matches!(
+            ImageSource::parse("ftp://x/y", 100),
+            Err(MediaError::InvalidSource(_))
+        ));
+        assert!(matches!(
+            ImageSource::parse("no-scheme", 100),
+            Err(MediaError::InvalidSource(_))
+        ));
+        assert_eq!(
+            ImageSource::parse("data:;base64,R0lG\nODlh", 6).unwrap(),
+            ImageSource::Data {
+                mime: None,
+                bytes: b"GIF89a".to_vec()
+            }
+        );
+        assert!(matches!(
+            ImageSource::parse("data:image/gif;base64,R0lGODlhR0lGODlh", 6),
+            Err(MediaError::Image(ImageError::TooManyBytes { .. }))
+        ));
+        assert!(matches!(
+            ImageSource::parse("data:image/gif;base64,R0lG!!!!", 100),
+            Err(MediaError::InvalidSource(_))
+        ));
+    }
+}

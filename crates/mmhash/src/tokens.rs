@@ -1,0 +1,382 @@
+//! Visual token counts per model family, ported from the Hugging Face processors.
+//!
+//! Sources (transformers; see docs/multimodal.md for the formulas and their traps):
+//! * Qwen2-VL, Qwen2.5-VL, Qwen3-VL: `smart_resize` in
+//!   `models/qwen2_vl/image_processing_qwen2_vl.py` (Qwen3-VL's image processor is the Qwen2-VL
+//!   one with patch size 16); tokens = `(h'/factor) * (w'/factor)`.
+//! * LLaVA-1.5: `LlavaProcessor`: `(crop/patch)^2 + num_additional_image_tokens`, minus one for
+//!   the `default` feature select strategy.
+//! * LLaVA-NeXT: `LlavaNextProcessor._get_number_of_features` with `select_best_resolution`
+//!   (`image_processing_utils.py`) over `image_grid_pinpoints`.
+//! * Gemma 3: `Gemma3Processor`: `mm_tokens_per_image` soft tokens per image (pan and scan off).
+
+use crate::error::TokenError;
+
+/// Qwen's `smart_resize`: scale to multiples of `factor` keeping the aspect ratio, within
+/// `[min_pixels, max_pixels]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SmartResize {
+    /// `patch_size * merge_size`: 28 for Qwen2-VL and Qwen2.5-VL, 32 for Qwen3-VL.
+    pub factor: u32,
+    /// `size["shortest_edge"]` (`min_pixels`) of the checkpoint's preprocessor config.
+    pub min_pixels: u64,
+    /// `size["longest_edge"]` (`max_pixels`) of the checkpoint's preprocessor config.
+    pub max_pixels: u64,
+}
+
+/// A size after resizing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Resized {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+/// The largest aspect ratio Qwen's `smart_resize` accepts.
+pub const QWEN_MAX_ASPECT_RATIO: u32 = 200;
+
+impl SmartResize {
+    /// Qwen2-VL and Qwen2.5-VL checkpoints (`preprocessor_config.json`: `min_pixels` 3136,
+    /// `max_pixels` 12845056). transformers' class default `max_pixels` is 1003520
+    /// (`28*28*1280`): an engine that loads the checkpoint's config uses the larger value.
+    pub const QWEN2_VL: SmartResize = SmartResize {
+        factor: 28,
+        min_pixels: 56 * 56,
+        max_pixels: 28 * 28 * 16384,
+    };
+
+    /// Qwen3-VL checkpoints: patch 16, merge 2, `shortest_edge` 65536, `longest_edge`
+    /// 16777216.
+    pub const QWEN3_VL: SmartResize = SmartResize {
+        factor: 32,
+        min_pixels: 65_536,
+        max_pixels: 16_777_216,
+    };
+
+    /// The size the processor resizes a `width` x `height` image to.
+    ///
+    /// Bit-exact with transformers: f64 arithmetic in Python's order, Python's round half to
+    /// even, no clamp before the branch test, and aspect ratios above 200 refused.
+    ///
+    /// ```
+    /// use kvroute_mmhash::{Resized, SmartResize};
+    ///
+    /// // 126/28 = 4.5 and 70/28 = 2.5 round to even: 112 x 56, not 140 x 84.
+    /// assert_eq!(SmartResize::QWEN2_VL.resize(126, 70)?, Resized { width: 112, height: 56 });
+    /// assert_eq!(SmartResize::QWEN2_VL.tokens(126, 70)?, 8);
+    /// assert!(SmartResize::QWEN2_VL.tokens(1000, 4).is_err()); // aspect ratio 250
+    /// # Ok::<(), kvroute_mmhash::TokenError>(())
+    /// ```
+    pub fn resize(&self, width: u32, height: u32) -> Result<Resized, TokenError> {
+        if width == 0 || height == 0 {
+            return Err(TokenError::Degenerate("zero width or height"));
+        }
+        if self.factor == 0 {
+            return Err(TokenError::Degenerate("zero resize factor"));
+        }
+        let (h, w) = (f64::from(height), f64::from(width));
+        if h.max(w) / h.min(w) > f64::from(QWEN_MAX_ASPECT_RATIO) {
+            return Err(TokenError::AspectRatio {
+                width,
+                height,
+                max: QWEN_MAX_ASPECT_RATIO,
+            });
+        }
+        let factor = f64::from(self.factor);
+        let mut h_bar = (h / factor).round_ties_even() * factor;
+        let mut w_bar = (w / factor).round_ties_even() * factor;
+        // Python compares integers here; u128 keeps that exact for any u32 size.
+        let area = u128::from(f64_to_u64(h_bar)?) * u128::from(f64_to_u64(w_bar)?);
+        if area > u128::from(self.max_pixels) {
+            let beta = ((h * w) / self.max_pixels as f64).sqrt();
+            h_bar = factor.max((h / beta / factor).floor() * factor);
+            w_bar = factor.max((w / beta / factor).floor() * factor);
+        } else if area < u128::from(self.min_pixels) {
+            let beta = (self.min_pixels as f64 / (h * w)).sqrt();
+            h_bar = (h * beta / factor).ceil() * factor;
+            w_bar = (w * beta / factor).ceil() * factor;
+        }
+        let to_u32 = |v: f64| u32::try_from(f64_to_u64(v)?).map_err(|_| TokenError::Overflow);
+        Ok(Resized {
+            width: to_u32(w_bar)?,
+            height: to_u32(h_bar)?,
+        })
+    }
+
+    /// Visual tokens for one image: `(h'/factor) * (w'/factor)` (the processor's
+    /// `grid_h * grid_w / merge_size^2`).
+    pub fn tokens(&self, width: u32, height: u32) -> Result<u32, TokenError> {
+        let resized = self.resize(width, height)?;
+        (resized.height / self.factor)
+            .checked_mul(resized.width / self.factor)
+            .ok_or(TokenError::Overflow)
+    }
+}
+
+fn f64_to_u64(value: f64) -> Result<u64, TokenError> {
+    if value.is_finite() && (0.0..=u64::MAX as f64).contains(&value) {
+        Ok(value as u64)
+    } else {
+        Err(TokenError::Overflow)
+    }
+}
+
+/// LLaVA-NeXT's "anyres": a base tile plus a grid of tiles chosen among `grid_pinpoints`,
+/// with padding rows and columns removed and one newline feature per row.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AnyRes {
+    /// Vision tower patch size (14).
+    pub patch_size: u32,
+    /// Tile side (`crop_size`, 336).
+    pub tile_size: u32,
+    /// Candidate resolutions as `(height, width)`, in the config's order (ties keep the first).
+    pub grid_pinpoints: Vec<(u32, u32)>,
+    /// Extra tokens of the vision tower per tile (1: CLIP's CLS).
+    pub num_additional_image_tokens: u32,
+    /// `vision_feature_select_strategy == "default"`, which drops the CLS feature.
+    pub drop_cls: bool,
+}
+
+impl AnyRes {
+    /// The llava-hf LLaVA-NeXT (v1.6) checkpoints' processor config.
+    pub fn llava_v1_6() -> Self {
+        Self {
+            patch_size: 14,
+            tile_size: 336,
+            grid_pinpoints: vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)],
+            num_additional_image_tokens: 1,
+            drop_cls: true,
+        }
+    }
+
+    /// Visual tokens for a `width` x `height` image.
+    ///
+    /// ```
+    /// use kvroute_mmhash::AnyRes;
+    ///
+    /// assert_eq!(AnyRes::llava_v1_6().tokens(640, 480)?, 2340);
+    /// # Ok::<(), kvroute_mmhash::TokenError>(())
+    /// ```
+    pub fn tokens(&self, width: u32, height: u32) -> Result<u32, TokenError> {
+        if width == 0 || height == 0 {
+            return Err(TokenError::Degenerate("zero width or height"));
+        }
+        if self.patch_size == 0 || self.tile_size == 0 {
+            return Err(TokenError::Degenerate("zero patch or tile size"));
+        }
+        let (best_h, best_w) = self
+            .best_resolution(width, height)
+            .ok_or(TokenError::Degenerate("no usable grid pinpoint"))?;
+        let patches = i64::from(self.tile_size / self.patch_size);
+        let mut current_h = patches * i64::from(best_h / self.tile_size);
+        let mut current_w = patches * i64::from(best_w / self.tile_size);
+        if current_h == 0 || current_w == 0 {
+            return Err(TokenError::Degenerate("grid pinpoint smaller than a tile"));
+        }
+        let (h, w) = (f64::from(height), f64::from(width));
+        if w / h > current_w as f64 / current_h as f64 {
+            let new_h = python_int_round7(h * (current_w as f64 / w));
+            current_h -= (current_h - new_h).div_euclid(2) * 2;
+        } else {
+            let new_w = python_int_round7(w * (current_h as f64 / h));
+            current_w -= (current_w - new_w).div_euclid(2) * 2;
+        }
+        let unpadded = current_h * current_w;
+        let newlines = current_h;
+        let base = patches * patches + i64::from(self.num_additional_image_tokens);
+        let total = unpadded + newlines + base - i64::from(self.drop_cls);
+        u32::try_from(total).map_err(|_| TokenError::Overflow)
+    }
+
+    /// transformers' `select_best_resolution`: the pinpoint keeping the most original pixels,
+    /// then wasting the fewest.
+    fn best_resolution(&self, width: u32, height: u32) -> Option<(u32, u32)> {
+        let (ow, oh) = (f64::from(width), f64::from(height));
+        let original = u64::from(width) * u64::from(height);
+        let mut best = None;
+        let (mut max_effective, mut min_wasted) = (0u64, u64::MAX);
+        for &(ph, pw) in &self.grid_pinpoints {
+            let scale = (f64::from(pw) / ow).min(f64::from(ph) / oh);
+            // Python's int() truncates toward zero; the values are non-negative.
+            let down_w = (ow * scale) as u64;
+            let down_h = (oh * scale) as u64;
+            let effective = (down_w * down_h).min(original);
+            let wasted = (u64::from(pw) * u64::from(ph)).saturating_sub(effective);
+            if effective > max_effective || (effective == max_effective && wasted < min_wasted) {
+                max_effective = effective;
+                min_wasted = wasted;
+                best = Some((ph, pw));
+            }
+        }
+        best
+    }
+}
+
+/// Python's `int(round(x, 7))` for a non-negative `x`: the integer part after rounding to
+/// seven decimals, i.e. `floor(x)` plus one when `x` is within half of 1e-7 below the next
+/// integer (ties go to the even seventh decimal, which is the integer).
+fn python_int_round7(x: f64) -> i64 {
+    let floor = x.floor();
+    let next = floor + 1.0;
+    if next - x <= 0.5e-7 {
+        next as i64
+    } else {
+        floor as i64
+    }
+}
+
+/// A model family's visual token rule.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum VisionTokenRule {
+    /// Qwen2-VL, Qwen2.5-VL (factor 28), Qwen3-VL (factor 32).
+    SmartResize(SmartResize),
+    /// LLaVA-NeXT anyres.
+    AnyRes(AnyRes),
+    /// A fixed count whatever the size: LLaVA-1.5 (576), Gemma 3 (256).
+    Fixed(u32),
+}
+
+/// LLaVA-1.5 (CLIP ViT-L/14 at 336 px): `(336/14)^2 + 1 - 1` tokens per image.
+pub const LLAVA_1_5_TOKENS: u32 = 576;
+
+/// Gemma 3: `mm_tokens_per_image` soft tokens per image.
+pub const GEMMA3_TOKENS: u32 = 256;
+
+impl VisionTokenRule {
+    /// The rule for a Hugging Face `model_type` (`config.json`), with the public checkpoints'
+    /// processor settings: `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `llava`
+    /// (LLaVA-1.5), `llava_next`, `gemma3`. Any other type is an error, never a guess.
+    ///
+    /// ```
+    /// use kvroute_mmhash::{TokenError, VisionTokenRule};
+    ///
+    /// assert_eq!(VisionTokenRule::for_model_type("qwen2_vl")?.tokens(512, 512)?, 324);
+    /// assert_eq!(VisionTokenRule::for_model_type("gemma3")?.tokens(512, 512)?, 256);
+    /// assert!(matches!(VisionTokenRule::for_model_type("idefics3"), Err(TokenError::UnknownModel(_))));
+    /// # Ok::<(), TokenError>(())
+    /// ```
+    pub fn for_model_type(model_type: &str) -> Result<Self, TokenError> {
+        match model_type.to_ascii_lowercase().as_str() {
+            "qwen2_vl" | "qwen2_5_vl" => Ok(Self::SmartResize(SmartResize::QWEN2_VL)),
+            "qwen3_vl" | "qwen3_vl_moe" => Ok(Self::SmartResize(SmartResize::QWEN3_VL)),
+            "llava" => Ok(Self::Fixed(LLAVA_1_5_TOKENS)),
+            "llava_next" => Ok(Self::AnyRes(AnyRes::llava_v1_6())),
+            "gemma3" => Ok(Self::Fixed(GEMMA3_TOKENS)),
+            _ => Err(TokenError::UnknownModel(model_type.to_owned())),
+        }
+    }
+
+    /// Visual tokens the engine inserts for one `width` x `height` image (dimensions after
+    /// EXIF orientation, as [`ImageInfo`](crate::ImageInfo) gives them).
+    pub fn tokens(&self, width: u32, height: u32) -> Result<u32, TokenError> {
+        match self {
+            Self::SmartResize(rule) => rule.tokens(width, height),
+            Self::AnyRes(rule) => rule.tokens(width, height),
+            Self::Fixed(count) => Ok(*count),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qwen_branches() {
+        let rule = SmartResize::QWEN2_VL;
+        // min_pixels branch, a side of 14 px or less (no clamp before the test), max branch.
+        assert_eq!(
+            rule.resize(40, 30).unwrap(),
+            Resized {
+                width: 84,
+                height: 56
+            }
+        );
+        assert_eq!(
+            rule.resize(1000, 10).unwrap(),
+            Resized {
+                width: 560,
+                height: 28
+            }
+        );
+        assert_eq!(
+            rule.resize(4624, 3472).unwrap(),
+            Resized {
+                width: 4116,
+                height: 3080
+            }
+        );
+        assert_eq!(rule.tokens(20000, 20000).unwrap(), 16129);
+        let class_default = SmartResize {
+            max_pixels: 28 * 28 * 1280,
+            ..rule
+        };
+        assert_eq!(class_default.tokens(1411, 1411).unwrap(), 1225);
+        assert_eq!(
+            rule.tokens(1000, 4),
+            Err(TokenError::AspectRatio {
+                width: 1000,
+                height: 4,
+                max: 200
+            })
+        );
+        // Exactly 200 is accepted.
+        assert!(rule.tokens(2000, 10).is_ok());
+        assert!(rule.tokens(0, 10).is_err());
+        assert!(SmartResize { factor: 0, ..rule }.tokens(10, 10).is_err());
+    }
+
+    #[test]
+    fn qwen3_uses_factor_32() {
+        let rule = SmartResize::QWEN3_VL;
+        // 512x512: round(16) * 32 = 512, area 262144 within [65536, 16777216].
+        assert_eq!(rule.tokens(512, 512).unwrap(), 256);
+        // 100x100 is below min_pixels: scaled up to 256x256.
+        assert_eq!(
+            rule.resize(100, 100).unwrap(),
+            Resized {
+                width: 256,
+                height: 256
+            }
+        );
+    }
+
+    #[test]
+    fn llava_next_grid() {
+        let rule = AnyRes::llava_v1_6();
+        // Square image: best fit (336, 672) wastes least; the padded half is removed.
+        assert_eq!(rule.tokens(336, 336).unwrap(), 1176);
+        assert_eq!(rule.tokens(640, 480).unwrap(), 2340);
+        assert_eq!(rule.tokens(480, 640).unwrap(), 2352);
+        assert!(rule.tokens(0, 1).is_err());
+        let empty = AnyRes {
+            grid_pinpoints: vec![],
+            ..rule
+        };
+        assert!(empty.tokens(10, 10).is_err());
+    }
+
+    #[test]
+    fn python_round7() {
+        assert_eq!(python_int_round7(35.99999999), 36);
+        assert_eq!(python_int_round7(35.9999), 35);
+        assert_eq!(python_int_round7(36.0), 36);
+    }
+
+    #[test]
+    fn unknown_model_is_an_error() {
+        assert_eq!(
+            VisionTokenRule::for_model_type("mllama"),
+            Err(TokenError::UnknownModel("mllama".to_owned()))
+        );
+        assert_eq!(
+            VisionTokenRule::for_model_type("llava")
+                .unwrap()
+                .tokens(1, 1)
+                .unwrap(),
+            576
+        );
+    }
+}
