@@ -53,6 +53,12 @@ impl MediaConfig {
         self
     }
 
+    /// This configuration with another byte cap.
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
     /// This configuration with another fetch policy.
     pub fn with_fetch(mut self, fetch: FetchPolicy) -> Self {
         self.fetch = fetch;
