@@ -1,0 +1,753 @@
+//! The single-writer index: a map from sequence hash to a position in a run of blocks with
+//! one worker set (see the crate documentation for why).
+
+use crate::approx::RoutedLog;
+use crate::{ApplyError, IndexConfig, IndexStats, Overlap, WorkerKey, WorkerOverlap};
+use kvroute_protocol::{KvCacheEventData, RouterEvent, SequenceHash, WorkerId};
+use rustc_hash::FxHashMap;
+use std::collections::hash_map::Entry;
+use std::mem::size_of;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Dense number of a registered cache.
+pub(crate) type Slot = u32;
+/// Position of a run in the run arena.
+pub(crate) type RunId = u32;
+
+/// Where a block sits: its run and its position in the run. Positions are absolute, so cutting
+/// blocks off the front of a run (`Run::base`) does not rewrite the others' entries.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Loc {
+    run: RunId,
+    pos: u32,
+}
+
+/// A maximal stretch of consecutive blocks held by the same caches.
+///
+/// A run with no hashes is free (in `Index::free_runs`); a run with hashes and no workers is
+/// dead: its blocks are still mapped until it is reclaimed (`Index::collect_garbage`).
+#[derive(Debug, Default)]
+pub(crate) struct Run {
+    pub(crate) hashes: Vec<SequenceHash>,
+    /// Absolute position of `hashes[0]`.
+    base: u32,
+    /// Sorted, distinct caches holding every block of the run.
+    pub(crate) workers: Vec<Slot>,
+    /// Write clock when the run was last matched or stored (the memory bound's LRU key).
+    stamp: AtomicU64,
+}
+
+impl Run {
+    fn index_of(&self, loc: Loc) -> usize {
+        (loc.pos - self.base) as usize
+    }
+
+    fn len(&self) -> u64 {
+        self.hashes.len() as u64
+    }
+
+    fn holds(&self, slot: Slot) -> bool {
+        self.workers.binary_search(&slot).is_ok()
+    }
+
+    fn touch(&self, now: u64) {
+        // Read first: lookups on many threads must not bounce the cache line needlessly.
+        if self.stamp.load(Ordering::Relaxed) < now {
+            self.stamp.store(now, Ordering::Relaxed);
+        }
+    }
+
+    fn shrink(&mut self) {
+        if self.hashes.capacity() > 2 * self.hashes.len() + 4 {
+            self.hashes.shrink_to_fit();
+        }
+    }
+}
+
+/// A registered cache.
+#[derive(Debug)]
+pub(crate) struct SlotInfo {
+    pub(crate) key: WorkerKey,
+    pub(crate) blocks: u64,
+    /// Fed by [`Index::record_routed`] rather than by events: not part of snapshots.
+    pub(crate) approximate: bool,
+}
+
+/// Number of leading elements `a` and `b` share.
+#[inline]
+fn common_prefix(a: &[SequenceHash], b: &[SequenceHash]) -> usize {
+    let len = a.len().min(b.len());
+    let (a, b) = (&a[..len], &b[..len]);
+    // Compare in chunks of 8 so the common case (long equal stretches) vectorises.
+    let mut done = 0;
+    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        if ca != cb {
+            break;
+        }
+        done += 8;
+    }
+    done + a[done..]
+        .iter()
+        .zip(&b[done..])
+        .take_while(|(x, y)| x == y)
+        .count()
+}
+
+/// The KV block index. See the crate documentation.
+#[derive(Debug)]
+pub struct Index {
+    map: FxHashMap<SequenceHash, Loc>,
+    pub(crate) runs: Vec<Run>,
+    free_runs: Vec<RunId>,
+    /// Runs that lost their last worker, to reclaim (entries may be stale: re-checked).
+    dead_runs: Vec<RunId>,
+    pub(crate) slots: Vec<Option<SlotInfo>>,
+    free_slots: Vec<Slot>,
+    slot_of: FxHashMap<WorkerKey, Slot>,
+    /// Advanced by every write; lookups stamp the runs they match with it.
+    clock: u64,
+    config: IndexConfig,
+    pub(crate) routed: RoutedLog,
+    entries: u64,
+    unique: u64,
+    live_runs: usize,
+    counters: IndexStats,
+}
+
+/// Blocks of reclamation work every write may do besides its own.
+const GC_BUDGET: usize = 256;
+
+impl Index {
+    /// An empty index.
+    pub fn new(config: IndexConfig) -> Self {
+        Self {
+            map: FxHashMap::default(),
+            runs: Vec::new(),
+            free_runs: Vec::new(),
+            dead_runs: Vec::new(),
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            slot_of: FxHashMap::default(),
+            clock: 1,
+            routed: RoutedLog::default(),
+            config,
+            entries: 0,
+            unique: 0,
+            live_runs: 0,
+            counters: IndexStats::default(),
+        }
+    }
+
+    /// The configuration the index was built with.
+    pub fn config(&self) -> &IndexConfig {
+        &self.config
+    }
+
+    /// Applies one event of one cache.
+    ///
+    /// A store whose parent the cache does not hold, or that names its parent among its
+    /// blocks, is skipped whole (as Dynamo does); a removal of blocks the cache does not hold
+    /// removes the others. Both are counted and reported as an error; the index stays
+    /// consistent. The event's storage tier is not looked at: keep one index per tier.
+    pub fn apply_event(&mut self, event: &RouterEvent) -> Result<(), ApplyError> {
+        let worker = WorkerKey::new(event.worker_id, event.event.dp_rank);
+        let slot = self.slot_for(worker);
+        self.clock += 1;
+        self.counters.events += 1;
+        let (result, work) = match &event.event.data {
+            KvCacheEventData::Stored(store) => {
+                let hashes: Vec<SequenceHash> = store.blocks.iter().map(|b| b.block_hash).collect();
+                let result = self.store(worker, slot, store.parent_hash, &hashes);
+                let result = result.map(|duplicates| {
+                    self.counters.duplicate_blocks += duplicates;
+                });
+                (result, hashes.len())
+            }
+            KvCacheEventData::Removed(removed) => {
+                let unknown = self.remove_blocks(slot, &removed.block_hashes);
+                self.counters.unknown_removals += unknown;
+                let result = match unknown {
+                    0 => Ok(()),
+                    count => Err(ApplyError::UnknownBlocks { worker, count }),
+                };
+                (result, removed.block_hashes.len())
+            }
+            KvCacheEventData::Cleared => {
+                self.drop_slots(&[slot]);
+                (Ok(()), 0)
+            }
+        };
+        self.after_write(work);
+        result
+    }
+
+    /// Forgets every data-parallel rank of `worker_id`: its entries and its registration.
+    pub fn remove_worker(&mut self, worker_id: WorkerId) {
+        let slots: Vec<Slot> = self
+            .slot_of
+            .iter()
+            .filter(|(key, _)| key.worker_id == worker_id)
+            .map(|(_, &slot)| slot)
+            .collect();
+        self.unregister(&slots);
+    }
+
+    /// Forgets one cache: its entries and its registration.
+    pub fn remove_worker_dp_rank(&mut self, worker: WorkerKey) {
+        if let Some(&slot) = self.slot_of.get(&worker) {
+            self.unregister(&[slot]);
+        }
+    }
+
+    /// Per cache, how many leading blocks of `query` it holds; caches holding none are left
+    /// out. The walk stops as soon as no cache holds the next block.
+    pub fn find_matches(&self, query: &[SequenceHash]) -> Overlap {
+        let mut workers = Vec::new();
+        let mut active: Vec<Slot> = Vec::new();
+        let mut depth = 0;
+        while let Some(&hash) = query.get(depth) {
+            let Some(&loc) = self.map.get(&hash) else {
+                break;
+            };
+            let run = &self.runs[loc.run as usize];
+            if depth == 0 {
+                active.extend_from_slice(&run.workers);
+            } else {
+                // Both sorted: a merge keeps the ones still matching.
+                let mut theirs = run.workers.iter().peekable();
+                active.retain(|&slot| {
+                    while theirs.next_if(|&&other| other < slot).is_some() {}
+                    let keep = theirs.peek() == Some(&&slot);
+                    if !keep {
+                        workers.extend(self.overlap(slot, depth));
+                    }
+                    keep
+                });
+            }
+            if active.is_empty() {
+                break;
+            }
+            run.touch(self.clock);
+            let index = run.index_of(loc);
+            depth += 1 + common_prefix(&query[depth + 1..], &run.hashes[index + 1..]);
+        }
+        workers.extend(
+            active
+                .into_iter()
+                .filter_map(|slot| self.overlap(slot, depth)),
+        );
+        Overlap {
+            query_blocks: query.len(),
+            workers,
+        }
+    }
+
+    /// Sizes and counters.
+    pub fn stats(&self) -> IndexStats {
+        let runs_heap: usize = self
+            .runs
+            .iter()
+            .map(|run| {
+                run.hashes.capacity() * size_of::<SequenceHash>()
+                    + run.workers.capacity() * size_of::<Slot>()
+            })
+            .sum();
+        let bytes = self.map.capacity() * (size_of::<(SequenceHash, Loc)>() + 1)
+            + self.runs.capacity() * size_of::<Run>()
+            + runs_heap
+            + (self.free_runs.capacity() + self.dead_runs.capacity()) * size_of::<RunId>()
+            + self.slots.capacity() * size_of::<Option<SlotInfo>>()
+            + self.slot_of.capacity() * (size_of::<(WorkerKey, Slot)>() + 1)
+            + self.routed.bytes();
+        IndexStats {
+            workers: self.slot_of.len(),
+            blocks: self.entries,
+            unique_blocks: self.unique,
+            nodes: self.live_runs,
+            bytes,
+            ..self.counters.clone()
+        }
+    }
+
+    /// The registered caches, in no particular order.
+    pub fn workers(&self) -> impl Iterator<Item = WorkerKey> + '_ {
+        self.slot_of.keys().copied()
+    }
+
+    /// Reclaims every run that lost its last worker now, rather than bit by bit in later
+    /// writes, and returns spare capacity.
+    pub fn compact(&mut self) {
+        self.collect_garbage(usize::MAX);
+        self.map.shrink_to_fit();
+        self.runs.iter_mut().for_each(Run::shrink);
+    }
+
+    /// The answer for `slot` (every slot in a run is registered).
+    fn overlap(&self, slot: Slot, depth: usize) -> Option<WorkerOverlap> {
+        self.slot_info(slot).map(|info| WorkerOverlap {
+            worker: info.key,
+            matched_blocks: depth,
+            cached_blocks: info.blocks,
+        })
+    }
+
+    pub(crate) fn slot_info(&self, slot: Slot) -> Option<&SlotInfo> {
+        self.slots.get(slot as usize).and_then(Option::as_ref)
+    }
+
+    pub(crate) fn slot_for(&mut self, key: WorkerKey) -> Slot {
+        if let Some(&slot) = self.slot_of.get(&key) {
+            return slot;
+        }
+        let info = SlotInfo {
+            key,
+            blocks: 0,
+            approximate: false,
+        };
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.slots[slot as usize] = Some(info);
+                slot
+            }
+            None => {
+                self.slots.push(Some(info));
+                (self.slots.len() - 1) as Slot
+            }
+        };
+        self.slot_of.insert(key, slot);
+        slot
+    }
+
+    fn unregister(&mut self, slots: &[Slot]) {
+        if slots.is_empty() {
+            return;
+        }
+        self.clock += 1;
+        self.drop_slots(slots);
+        self.routed.forget(slots);
+        for &slot in slots {
+            if let Some(info) = self.slots.get_mut(slot as usize).and_then(Option::take) {
+                self.slot_of.remove(&info.key);
+                self.free_slots.push(slot);
+            }
+        }
+    }
+
+    /// Removes every entry of `slots` (sorted or not) with one pass over the runs.
+    fn drop_slots(&mut self, slots: &[Slot]) {
+        for id in 0..self.runs.len() {
+            let run = &mut self.runs[id];
+            let before = run.workers.len();
+            if before == 0 {
+                continue;
+            }
+            run.workers.retain(|slot| !slots.contains(slot));
+            let len = run.len();
+            if run.workers.len() == before {
+                continue;
+            }
+            let now_dead = run.workers.is_empty();
+            self.entries -= len * (before - run.workers.len()) as u64;
+            if now_dead {
+                self.unique -= len;
+                self.live_runs -= 1;
+                self.dead_runs.push(id as RunId);
+            }
+        }
+        for &slot in slots {
+            if let Some(Some(info)) = self.slots.get_mut(slot as usize) {
+                info.blocks = 0;
+            }
+        }
+    }
+
+    /// Whether cache `slot` holds block `hash`.
+    fn holds(&self, slot: Slot, hash: SequenceHash) -> bool {
+        self.map
+            .get(&hash)
+            .is_some_and(|loc| self.runs[loc.run as usize].holds(slot))
+    }
+
+    /// The run that `hash` ends, if `slot` alone holds it and it can grow.
+    fn appendable(&self, slot: Slot, hash: SequenceHash) -> Option<RunId> {
+        let loc = self.map.get(&hash)?;
+        let run = &self.runs[loc.run as usize];
+        let grows = run.hashes.last() == Some(&hash)
+            && run.workers == [slot]
+            && run.base.checked_add(run.hashes.len() as u32).is_some();
+        grows.then_some(loc.run)
+    }
+
+    /// Stores the chain `hashes` (continuing `parent`) for `worker`, registered as `slot`;
+    /// returns how many of the blocks it already held.
+    fn store(
+        &mut self,
+        worker: WorkerKey,
+        slot: Slot,
+        parent: Option<SequenceHash>,
+        hashes: &[SequenceHash],
+    ) -> Result<u64, ApplyError> {
+        if let Some(parent) = parent {
+            if hashes.contains(&parent) {
+                self.counters.invalid_stores += 1;
+                return Err(ApplyError::SelfReferencingStore { worker, parent });
+            }
+            if !self.holds(slot, parent) {
+                self.counters.unknown_parent += 1;
+                return Err(ApplyError::UnknownParent { worker, parent });
+            }
+        }
+        let now = self.clock;
+        let mut tail = parent.and_then(|p| self.appendable(slot, p));
+        let mut duplicates = 0;
+        let mut fresh = 0;
+        let mut i = 0;
+        while let Some(&hash) = hashes.get(i) {
+            let loc = match self.map.entry(hash) {
+                Entry::Occupied(entry) => *entry.get(),
+                Entry::Vacant(entry) => {
+                    // A block no cache holds: it grows the run the previous block ends, or
+                    // starts one. One map probe per block: the apply hot path.
+                    let id = match tail {
+                        Some(id) => id,
+                        None => {
+                            self.live_runs += 1;
+                            alloc_run(
+                                &mut self.runs,
+                                &mut self.free_runs,
+                                Run {
+                                    hashes: Vec::new(),
+                                    base: 0,
+                                    workers: vec![slot],
+                                    stamp: AtomicU64::new(now),
+                                },
+                            )
+                        }
+                    };
+                    let run = &mut self.runs[id as usize];
+                    let pos = run.base + run.hashes.len() as u32;
+                    run.hashes.push(hash);
+                    run.touch(now);
+                    entry.insert(Loc { run: id, pos });
+                    fresh += 1;
+                    tail = (pos < u32::MAX).then_some(id);
+                    i += 1;
+                    continue;
+                }
+            };
+            let run = &self.runs[loc.run as usize];
+            let index = run.index_of(loc);
+            let len = 1 + common_prefix(&hashes[i + 1..], &run.hashes[index + 1..]);
+            if run.holds(slot) {
+                duplicates += len as u64;
+                run.touch(now);
+            } else {
+                let id = self.isolate(loc.run, index, index + len);
+                self.add_worker(id, slot);
+                self.runs[id as usize].touch(now);
+            }
+            i += len;
+            tail = self.appendable(slot, hashes[i - 1]);
+        }
+        self.entries += fresh;
+        self.unique += fresh;
+        if let Some(Some(info)) = self.slots.get_mut(slot as usize) {
+            info.blocks += fresh;
+        }
+        Ok(duplicates)
+    }
+
+    /// Removes `hashes` from `slot`; returns how many it did not hold.
+    pub(crate) fn remove_blocks(&mut self, slot: Slot, hashes: &[SequenceHash]) -> u64 {
+        let mut unknown = 0;
+        let mut i = 0;
+        while let Some(&hash) = hashes.get(i) {
+            let Some(&loc) = self.map.get(&hash) else {
+                unknown += 1;
+                i += 1;
+                continue;
+            };
+            let run = &self.runs[loc.run as usize];
+            if !run.holds(slot) {
+                unknown += 1;
+                i += 1;
+                continue;
+            }
+            // Removals usually name a stretch of a run, in either order: do it in one cut.
+            let index = run.index_of(loc);
+            let rest = &hashes[i + 1..];
+            let forward = common_prefix(rest, &run.hashes[index + 1..]);
+            let (lo, hi, len) = if forward > 0 {
+                (index, index + 1 + forward, 1 + forward)
+            } else {
+                let backward = rest
+                    .iter()
+                    .zip(run.hashes[..index].iter().rev())
+                    .take_while(|(x, y)| x == y)
+                    .count();
+                (index - backward, index + 1, 1 + backward)
+            };
+            let id = self.isolate(loc.run, lo, hi);
+            self.remove_worker_from(id, slot);
+            i += len;
+        }
+        unknown
+    }
+
+    fn add_worker(&mut self, id: RunId, slot: Slot) {
+        let run = &mut self.runs[id as usize];
+        if let Err(at) = run.workers.binary_search(&slot) {
+            run.workers.insert(at, slot);
+            let len = run.len();
+            if run.workers.len() == 1 {
+                self.unique += len;
+                self.live_runs += 1;
+            }
+            self.entries += len;
+            if let Some(Some(info)) = self.slots.get_mut(slot as usize) {
+                info.blocks += len;
+            }
+        }
+    }
+
+    fn remove_worker_from(&mut self, id: RunId, slot: Slot) {
+        let run = &mut self.runs[id as usize];
+        if let Ok(at) = run.workers.binary_search(&slot) {
+            run.workers.remove(at);
+            let len = run.len();
+            if run.workers.is_empty() {
+                self.unique -= len;
+                self.live_runs -= 1;
+                self.dead_runs.push(id);
+            }
+            self.entries -= len;
+            if let Some(Some(info)) = self.slots.get_mut(slot as usize) {
+                info.blocks -= len;
+            }
+        }
+    }
+
+    /// Cuts run `id` so that its blocks `lo..hi` form a run of their own; returns that run.
+    fn isolate(&mut self, id: RunId, lo: usize, hi: usize) -> RunId {
+        let mut middle = id;
+        if lo > 0 {
+            middle = self.split(middle, lo).1;
+        }
+        if hi - lo < self.runs[middle as usize].hashes.len() {
+            middle = self.split(middle, hi - lo).0;
+        }
+        middle
+    }
+
+    /// Splits run `id` before its block `at` (0 < at < len); returns (front, back). The
+    /// shorter side moves to a new run, so cutting a long run bit by bit stays linear.
+    fn split(&mut self, id: RunId, at: usize) -> (RunId, RunId) {
+        let run = &mut self.runs[id as usize];
+        let front = at * 2 <= run.hashes.len();
+        let moved: Vec<SequenceHash> = if front {
+            let moved = run.hashes.drain(..at).collect();
+            run.base += at as u32;
+            moved
+        } else {
+            run.hashes.split_off(at)
+        };
+        run.shrink();
+        let workers = run.workers.clone();
+        let stamp = AtomicU64::new(run.stamp.load(Ordering::Relaxed));
+        let live = !workers.is_empty();
+        let new_id = self.next_run_id();
+        for (pos, hash) in moved.iter().enumerate() {
+            // Every moved hash is mapped to this run: the map and the runs agree.
+            if let Some(loc) = self.map.get_mut(hash) {
+                *loc = Loc {
+                    run: new_id,
+                    pos: pos as u32,
+                };
+            }
+        }
+        let new = self.alloc_run(Run {
+            hashes: moved,
+            base: 0,
+            workers,
+            stamp,
+        });
+        if live {
+            self.live_runs += 1;
+        } else {
+            self.dead_runs.push(new);
+        }
+        if front {
+            (new, id)
+        } else {
+            (id, new)
+        }
+    }
+
+    /// The id the next [`Index::alloc_run`] returns.
+    fn next_run_id(&self) -> RunId {
+        self.free_runs
+            .last()
+            .copied()
+            .unwrap_or(self.runs.len() as RunId)
+    }
+
+    fn alloc_run(&mut self, run: Run) -> RunId {
+        alloc_run(&mut self.runs, &mut self.free_runs, run)
+    }
+
+    /// Bookkeeping after every write: the memory bound, then some reclamation.
+    fn after_write(&mut self, work: usize) {
+        self.enforce_bound();
+        self.collect_garbage(GC_BUDGET.max(2 * work));
+    }
+
+    /// Reclaims dead runs until about `budget` blocks were unmapped.
+    fn collect_garbage(&mut self, budget: usize) {
+        let mut done = 0;
+        while done < budget {
+            let Some(id) = self.dead_runs.pop() else {
+                break;
+            };
+            let run = &mut self.runs[id as usize];
+            if run.hashes.is_empty() || !run.workers.is_empty() {
+                continue; // already reclaimed, or revived by a later store
+            }
+            let hashes = std::mem::take(&mut run.hashes);
+            run.base = 0;
+            done += hashes.len();
+            for hash in &hashes {
+                self.map.remove(hash);
+            }
+            self.free_runs.push(id);
+        }
+        if self.dead_runs.is_empty() && self.dead_runs.capacity() > 1024 {
+            self.dead_runs = Vec::new();
+        }
+    }
+
+    /// Drops least recently matched runs while the index holds more than its bound.
+    fn enforce_bound(&mut self) {
+        let Some(max) = self.config.max_entries else {
+            return;
+        };
+        if self.entries <= max {
+            return;
+        }
+        let target = max - max / 16;
+        let mut by_age: Vec<(u64, RunId)> = self
+            .runs
+            .iter()
+            .enumerate()
+            .filter(|(_, run)| !run.workers.is_empty())
+            .map(|(id, run)| (run.stamp.load(Ordering::Relaxed), id as RunId))
+            .collect();
+        by_age.sort_unstable();
+        for (_, id) in by_age {
+            if self.entries <= target {
+                break;
+            }
+            let before = self.entries;
+            for slot in self.runs[id as usize].workers.clone() {
+                self.remove_worker_from(id, slot);
+            }
+            self.counters.evicted_entries += before - self.entries;
+        }
+    }
+
+    /// Records that the router sent a request with these blocks to `worker`, for a cache that
+    /// publishes no events (approximate mode). The blocks count as held until
+    /// [`IndexConfig::routed_ttl`] after `now` (recording them again extends that), and are
+    /// dropped by [`Index::expire_routed`]. Such a cache is left out of snapshots.
+    pub fn record_routed(&mut self, worker: WorkerKey, query: &[SequenceHash], now: Instant) {
+        let slot = self.slot_for(worker);
+        if let Some(Some(info)) = self.slots.get_mut(slot as usize) {
+            info.approximate = true;
+        }
+        self.clock += 1;
+        // A chain from the sequence start has no parent, so the store cannot be refused; a
+        // block routed again is not a duplicate event, so the count is not kept.
+        let _ = self.store(worker, slot, None, query);
+        let deadline = now + self.config.routed_ttl;
+        self.routed.record(slot, query, deadline);
+        self.after_write(query.len());
+    }
+
+    /// Drops approximate-mode blocks whose time ran out by `now`; returns how many entries
+    /// expired.
+    pub fn expire_routed(&mut self, now: Instant) -> u64 {
+        let before = self.entries;
+        while let Some((slot, hashes)) = self.routed.pop_expired(now) {
+            self.clock += 1;
+            self.remove_blocks(slot, &hashes);
+        }
+        let expired = before - self.entries;
+        self.counters.expired_entries += expired;
+        self.after_write(0);
+        expired
+    }
+
+    /// Restores the entries of one run: used by snapshot decoding on a fresh index.
+    pub(crate) fn insert_run(
+        &mut self,
+        hashes: Vec<SequenceHash>,
+        workers: Vec<Slot>,
+    ) -> Result<(), SequenceHash> {
+        let id = self.next_run_id();
+        for (pos, &hash) in hashes.iter().enumerate() {
+            if self
+                .map
+                .insert(
+                    hash,
+                    Loc {
+                        run: id,
+                        pos: pos as u32,
+                    },
+                )
+                .is_some()
+            {
+                return Err(hash);
+            }
+        }
+        let len = hashes.len() as u64;
+        for &slot in &workers {
+            if let Some(Some(info)) = self.slots.get_mut(slot as usize) {
+                info.blocks += len;
+            }
+        }
+        self.entries += len * workers.len() as u64;
+        self.unique += len;
+        self.live_runs += 1;
+        self.alloc_run(Run {
+            hashes,
+            base: 0,
+            workers,
+            stamp: AtomicU64::new(self.clock),
+        });
+        Ok(())
+    }
+
+    pub(crate) fn map_len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// Puts `run` in a free slot of the arena (a free function so callers can hold other fields).
+fn alloc_run(runs: &mut Vec<Run>, free_runs: &mut Vec<RunId>, run: Run) -> RunId {
+    match free_runs.pop() {
+        Some(id) => {
+            runs[id as usize] = run;
+            id
+        }
+        None => {
+            runs.push(run);
+            (runs.len() - 1) as RunId
+        }
+    }
+}
+
+impl Default for Index {
+    fn default() -> Self {
+        Self::new(IndexConfig::default())
+    }
+}
