@@ -1,3 +1,115 @@
-//! Media id throughput.
-#![allow(missing_docs, clippy::expect_used)]
-fn main() {}
+//! Media id throughput and header-read latency.
+//!
+//! ```text
+//! cargo bench -p kvroute-mmhash
+//! ```
+//!
+//! * `media_id/*`: PNGs of random RGB noise (incompressible, so the encoded size is what is
+//!   asked: about 100 KB, 1 MB and 10 MB), through [`MediaProcessor::prepare`] in `bytes` mode
+//!   (header checks + blake3 of the file) and `pixels` mode (header checks + full decode +
+//!   blake3 of RGB8), next to raw blake3 over the same bytes, single-threaded (`blake3::hash`)
+//!   and multi-threaded (`Hasher::update_rayon`).
+//! * `header/*`: [`probe`] (format, dimensions, EXIF orientation, completeness checks) on every
+//!   fixture image of tests/fixtures/images, the bad ones included.
+
+#![allow(missing_docs, clippy::expect_used)] // bench harness over constant inputs
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use kvroute_mmhash::{probe, IdMode, MediaConfig, MediaProcessor};
+use std::hint::black_box;
+use std::time::Duration;
+
+/// A PNG of `side` x `side` random RGB pixels (about 3 bytes per pixel encoded).
+fn noise_png(side: u32) -> Vec<u8> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let pixels: Vec<u8> = (0..side as usize * side as usize * 3)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 32) as u8
+        })
+        .collect();
+    let image = image::RgbImage::from_raw(side, side, pixels).expect("buffer size");
+    let mut out = std::io::Cursor::new(Vec::new());
+    image
+        .write_to(&mut out, image::ImageFormat::Png)
+        .expect("encode PNG");
+    out.into_inner()
+}
+
+fn media_id(c: &mut Criterion) {
+    let bytes_mode = MediaProcessor::new(MediaConfig::default());
+    let pixels_mode = MediaProcessor::new(MediaConfig::default().with_id_mode(IdMode::Pixels));
+    let mut group = c.benchmark_group("media_id");
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(3));
+    group.sample_size(20);
+    // Sides giving about 100 KB, 1 MB and 10 MB of incompressible PNG.
+    for (label, side) in [("100KB", 183u32), ("1MB", 578), ("10MB", 1826)] {
+        let png = noise_png(side);
+        group.throughput(Throughput::Bytes(png.len() as u64));
+        group.bench_with_input(BenchmarkId::new("raw_blake3", label), &png, |b, png| {
+            b.iter(|| blake3::hash(black_box(png)))
+        });
+        group.bench_with_input(
+            BenchmarkId::new("raw_blake3_rayon", label),
+            &png,
+            |b, png| {
+                b.iter(|| {
+                    blake3::Hasher::new()
+                        .update_rayon(black_box(png))
+                        .finalize()
+                })
+            },
+        );
+        group.bench_with_input(BenchmarkId::new("bytes_mode", label), &png, |b, png| {
+            b.iter(|| {
+                bytes_mode
+                    .prepare(black_box(png), None, None)
+                    .expect("valid PNG")
+                    .id
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("pixels_mode", label), &png, |b, png| {
+            b.iter(|| {
+                pixels_mode
+                    .prepare(black_box(png), None, None)
+                    .expect("valid PNG")
+                    .id
+            })
+        });
+    }
+    group.finish();
+}
+
+fn header(c: &mut Criterion) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/images");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .expect("fixture dir")
+        .map(|entry| entry.expect("dir entry").path())
+        .filter(|path| {
+            path.extension()
+                .is_some_and(|ext| ext != "json" && ext != "md")
+        })
+        .collect();
+    files.sort();
+    let mut group = c.benchmark_group("header");
+    group.warm_up_time(Duration::from_millis(300));
+    group.measurement_time(Duration::from_secs(1));
+    for path in files {
+        let bytes = std::fs::read(&path).expect("fixture");
+        let name = path
+            .file_name()
+            .expect("file name")
+            .to_string_lossy()
+            .into_owned();
+        group.bench_with_input(BenchmarkId::from_parameter(name), &bytes, |b, bytes| {
+            b.iter(|| probe(black_box(bytes), None).is_ok())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, media_id, header);
+criterion_main!(benches);

@@ -1,4 +1,4 @@
-//! Guarded fetching of http image URLs with hyper.
+//! Guarded fetching of http(s) image URLs with hyper (TLS by rustls with Mozilla's roots).
 //!
 //! Every hop (the first request and each redirect) is checked the same way: scheme, host
 //! allow-list, then DNS resolution and a check of *every* resolved address; the connection then
@@ -11,9 +11,13 @@ use http::{header, StatusCode, Uri};
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, RootCertStore};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 /// Whether and how image URLs are fetched. Disabled by default.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,8 +151,9 @@ async fn follow(url: &str, policy: &FetchPolicy, max_bytes: u64) -> Result<Fetch
     Err(FetchError::TooManyRedirects(policy.max_redirects))
 }
 
-/// The parts of an absolute http URL a request needs.
+/// The parts of an absolute http(s) URL a request needs.
 struct Target {
+    tls: bool,
     host: String,
     port: u16,
     authority: String,
@@ -158,12 +163,13 @@ impl Target {
     fn new(uri: &Uri) -> Result<Self, FetchError> {
         let invalid = || FetchError::InvalidUrl(uri.to_string());
         let scheme = uri.scheme_str().ok_or_else(invalid)?;
-        // Plain http only for now: TLS is not built in, and refusing an https URL beats
-        // fetching it over plain text.
-        if !scheme.eq_ignore_ascii_case("http") {
+        let tls = if scheme.eq_ignore_ascii_case("https") {
+            true
+        } else if scheme.eq_ignore_ascii_case("http") {
+            false
+        } else {
             return Err(FetchError::UnsupportedScheme(scheme.to_owned()));
-        }
-        let default_port = 80;
+        };
         let authority = uri.authority().ok_or_else(invalid)?;
         if authority.as_str().contains('@') {
             return Err(invalid());
@@ -176,8 +182,9 @@ impl Target {
             return Err(invalid());
         }
         Ok(Self {
+            tls,
             host: host.to_ascii_lowercase(),
-            port: authority.port_u16().unwrap_or(default_port),
+            port: authority.port_u16().unwrap_or(if tls { 443 } else { 80 }),
             authority: authority.as_str().to_owned(),
         })
     }
@@ -273,28 +280,58 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
 type Response = http::Response<hyper::body::Incoming>;
 
 async fn request(addrs: &[SocketAddr], target: &Target, uri: &Uri) -> Result<Response, FetchError> {
-    let http_error = |error: &dyn std::fmt::Display| FetchError::Http(error.to_string());
     let mut last_error = None;
-    let mut stream = None;
     for addr in addrs {
         match TcpStream::connect(addr).await {
-            Ok(connected) => {
-                stream = Some(connected);
-                break;
+            Ok(stream) => {
+                stream.set_nodelay(true).map_err(|e| http_error(&e))?;
+                if !target.tls {
+                    return send(stream, target, uri).await;
+                }
+                let name = ServerName::try_from(target.host.clone()).map_err(|e| http_error(&e))?;
+                let tls = TlsConnector::from(tls_config()?)
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| FetchError::Http(format!("TLS: {e}")))?;
+                return send(tls, target, uri).await;
             }
             Err(error) => last_error = Some(error),
         }
     }
-    let stream = match (stream, last_error) {
-        (Some(stream), _) => stream,
-        (None, error) => {
-            return Err(FetchError::Http(
-                error.map_or_else(|| "no address".to_owned(), |e| e.to_string()),
-            ))
-        }
-    };
-    stream.set_nodelay(true).map_err(|e| http_error(&e))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    Err(FetchError::Http(
+        last_error.map_or_else(|| "no address".to_owned(), |e| e.to_string()),
+    ))
+}
+
+fn http_error(error: &dyn std::fmt::Display) -> FetchError {
+    FetchError::Http(error.to_string())
+}
+
+/// TLS client settings: Mozilla's root store (webpki-roots), ring, TLS 1.2 and 1.3. Built once.
+fn tls_config() -> Result<Arc<ClientConfig>, FetchError> {
+    static CONFIG: OnceLock<Result<Arc<ClientConfig>, String>> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let roots = RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            };
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map(|builder| {
+                    Arc::new(builder.with_root_certificates(roots).with_no_client_auth())
+                })
+                .map_err(|error| error.to_string())
+        })
+        .clone()
+        .map_err(|error| FetchError::Http(format!("TLS setup: {error}")))
+}
+
+async fn send<IO>(io: IO, target: &Target, uri: &Uri) -> Result<Response, FetchError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| http_error(&e))?;
     tokio::spawn(connection);

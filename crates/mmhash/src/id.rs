@@ -5,9 +5,10 @@ use crate::header::ImageInfo;
 use kvroute_protocol::MediaId;
 use std::io::Cursor;
 
-/// Inputs at least this long are hashed with blake3's multi-threaded (rayon) update; below it
-/// the thread hand-off costs more than it saves.
-pub const PARALLEL_HASH_THRESHOLD: usize = 512 * 1024;
+/// Inputs at least this long are hashed with blake3's multi-threaded (rayon) update. Below it
+/// the hand-off between threads costs more than it saves on a small, shared machine: on 2
+/// loaded cores, rayon lost about 30% at 1 MB and broke even at 10 MB (docs/benchmarks.md).
+pub const PARALLEL_HASH_THRESHOLD: usize = 4 << 20;
 
 /// What a computed media id is a digest of.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

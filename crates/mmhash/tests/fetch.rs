@@ -42,6 +42,11 @@ async fn respond(mut stream: TcpStream, port: u16) {
             Ok(0) | Err(_) => return,
             Ok(n) => request.extend_from_slice(&chunk[..n]),
         }
+        if request.first() == Some(&0x16) {
+            // A TLS ClientHello: answer in plain text, as a plain HTTP server would.
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            return;
+        }
     }
     let text = String::from_utf8_lossy(&request);
     let path = text.split_whitespace().nth(1).unwrap_or("/").to_owned();
@@ -153,6 +158,8 @@ async fn private_link_local_and_metadata_addresses_are_refused() {
         "http://0.0.0.0/a.png",
         "http://[fd00:ec2::254]/latest/meta-data/",
         "http://[fe80::1]/a.png",
+        "https://10.1.2.3/a.png",
+        "https://169.254.169.254/latest/meta-data/",
     ] {
         forbidden(fetch(url, &policy, CAP).await);
     }
@@ -232,4 +239,20 @@ async fn allow_list_timeout_status_and_scheme() {
         fetch("http://user@localhost/a.png", &trusted_localhost(), CAP).await,
         Err(FetchError::InvalidUrl(_))
     ));
+}
+
+#[tokio::test]
+async fn https_goes_through_tls() {
+    let port = server().await;
+    // The local server speaks plain HTTP: the TLS handshake fails, nothing is read as a body.
+    let result = fetch(
+        &format!("https://localhost:{port}/ok"),
+        &trusted_localhost(),
+        CAP,
+    )
+    .await;
+    assert!(
+        matches!(&result, Err(FetchError::Http(message)) if message.starts_with("TLS")),
+        "{result:?}"
+    );
 }
