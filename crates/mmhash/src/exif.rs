@@ -5,8 +5,14 @@
 ///
 /// Values 1 to 8 as in the EXIF specification. Values 5 to 8 transpose the image, so the
 /// served width and height are the stored height and width.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Orientation(u8);
+
+impl Default for Orientation {
+    fn default() -> Self {
+        Self::NORMAL
+    }
+}
 
 impl Orientation {
     /// No transformation (EXIF value 1), also used for missing or invalid tags, which Pillow
@@ -23,11 +29,7 @@ impl Orientation {
 
     /// The EXIF value, 1..=8.
     pub const fn exif_value(self) -> u8 {
-        if self.0 == 0 {
-            1
-        } else {
-            self.0
-        }
+        self.0
     }
 
     /// Whether applying the orientation swaps width and height (EXIF 5, 6, 7, 8).

@@ -15,7 +15,8 @@ pub struct ImageInfo {
     pub width: u32,
     /// Height as served to the model, after EXIF orientation.
     pub height: u32,
-    /// The EXIF orientation found (JPEG only; [`Orientation::NORMAL`] otherwise).
+    /// The EXIF orientation found (JPEG APP1, PNG `eXIf`, WebP `EXIF`), or
+    /// [`Orientation::NORMAL`].
     pub orientation: Orientation,
 }
 
@@ -36,8 +37,8 @@ impl ImageInfo {
 }
 
 /// Reads the format, dimensions and orientation of an image from its header and checks that
-/// the file is complete (a PNG ends with `IEND`, a JPEG with `EOI`, a GIF with its trailer, a
-/// WebP holds its whole RIFF chunk, a BMP its whole pixel array).
+/// the file is complete (a PNG holds every chunk up to `IEND`, a JPEG ends with `EOI`, a GIF
+/// with its trailer, a WebP holds its whole RIFF chunk, a BMP its whole pixel array).
 ///
 /// This never decodes pixels nor allocates: the cost is a few dozen byte reads, independent of
 /// the image size. `declared` is the content type the client or server claimed, if any; a type
@@ -86,6 +87,12 @@ pub fn probe(bytes: &[u8], declared: Option<&str>) -> Result<ImageInfo, ImageErr
         height,
         orientation,
     })
+}
+
+/// Orientation from EXIF data with or without the `Exif\0\0` prefix (JPEG APP1 has it, PNG
+/// `eXIf` and WebP `EXIF` chunks usually not).
+fn exif_orientation(exif: &[u8]) -> Option<Orientation> {
+    tiff_orientation(exif.strip_prefix(b"Exif\0\0").unwrap_or(exif))
 }
 
 /// Bounds-checked little readers over the file; every out-of-range read is `Truncated`.
@@ -139,22 +146,38 @@ impl Reader<'_> {
             .map(|[a, b, c]| u32::from_le_bytes([a, b, c, 0]))
     }
 
-    /// PNG: IHDR must be the first chunk; the file must end with the IEND chunk.
+    /// PNG: IHDR must be the first chunk and every chunk up to IEND must lie inside the file
+    /// (bytes after IEND are ignored, as Pillow does). The orientation comes from the last
+    /// `eXIf` chunk, wherever it is: Pillow reads them all before `exif_transpose`.
     fn png(&self) -> Result<Header, ImageError> {
-        const IEND: [u8; 12] = [0, 0, 0, 0, b'I', b'E', b'N', b'D', 0xAE, 0x42, 0x60, 0x82];
         if self.u32_be(8, "IHDR")? != 13 || self.array::<4>(12, "IHDR")? != *b"IHDR" {
             return Err(self.corrupt("first chunk is not a 13-byte IHDR"));
         }
         let width = self.u32_be(16, "IHDR")?;
         let height = self.u32_be(20, "IHDR")?;
-        self.array::<5>(24, "IHDR")?;
         if width > i32::MAX as u32 || height > i32::MAX as u32 {
             return Err(self.corrupt("dimension above 2^31 - 1"));
         }
-        if !self.bytes.ends_with(&IEND) {
-            return Err(self.truncated("missing IEND chunk at end of file"));
+        let mut orientation = Orientation::NORMAL;
+        let mut at = 8usize;
+        loop {
+            let len = self.u32_be(at, "chunk before IEND")? as usize;
+            let kind = self.array::<4>(at + 4, "chunk before IEND")?;
+            let data = at + 8;
+            let end = data.checked_add(len).and_then(|end| end.checked_add(4));
+            let end = end.filter(|&end| end <= self.bytes.len());
+            let end = end.ok_or_else(|| self.truncated("chunk extends past end of file"))?;
+            match &kind {
+                b"eXIf" => {
+                    orientation =
+                        exif_orientation(&self.bytes[data..data + len]).unwrap_or_default();
+                }
+                b"IEND" => break,
+                _ => {}
+            }
+            at = end;
         }
-        Ok((width, height, Orientation::NORMAL))
+        Ok((width, height, orientation))
     }
 
     /// JPEG: walk the marker segments from SOI to SOS, taking the frame size from SOF and the
@@ -163,7 +186,7 @@ impl Reader<'_> {
     fn jpeg(&self) -> Result<Header, ImageError> {
         let mut at = 2;
         let mut frame = None;
-        let mut orientation = None;
+        let mut exif = None;
         loop {
             if self.array::<1>(at, "marker before SOS")? != [0xFF] {
                 return Err(self.corrupt("expected a marker"));
@@ -191,9 +214,8 @@ impl Reader<'_> {
             }
             let payload = &self.bytes[at + 2..end];
             match marker {
-                0xE1 if orientation.is_none() && payload.starts_with(b"Exif\0\0") => {
-                    orientation = tiff_orientation(&payload[6..]);
-                }
+                // Pillow keeps the first Exif APP1 only.
+                0xE1 if exif.is_none() && payload.starts_with(b"Exif\0\0") => exif = Some(payload),
                 // SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC).
                 0xC0..=0xCF if !matches!(marker, 0xC4 | 0xC8 | 0xCC) => {
                     if payload.len() < 6 {
@@ -212,7 +234,11 @@ impl Reader<'_> {
         if !self.bytes.ends_with(&[0xFF, 0xD9]) {
             return Err(self.truncated("missing EOI marker (FF D9) at end of file"));
         }
-        Ok((width, height, orientation.unwrap_or(Orientation::NORMAL)))
+        Ok((
+            width,
+            height,
+            exif.and_then(exif_orientation).unwrap_or_default(),
+        ))
     }
 
     /// GIF: the logical screen size (what Pillow and image-rs report); must end with the
@@ -262,7 +288,26 @@ impl Reader<'_> {
             }
             _ => return Err(self.corrupt("first chunk is not VP8, VP8L or VP8X")),
         };
-        Ok((width, height, Orientation::NORMAL))
+        // Only the extended format carries metadata chunks; the first EXIF one counts.
+        let mut orientation = Orientation::NORMAL;
+        if &chunk == b"VP8X" {
+            let riff_end = riff_len as usize + 8;
+            let mut at = 12usize;
+            while at + 8 <= riff_end {
+                let kind = self.array::<4>(at, "chunk header")?;
+                let len = self.u32_le(at + 4, "chunk header")? as usize;
+                let data = at + 8;
+                let end = data.checked_add(len).filter(|&end| end <= riff_end);
+                let end = end.ok_or_else(|| self.truncated("chunk extends past the RIFF chunk"))?;
+                if &kind == b"EXIF" {
+                    orientation = exif_orientation(&self.bytes[data..end]).unwrap_or_default();
+                    break;
+                }
+                // Chunks are padded to an even size.
+                at = end + (len & 1);
+            }
+        }
+        Ok((width, height, orientation))
     }
 
     /// BMP: BITMAPCOREHEADER or BITMAPINFOHEADER and later; an uncompressed pixel array must
