@@ -6,7 +6,12 @@ use kvroute_protocol::{BlockExtraInfo, BlockMmObjectInfo, MediaId, MediaSpan};
 
 /// How a model's prompt marks an image and what its processor turns the mark into:
 /// `placeholder` becomes `prefix`, then `pad` once per visual token, then `suffix`. The media
-/// span covers the pad tokens.
+/// span covers that whole replacement, as vLLM's `PlaceholderRange` does (for the Qwen and
+/// LLaVA presets, which have no prefix or suffix, that is exactly the pads).
+///
+/// For a model whose processor wraps the pads in text (Gemma 3: `"\n\n<start_of_image>"`, 256
+/// `<image_soft_token>`, `"<end_of_image>\n\n"`), take the prefix and suffix ids from its
+/// tokenizer.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PlaceholderSpec {
     /// The one token the chat template renders per image.
@@ -62,7 +67,8 @@ pub struct ImageTokens {
 pub struct Expanded {
     /// Token ids with every placeholder expanded.
     pub tokens: Vec<u32>,
-    /// One span per image, in prompt order: the pads' offset and count, and the media id.
+    /// One span per image, in prompt order: offset and length of its replacement tokens, and
+    /// the media id.
     pub spans: Vec<MediaSpan>,
 }
 
@@ -114,11 +120,12 @@ pub fn expand(
         rest = &rest[at + 1..];
         // As many images as placeholders: counted above.
         let Some(image) = images.next() else { break };
+        let start = out.tokens.len();
         out.tokens.extend_from_slice(&spec.prefix);
-        out.spans
-            .push(MediaSpan::new(out.tokens.len(), image.tokens, image.id));
         out.tokens.resize(out.tokens.len() + image.tokens, spec.pad);
         out.tokens.extend_from_slice(&spec.suffix);
+        out.spans
+            .push(MediaSpan::new(start, out.tokens.len() - start, image.id));
     }
     out.tokens.extend_from_slice(rest);
     Ok(out)
@@ -181,4 +188,43 @@ pub fn block_media_info(
         }
     }
     Ok(blocks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn span_covers_prefix_pads_and_suffix() {
+        let spec = PlaceholderSpec {
+            placeholder: 7,
+            prefix: vec![1, 7],
+            pad: 9,
+            suffix: vec![8, 1],
+        };
+        let images = [ImageTokens {
+            id: MediaId(5),
+            tokens: 3,
+        }];
+        let out = expand(&[0, 7, 0], &spec, &images).unwrap();
+        assert_eq!(out.tokens, [0, 1, 7, 9, 9, 9, 8, 1, 0]);
+        assert_eq!(out.spans, [MediaSpan::new(1, 7, MediaId(5))]);
+    }
+
+    #[test]
+    fn repeated_id_in_one_block_is_listed_once_with_both_ranges() {
+        let spans = [
+            MediaSpan::new(1, 2, MediaId(5)),
+            MediaSpan::new(3, 1, MediaId(6)),
+            MediaSpan::new(5, 4, MediaId(5)),
+        ];
+        let info = block_media_info(&spans, 8, 10).unwrap();
+        let block0 = info[0].as_ref().unwrap();
+        assert_eq!(block0.mm_objects.len(), 2);
+        assert_eq!(block0.mm_objects[0].mm_hash, MediaId(5));
+        assert_eq!(block0.mm_objects[0].offsets, [(1, 3), (5, 8)]);
+        assert_eq!(block0.mm_objects[1].offsets, [(3, 4)]);
+        // The partial last block ends at total_tokens.
+        assert_eq!(info[1].as_ref().unwrap().mm_objects[0].offsets, [(0, 1)]);
+    }
 }

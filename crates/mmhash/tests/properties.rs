@@ -31,13 +31,13 @@ fn naive_expand(
         }
         let image = images[next];
         next += 1;
-        out.extend(&spec.prefix);
         let start = out.len();
+        out.extend(&spec.prefix);
         for _ in 0..image.tokens {
             out.push(spec.pad);
         }
-        spans.push(MediaSpan::new(start, image.tokens, image.id));
         out.extend(&spec.suffix);
+        spans.push(MediaSpan::new(start, out.len() - start, image.id));
     }
     (out, spans)
 }
