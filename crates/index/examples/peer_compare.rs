@@ -319,6 +319,16 @@ fn main() {
             (4096, workload::queries(&w, 4096, 300, 2)),
         ];
         let mut expected = Vec::new();
+        let (index, _, _) = build(Kind::Kvroute, &w, &rt);
+        if let Subject::Kvroute(index) = index {
+            let stats = index.stats();
+            println!(
+                "\nkvroute index: {} unique blocks in {} runs ({:.1} blocks per run)",
+                stats.unique_blocks,
+                stats.nodes,
+                stats.unique_blocks as f64 / stats.nodes as f64
+            );
+        }
         let rows: Vec<Row> = Kind::ALL
             .iter()
             .map(|&k| measure(k, &w, &queries, &mut expected, &rt))

@@ -2,8 +2,11 @@
 //! one worker set (see the crate documentation for why).
 
 use crate::approx::RoutedLog;
+use crate::map::ShardedMap;
 use crate::{ApplyError, IndexConfig, IndexStats, Overlap, WorkerKey, WorkerOverlap};
-use kvroute_protocol::{KvCacheEventData, RouterEvent, SequenceHash, WorkerId};
+use kvroute_protocol::{
+    KvCacheEventData, KvCacheStoredBlockData, RouterEvent, SequenceHash, WorkerId,
+};
 use rustc_hash::FxHashMap;
 use std::collections::hash_map::Entry;
 use std::mem::size_of;
@@ -74,30 +77,60 @@ pub(crate) struct SlotInfo {
     pub(crate) approximate: bool,
 }
 
+/// Anything that names a block by its sequence hash: lets a stored event's blocks be applied
+/// in place, without first copying their hashes out.
+pub(crate) trait Keyed {
+    fn key(&self) -> SequenceHash;
+}
+
+impl Keyed for SequenceHash {
+    #[inline]
+    fn key(&self) -> SequenceHash {
+        *self
+    }
+}
+
+impl Keyed for KvCacheStoredBlockData {
+    #[inline]
+    fn key(&self) -> SequenceHash {
+        self.block_hash
+    }
+}
+
 /// Number of leading elements `a` and `b` share.
 #[inline]
-fn common_prefix(a: &[SequenceHash], b: &[SequenceHash]) -> usize {
+fn common_prefix<K: Keyed>(a: &[K], b: &[SequenceHash]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x.key() == **y).count()
+}
+
+/// Number of leading elements `a` and `b` share, when both are hash chains: a sequence hash
+/// commits to every block before it, so if the last elements of the window agree, so does
+/// everything before them, and the first disagreement can be found by bisection. A lookup
+/// reads O(log n) hashes of a run instead of all of them.
+#[inline]
+fn chained_prefix(a: &[SequenceHash], b: &[SequenceHash]) -> usize {
     let len = a.len().min(b.len());
     let (a, b) = (&a[..len], &b[..len]);
-    // Compare in chunks of 8 so the common case (long equal stretches) vectorises.
-    let mut done = 0;
-    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
-        if ca != cb {
-            break;
-        }
-        done += 8;
+    if len == 0 || a[len - 1] == b[len - 1] {
+        return len;
     }
-    done + a[done..]
-        .iter()
-        .zip(&b[done..])
-        .take_while(|(x, y)| x == y)
-        .count()
+    // a[..lo] agree; a[hi] differs.
+    let (mut lo, mut hi) = (0, len - 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if a[mid] == b[mid] {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
 }
 
 /// The KV block index. See the crate documentation.
 #[derive(Debug)]
 pub struct Index {
-    map: FxHashMap<SequenceHash, Loc>,
+    map: ShardedMap<SequenceHash, Loc>,
     pub(crate) runs: Vec<Run>,
     free_runs: Vec<RunId>,
     /// Runs that lost their last worker, to reclaim (entries may be stale: re-checked).
@@ -105,7 +138,7 @@ pub struct Index {
     pub(crate) slots: Vec<Option<SlotInfo>>,
     free_slots: Vec<Slot>,
     slot_of: FxHashMap<WorkerKey, Slot>,
-    /// Advanced by every write; lookups stamp the runs they match with it.
+    /// Advanced after every write; writes and lookups stamp the runs they touch with it.
     clock: u64,
     config: IndexConfig,
     pub(crate) routed: RoutedLog,
@@ -122,7 +155,7 @@ impl Index {
     /// An empty index.
     pub fn new(config: IndexConfig) -> Self {
         Self {
-            map: FxHashMap::default(),
+            map: ShardedMap::new(),
             runs: Vec::new(),
             free_runs: Vec::new(),
             dead_runs: Vec::new(),
@@ -153,7 +186,6 @@ impl Index {
     pub fn apply_event(&mut self, event: &RouterEvent) -> Result<(), ApplyError> {
         let worker = WorkerKey::new(event.worker_id, event.event.dp_rank);
         let slot = self.slot_for(worker);
-        self.clock += 1;
         self.counters.events += 1;
         let (result, work) = match &event.event.data {
             KvCacheEventData::Stored(store) => {
@@ -230,7 +262,7 @@ impl Index {
             }
             run.touch(self.clock);
             let index = run.index_of(loc);
-            depth += 1 + common_prefix(&query[depth + 1..], &run.hashes[index + 1..]);
+            depth += 1 + chained_prefix(&query[depth + 1..], &run.hashes[index + 1..]);
         }
         workers.extend(
             active
@@ -253,7 +285,7 @@ impl Index {
                     + run.workers.capacity() * size_of::<Slot>()
             })
             .sum();
-        let bytes = self.map.capacity() * (size_of::<(SequenceHash, Loc)>() + 1)
+        let bytes = self.map.bytes()
             + self.runs.capacity() * size_of::<Run>()
             + runs_heap
             + (self.free_runs.capacity() + self.dead_runs.capacity()) * size_of::<RunId>()
@@ -323,7 +355,6 @@ impl Index {
         if slots.is_empty() {
             return;
         }
-        self.clock += 1;
         self.drop_slots(slots);
         self.routed.forget(slots);
         for &slot in slots {
@@ -381,15 +412,15 @@ impl Index {
 
     /// Stores the chain `hashes` (continuing `parent`) for `worker`, registered as `slot`;
     /// returns how many of the blocks it already held.
-    fn store(
+    fn store<K: Keyed>(
         &mut self,
         worker: WorkerKey,
         slot: Slot,
         parent: Option<SequenceHash>,
-        hashes: &[SequenceHash],
+        hashes: &[K],
     ) -> Result<u64, ApplyError> {
         if let Some(parent) = parent {
-            if hashes.contains(&parent) {
+            if hashes.iter().any(|h| h.key() == parent) {
                 self.counters.invalid_stores += 1;
                 return Err(ApplyError::SelfReferencingStore { worker, parent });
             }
@@ -403,7 +434,7 @@ impl Index {
         let mut duplicates = 0;
         let mut fresh = 0;
         let mut i = 0;
-        while let Some(&hash) = hashes.get(i) {
+        while let Some(hash) = hashes.get(i).map(Keyed::key) {
             let loc = match self.map.entry(hash) {
                 Entry::Occupied(entry) => *entry.get(),
                 Entry::Vacant(entry) => {
@@ -448,7 +479,7 @@ impl Index {
                 self.runs[id as usize].touch(now);
             }
             i += len;
-            tail = self.appendable(slot, hashes[i - 1]);
+            tail = self.appendable(slot, hashes[i - 1].key());
         }
         self.entries += fresh;
         self.unique += fresh;
@@ -596,8 +627,10 @@ impl Index {
         alloc_run(&mut self.runs, &mut self.free_runs, run)
     }
 
-    /// Bookkeeping after every write: the memory bound, then some reclamation.
+    /// Bookkeeping after every write: the memory bound, then some reclamation. The clock moves
+    /// on so lookups from now on rank above everything this write stored.
     fn after_write(&mut self, work: usize) {
+        self.clock += 1;
         self.enforce_bound();
         self.collect_garbage(GC_BUDGET.max(2 * work));
     }
@@ -664,7 +697,6 @@ impl Index {
         if let Some(Some(info)) = self.slots.get_mut(slot as usize) {
             info.approximate = true;
         }
-        self.clock += 1;
         // A chain from the sequence start has no parent, so the store cannot be refused; a
         // block routed again is not a duplicate event, so the count is not kept.
         let _ = self.store(worker, slot, None, query);
@@ -678,7 +710,6 @@ impl Index {
     pub fn expire_routed(&mut self, now: Instant) -> u64 {
         let before = self.entries;
         while let Some((slot, hashes)) = self.routed.pop_expired(now) {
-            self.clock += 1;
             self.remove_blocks(slot, &hashes);
         }
         let expired = before - self.entries;

@@ -72,6 +72,7 @@
 
 mod approx;
 mod index;
+mod map;
 mod shared;
 mod snapshot;
 

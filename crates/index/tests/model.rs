@@ -1,6 +1,7 @@
 //! The index against a deliberately naive reference model (per cache: the set of stored
 //! sequence hashes with their parents), over random event streams with duplicates, unknown
-//! parents, removals of unknown blocks, clears and worker removal.
+//! parents, removals of unknown blocks, clears and worker removal. Hashes chain consistently,
+//! as real sequence hashes do (the index relies on it to skip through runs).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -109,31 +110,63 @@ fn event(worker: u64, rank: u32, data: KvCacheEventData) -> RouterEvent {
     )
 }
 
-/// Hashes from a small alphabet so that stores, removals and queries collide often; chains are
-/// mostly consecutive numbers so runs form, grow and split.
-fn chain() -> impl Strategy<Value = Vec<u64>> {
+/// Sequence hashes of a 3-ary tree numbered like a heap: block content `c` (0..3) after hash
+/// `h` hashes to `3h + c + 1` (the first block of a sequence to `c + 1`). Every chain is then
+/// consistent, as real sequence hashes are, while a small alphabet makes stores, removals and
+/// queries collide all the time.
+fn path(parent: Option<u64>, contents: &[u64]) -> Vec<u64> {
+    let mut h = parent.unwrap_or(0);
+    contents
+        .iter()
+        .map(|&c| {
+            h = 3 * h + c + 1;
+            h
+        })
+        .collect()
+}
+
+fn contents(max: usize) -> impl Strategy<Value = Vec<u64>> {
+    prop::collection::vec(0u64..3, 0..max)
+}
+
+/// Some block of the tree (its depth is 1 to 6).
+fn node() -> impl Strategy<Value = u64> {
+    prop::collection::vec(0u64..3, 1..7).prop_map(|c| *path(None, &c).last().unwrap())
+}
+
+/// A query: a sequence from its start.
+fn query() -> impl Strategy<Value = Vec<u64>> {
+    contents(14).prop_map(|c| path(None, &c))
+}
+
+/// Blocks named by a removal: a stretch of a sequence (in order or reversed) or loose blocks.
+fn removal() -> impl Strategy<Value = Vec<u64>> {
     prop_oneof![
-        3 => (1u64..40, 0usize..12).prop_map(|(start, len)| (start..start + len as u64).collect()),
-        1 => (1u64..40, 0usize..12).prop_map(|(start, len)| (0..len as u64).map(|i| start.saturating_sub(i).max(1)).collect()),
-        1 => prop::collection::vec(1u64..50, 0..8),
+        2 => (prop::option::of(node()), contents(8)).prop_map(|(p, c)| path(p, &c)),
+        1 => (prop::option::of(node()), contents(8)).prop_map(|(p, c)| {
+            let mut v = path(p, &c);
+            v.reverse();
+            v
+        }),
+        1 => prop::collection::vec(node(), 0..5),
     ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
     let cache = (0u64..4, 0u32..2);
     prop_oneof![
-        8 => (cache.clone(), prop::option::weighted(0.6, 1u64..45), chain()).prop_map(|((w, r), parent, hashes)| {
+        8 => (cache.clone(), prop::option::weighted(0.6, node()), contents(10)).prop_map(|((w, r), parent, contents)| {
             Op::Event(event(w, r, KvCacheEventData::Stored(KvCacheStoreData {
                 parent_hash: parent.map(SequenceHash),
                 start_position: None,
-                blocks: hashes.into_iter().map(|h| KvCacheStoredBlockData {
+                blocks: path(parent, &contents).into_iter().map(|h| KvCacheStoredBlockData {
                     block_hash: SequenceHash(h),
                     tokens_hash: BlockHash(h ^ 0xABCD),
                     mm_extra_info: None,
                 }).collect(),
             })))
         }),
-        4 => (cache.clone(), chain()).prop_map(|((w, r), hashes)| {
+        4 => (cache.clone(), removal()).prop_map(|((w, r), hashes)| {
             Op::Event(event(w, r, KvCacheEventData::Removed(KvCacheRemoveData {
                 block_hashes: hashes.into_iter().map(SequenceHash).collect(),
             })))
@@ -141,7 +174,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => cache.clone().prop_map(|(w, r)| Op::Event(event(w, r, KvCacheEventData::Cleared))),
         1 => (0u64..4).prop_map(Op::RemoveWorker),
         1 => cache.prop_map(|(w, r)| Op::RemoveRank(WorkerKey::new(WorkerId(w), DpRank(r)))),
-        6 => chain().prop_map(Op::Query),
+        6 => query().prop_map(Op::Query),
         1 => Just(Op::Roundtrip),
     ]
 }
@@ -197,6 +230,15 @@ fn check_counters(index: &Index, model: &Model) {
     assert_eq!(stats.unknown_removals, model.unknown_removals);
 }
 
+/// Fixed queries: every sequence starting with 4 of the 81 possible blocks, then 6 more.
+fn probes() -> impl Iterator<Item = Vec<u64>> {
+    (0..81u64).map(|i| {
+        let mut c = vec![i % 3, i / 3 % 3, i / 9 % 3, i / 27 % 3];
+        c.extend([0, 1, 2, 0, 1, 2]);
+        path(None, &c)
+    })
+}
+
 fn run(ops: &[Op]) {
     let mut index = Index::new(IndexConfig::default());
     let mut model = Model::default();
@@ -237,8 +279,8 @@ fn run(ops: &[Op]) {
     }
     index.compact();
     check_stats(&index, &model);
-    for start in 0..50 {
-        check(&index, &model, &(start..start + 12).collect::<Vec<_>>());
+    for query in probes() {
+        check(&index, &model, &query);
     }
 }
 
