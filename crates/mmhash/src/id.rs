@@ -97,7 +97,7 @@ pub(crate) fn pixel_digest(bytes: &[u8], info: &ImageInfo) -> Result<PixelDigest
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(stored_width);
     limits.max_image_height = Some(stored_height);
-    // At most 8 bytes per pixel (RGBA16) for the decoded buffer, plus one RGB8 copy.
+    // Room for the widest decoded layout (RGBA16, 8 bytes per pixel) and decoder scratch.
     limits.max_alloc = Some(info.pixels().saturating_mul(11).saturating_add(1 << 20));
     let mut reader = image::ImageReader::with_format(Cursor::new(bytes), info.format.to_image_rs());
     reader.limits(limits);

@@ -1,7 +1,7 @@
 //! Media input for kvroute: what an image part of a request means for routing.
 //!
 //! It owns, for one image: where the bytes come from (base64 `data:` URLs, raw bytes, and
-//! http URLs fetched under an SSRF-safe [`FetchPolicy`], off by default), what they are
+//! http(s) URLs fetched under an SSRF-safe [`FetchPolicy`], off by default), what they are
 //! (format from magic bytes, dimensions and EXIF orientation from the header alone, cheap
 //! completeness checks, a pixel cap that refuses decompression bombs before any pixel is
 //! decoded), its identity (a 64-bit [`MediaId`] from a blake3 digest of the file or of its
