@@ -96,9 +96,17 @@ pub struct Fetched {
 }
 
 /// Fetches `url` under `policy`, reading at most `max_bytes` of body.
+///
+/// Must be awaited inside a Tokio runtime with its I/O and time drivers enabled (what
+/// `#[tokio::main]` builds); outside any Tokio runtime it fails with [`FetchError::Http`].
 pub async fn fetch(url: &str, policy: &FetchPolicy, max_bytes: u64) -> Result<Fetched, FetchError> {
     if !policy.enabled {
         return Err(FetchError::Disabled);
+    }
+    if tokio::runtime::Handle::try_current().is_err() {
+        return Err(FetchError::Http(
+            "fetching needs a Tokio runtime".to_owned(),
+        ));
     }
     tokio::time::timeout(policy.timeout, follow(url, policy, max_bytes))
         .await
