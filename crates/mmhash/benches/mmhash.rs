@@ -6,9 +6,9 @@
 //!
 //! * `media_id/*`: PNGs of random RGB noise (incompressible, so the encoded size is what is
 //!   asked: about 100 KB, 1 MB and 10 MB), through [`MediaProcessor::prepare`] in `bytes` mode
-//!   (header checks + blake3 of the file) and `pixels` mode (header checks + full decode +
-//!   blake3 of RGB8), next to raw blake3 over the same bytes, single-threaded (`blake3::hash`)
-//!   and multi-threaded (`Hasher::update_rayon`).
+//!   (header checks + blake3 of the file; default single-threaded, and with rayon from 0 bytes)
+//!   and `pixels` mode (header checks + full decode + blake3 of RGB8), next to raw blake3 over
+//!   the same bytes, single-threaded (`blake3::hash`) and multi-threaded (`update_rayon`).
 //! * `header/*`: [`probe`] (format, dimensions, EXIF orientation, completeness checks) on every
 //!   fixture image of tests/fixtures/images, the bad ones included.
 
@@ -41,6 +41,8 @@ fn noise_png(side: u32) -> Vec<u8> {
 fn media_id(c: &mut Criterion) {
     let bytes_mode = MediaProcessor::new(MediaConfig::default());
     let pixels_mode = MediaProcessor::new(MediaConfig::default().with_id_mode(IdMode::Pixels));
+    // rayon for every size, to show what it does at each one.
+    let bytes_rayon = MediaProcessor::new(MediaConfig::default().with_parallel_hash_from(Some(0)));
     let mut group = c.benchmark_group("media_id");
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(3));
@@ -49,8 +51,17 @@ fn media_id(c: &mut Criterion) {
     for (label, side) in [("100KB", 183u32), ("1MB", 578), ("10MB", 1826)] {
         let png = noise_png(side);
         group.throughput(Throughput::Bytes(png.len() as u64));
+        // Each mode next to the raw hash it should match, so load drift between them is small.
         group.bench_with_input(BenchmarkId::new("raw_blake3", label), &png, |b, png| {
             b.iter(|| blake3::hash(black_box(png)))
+        });
+        group.bench_with_input(BenchmarkId::new("bytes_mode", label), &png, |b, png| {
+            b.iter(|| {
+                bytes_mode
+                    .prepare(black_box(png), None, None)
+                    .expect("valid PNG")
+                    .id
+            })
         });
         group.bench_with_input(
             BenchmarkId::new("raw_blake3_rayon", label),
@@ -63,14 +74,18 @@ fn media_id(c: &mut Criterion) {
                 })
             },
         );
-        group.bench_with_input(BenchmarkId::new("bytes_mode", label), &png, |b, png| {
-            b.iter(|| {
-                bytes_mode
-                    .prepare(black_box(png), None, None)
-                    .expect("valid PNG")
-                    .id
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("bytes_mode_rayon", label),
+            &png,
+            |b, png| {
+                b.iter(|| {
+                    bytes_rayon
+                        .prepare(black_box(png), None, None)
+                        .expect("valid PNG")
+                        .id
+                })
+            },
+        );
         group.bench_with_input(BenchmarkId::new("pixels_mode", label), &png, |b, png| {
             b.iter(|| {
                 pixels_mode

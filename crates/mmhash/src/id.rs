@@ -5,11 +5,6 @@ use crate::header::ImageInfo;
 use kvroute_protocol::MediaId;
 use std::io::Cursor;
 
-/// Inputs at least this long are hashed with blake3's multi-threaded (rayon) update. Below it
-/// the hand-off between threads costs more than it saves on a small, shared machine: on 2
-/// loaded cores, rayon lost about 30% at 1 MB and broke even at 10 MB (docs/benchmarks.md).
-pub const PARALLEL_HASH_THRESHOLD: usize = 4 << 20;
-
 /// What a computed media id is a digest of.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -43,15 +38,21 @@ pub fn media_id_from_digest(digest: &[u8; 32]) -> MediaId {
     MediaId(u64::from_be_bytes(first))
 }
 
-/// blake3 over `bytes`, multi-threaded from [`PARALLEL_HASH_THRESHOLD`] bytes on.
+/// blake3 over `bytes`, single-threaded (exactly `blake3::hash`).
 pub fn blake3_digest(bytes: &[u8]) -> [u8; 32] {
-    let mut hasher = blake3::Hasher::new();
-    if bytes.len() >= PARALLEL_HASH_THRESHOLD {
-        hasher.update_rayon(bytes);
-    } else {
-        hasher.update(bytes);
+    *blake3::hash(bytes).as_bytes()
+}
+
+/// blake3 over `bytes`, with blake3's multi-threaded (rayon) update when `parallel_from` is
+/// set and the input is at least that long. Same digest either way.
+pub fn blake3_digest_from(bytes: &[u8], parallel_from: Option<u64>) -> [u8; 32] {
+    match parallel_from {
+        Some(from) if bytes.len() as u64 >= from => *blake3::Hasher::new()
+            .update_rayon(bytes)
+            .finalize()
+            .as_bytes(),
+        _ => blake3_digest(bytes),
     }
-    *hasher.finalize().as_bytes()
 }
 
 /// The media id of an encoded file in [`IdMode::Bytes`]: [`media_id_from_digest`] of the
@@ -88,7 +89,11 @@ impl PixelDigest {
 /// Decodes `bytes` (already [`probe`](crate::probe)d into `info`, cap checked) to canonical RGB8
 /// and digests it. The decoder gets allocation limits matching the header, so a file whose
 /// data disagrees with its header cannot make it allocate more.
-pub(crate) fn pixel_digest(bytes: &[u8], info: &ImageInfo) -> Result<PixelDigest, ImageError> {
+pub(crate) fn pixel_digest(
+    bytes: &[u8],
+    info: &ImageInfo,
+    parallel_from: Option<u64>,
+) -> Result<PixelDigest, ImageError> {
     let decode_error = |error: image::ImageError| ImageError::Decode {
         format: info.format,
         message: error.to_string(),
@@ -113,7 +118,7 @@ pub(crate) fn pixel_digest(bytes: &[u8], info: &ImageInfo) -> Result<PixelDigest
     Ok(PixelDigest {
         width: info.width,
         height: info.height,
-        rgb8: blake3_digest(rgb8.as_raw()),
+        rgb8: blake3_digest_from(rgb8.as_raw(), parallel_from),
     })
 }
 

@@ -59,8 +59,8 @@ pub use fetch::{fetch, is_public, FetchPolicy, Fetched};
 pub use format::ImageFormat;
 pub use header::{probe, ImageInfo};
 pub use id::{
-    blake3_digest, bytes_media_id, forward_uuid, media_id_from_digest, media_id_from_uuid, IdMode,
-    IdSource, PixelDigest, PARALLEL_HASH_THRESHOLD,
+    blake3_digest, blake3_digest_from, bytes_media_id, forward_uuid, media_id_from_digest,
+    media_id_from_uuid, IdMode, IdSource, PixelDigest,
 };
 pub use kvroute_protocol::{BlockExtraInfo, BlockMmObjectInfo, MediaId, MediaSpan};
 pub use pipeline::{

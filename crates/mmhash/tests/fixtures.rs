@@ -86,6 +86,7 @@ fn every_fixture_matches_expected_json() {
     let entries = expected();
     assert_eq!(entries.len(), 19);
     let bytes_mode = MediaProcessor::new(MediaConfig::default());
+    let parallel = MediaProcessor::new(MediaConfig::default().with_parallel_hash_from(Some(0)));
     for (name, entry) in &entries {
         let bytes = read(name);
         assert_eq!(
@@ -143,12 +144,20 @@ fn every_fixture_matches_expected_json() {
             .unwrap();
         assert_eq!(prepared.id.get(), expected_id, "{name}");
         assert_eq!(prepared.id_source, IdSource::Content(IdMode::Bytes));
+        let prepared = parallel.prepare(&bytes, None, None).unwrap();
+        assert_eq!(
+            prepared.id.get(),
+            expected_id,
+            "{name}: multi-threaded hashing"
+        );
     }
 }
 
 #[test]
 fn pixel_digests_match_expected_json() {
-    let pixels = MediaProcessor::new(MediaConfig::default().with_id_mode(IdMode::Pixels));
+    let config = MediaConfig::default().with_id_mode(IdMode::Pixels);
+    // Multi-threaded hashing from 1 MiB: the 16 MP image's 48 MB of RGB8 takes that path.
+    let pixels = MediaProcessor::new(config.with_parallel_hash_from(Some(1 << 20)));
     for (name, entry) in expected() {
         if entry.get("expect_error").is_some() {
             continue;
