@@ -1,0 +1,276 @@
+//! The ingestion task: takes batches from a source, checks their order, applies them to the
+//! index, asks workers for full state after gaps, and (NATS) keeps snapshots.
+
+use crate::bus::InProcessSource;
+use crate::sequencer::Sequencer;
+use crate::stats::{Counter, Counters, IngestStats};
+use crate::{IngestError, ResyncRequest};
+use kvroute_index::SharedIndex;
+use kvroute_protocol::{RouterEvent, WorkerId};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How an [`Ingestor`] behaves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct IngestConfig {
+    /// How long a (worker, dp rank) waits for the full state it asked for before it asks again.
+    pub resync_retry: Duration,
+    /// How often the task looks at timers (resync retries, snapshot interval).
+    pub tick: Duration,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            resync_retry: Duration::from_secs(5),
+            tick: Duration::from_millis(250),
+        }
+    }
+}
+
+impl IngestConfig {
+    /// This configuration with full-state requests repeated after `retry`.
+    pub fn with_resync_retry(mut self, retry: Duration) -> Self {
+        self.resync_retry = retry;
+        self
+    }
+}
+
+/// Where an [`Ingestor`] reads events from.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum EventSource {
+    /// An in-process bus ([`in_process_bus`](crate::in_process_bus)).
+    InProcess(InProcessSource),
+}
+
+impl From<InProcessSource> for EventSource {
+    fn from(source: InProcessSource) -> Self {
+        Self::InProcess(source)
+    }
+}
+
+/// Why a message was skipped; each kind is logged once per ingestor, then only counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(dead_code)] // `Batch`: the NATS source (in progress)
+pub(crate) enum MalformedKind {
+    /// Not a batch: bad JSON, wrong types, missing fields.
+    Batch,
+    /// An event names another worker than its batch.
+    WorkerMismatch,
+}
+
+/// One thing a source produced.
+#[allow(dead_code)] // `Malformed`: the NATS source (in progress)
+pub(crate) enum Item {
+    /// Events of one worker, in order; `incarnation` is `None` for sources without one.
+    Batch {
+        worker_id: WorkerId,
+        incarnation: Option<u64>,
+        events: Vec<RouterEvent>,
+    },
+    /// A message that was skipped.
+    Malformed(MalformedKind, String),
+    /// Everything the source held at start has been delivered.
+    CaughtUp,
+    /// The source is closed for good.
+    Ended,
+}
+
+impl EventSource {
+    async fn next(&mut self) -> Item {
+        match self {
+            Self::InProcess(source) => match source.events.try_recv() {
+                Ok(batch) => batch.into_item(),
+                Err(TryRecvError::Empty) if !source.drained => {
+                    source.drained = true;
+                    Item::CaughtUp
+                }
+                Err(TryRecvError::Empty) => match source.events.recv().await {
+                    Some(batch) => batch.into_item(),
+                    None => Item::Ended,
+                },
+                Err(TryRecvError::Disconnected) => Item::Ended,
+            },
+        }
+    }
+
+    fn request(&self, request: &ResyncRequest) {
+        match self {
+            Self::InProcess(source) => source.request(request),
+        }
+    }
+}
+
+/// State the ingestion loop owns.
+struct Ingest {
+    index: SharedIndex,
+    sequencer: Sequencer,
+    counters: Arc<Counters>,
+    logged: HashSet<MalformedKind>,
+    config: IngestConfig,
+}
+
+impl Ingest {
+    fn handle(&mut self, source: &EventSource, item: Item, ready: &watch::Sender<bool>) -> bool {
+        match item {
+            Item::Batch {
+                worker_id,
+                incarnation,
+                events,
+            } => {
+                if let Some(stray) = events.iter().find(|e| e.worker_id != worker_id) {
+                    let detail =
+                        format!("batch of {worker_id} holds an event of {}", stray.worker_id);
+                    self.malformed(MalformedKind::WorkerMismatch, &detail);
+                    return true;
+                }
+                self.counters.inc(Counter::batches);
+                let requests = self.sequencer.process(
+                    worker_id,
+                    incarnation,
+                    &events,
+                    &self.index,
+                    &self.counters,
+                    Instant::now(),
+                );
+                for request in &requests {
+                    source.request(request);
+                }
+            }
+            Item::Malformed(kind, detail) => self.malformed(kind, &detail),
+            Item::CaughtUp => {
+                ready.send_replace(true);
+            }
+            Item::Ended => return false,
+        }
+        true
+    }
+
+    fn malformed(&mut self, kind: MalformedKind, detail: &str) {
+        self.counters.inc(Counter::malformed);
+        if self.logged.insert(kind) {
+            tracing::warn!(
+                ?kind,
+                detail,
+                "skipping a malformed message (logged once per kind)"
+            );
+        }
+    }
+
+    fn tick(&mut self, source: &EventSource) {
+        let requests = self
+            .sequencer
+            .due_resyncs(Instant::now(), self.config.resync_retry);
+        self.counters
+            .add(Counter::resyncs_requested, requests.len() as u64);
+        for request in &requests {
+            source.request(request);
+        }
+    }
+}
+
+/// A running ingestion task: applies one source's events to a [`SharedIndex`].
+///
+/// The task runs until [`Ingestor::shutdown`] or until the source ends (an in-process bus
+/// whose every publisher and bus handle is dropped). Dropping the `Ingestor` stops the task.
+#[derive(Debug)]
+pub struct Ingestor {
+    counters: Arc<Counters>,
+    ready: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<Result<(), IngestError>>>,
+}
+
+impl Ingestor {
+    /// Starts ingesting `source` into `index` on a new Tokio task. Must be called inside a
+    /// Tokio runtime.
+    pub fn spawn(source: impl Into<EventSource>, index: SharedIndex, config: IngestConfig) -> Self {
+        let counters = Arc::new(Counters::default());
+        let (ready_tx, ready) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(false);
+        let ingest = Ingest {
+            index,
+            sequencer: Sequencer::default(),
+            counters: Arc::clone(&counters),
+            logged: HashSet::new(),
+            config,
+        };
+        let task = tokio::spawn(run(source.into(), ingest, ready_tx, stop_rx));
+        Self {
+            counters,
+            ready,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> IngestStats {
+        self.counters.snapshot()
+    }
+
+    /// Whether everything the source held when ingestion started has been applied (for
+    /// NATS: the stream's last message at start; in process: the bus was once drained).
+    pub fn is_caught_up(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Waits until [`Ingestor::is_caught_up`]; returns at once if the task ended before.
+    pub async fn caught_up(&self) {
+        let mut ready = self.ready.clone();
+        // An error means the task ended: nothing more to wait for.
+        let _ = ready.wait_for(|&ready| ready).await;
+    }
+
+    /// A receiver that turns `true` once caught up, for readiness probes.
+    pub fn readiness(&self) -> watch::Receiver<bool> {
+        self.ready.clone()
+    }
+
+    /// Stops the task after the message in hand (NATS: writes a final snapshot) and returns
+    /// how it ended.
+    pub async fn shutdown(mut self) -> Result<(), IngestError> {
+        self.stop.send_replace(true);
+        match self.task.take() {
+            Some(task) => task.await.map_err(|e| IngestError::Task(e.to_string()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Ingestor {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+async fn run(
+    mut source: EventSource,
+    mut ingest: Ingest,
+    ready: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), IngestError> {
+    let mut tick = tokio::time::interval(ingest.config.tick);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|&stop| stop) => break,
+            _ = tick.tick() => ingest.tick(&source),
+            item = source.next() => {
+                if !ingest.handle(&source, item, &ready) {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
