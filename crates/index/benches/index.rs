@@ -29,12 +29,14 @@ fn build(w: &workload::Workload) -> Index {
 }
 
 fn bench_apply(c: &mut Criterion) {
-    let w = workload::generate(16, 200_000, 7);
     let mut group = c.benchmark_group("apply");
-    group.throughput(Throughput::Elements(w.entries));
-    group.bench_function("16w/200k", |b| {
-        b.iter(|| black_box(build(&w).stats().blocks))
-    });
+    for workers in [16, 1024] {
+        let w = workload::generate(workers, 200_000, 7);
+        group.throughput(Throughput::Elements(w.entries));
+        group.bench_function(format!("{workers}w/200k"), |b| {
+            b.iter(|| black_box(build(&w).stats().blocks))
+        });
+    }
     group.finish();
 }
 

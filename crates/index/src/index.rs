@@ -8,6 +8,7 @@ use kvroute_protocol::{
     KvCacheEventData, KvCacheStoredBlockData, RouterEvent, SequenceHash, WorkerId,
 };
 use rustc_hash::FxHashMap;
+use smallvec::{smallvec, SmallVec};
 use std::collections::hash_map::Entry;
 use std::mem::size_of;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +18,10 @@ use std::time::Instant;
 pub(crate) type Slot = u32;
 /// Position of a run in the run arena.
 pub(crate) type RunId = u32;
+/// The caches of a run.
+pub(crate) type Workers = SmallVec<[Slot; 4]>;
+/// "No run" in [`Run::next`].
+const NO_RUN: RunId = RunId::MAX;
 
 /// Where a block sits: its run and its position in the run. Positions are absolute, so cutting
 /// blocks off the front of a run (`Run::base`) does not rewrite the others' entries.
@@ -30,13 +35,16 @@ pub(crate) struct Loc {
 ///
 /// A run with no hashes is free (in `Index::free_runs`); a run with hashes and no workers is
 /// dead: its blocks are still mapped until it is reclaimed (`Index::collect_garbage`).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Run {
     pub(crate) hashes: Vec<SequenceHash>,
     /// Absolute position of `hashes[0]`.
     base: u32,
-    /// Sorted, distinct caches holding every block of the run.
-    pub(crate) workers: Vec<Slot>,
+    /// A run that continued this one's last block when it was made ([`NO_RUN`]: none): lets a
+    /// lookup leaving the run skip the map. Only a hint: checked against the run's first hash.
+    next: RunId,
+    /// Sorted, distinct caches holding every block of the run (inline up to 4).
+    pub(crate) workers: Workers,
     /// Write clock when the run was last matched or stored (the memory bound's LRU key).
     stamp: AtomicU64,
 }
@@ -189,12 +197,11 @@ impl Index {
         self.counters.events += 1;
         let (result, work) = match &event.event.data {
             KvCacheEventData::Stored(store) => {
-                let hashes: Vec<SequenceHash> = store.blocks.iter().map(|b| b.block_hash).collect();
-                let result = self.store(worker, slot, store.parent_hash, &hashes);
+                let result = self.store(worker, slot, store.parent_hash, &store.blocks);
                 let result = result.map(|duplicates| {
                     self.counters.duplicate_blocks += duplicates;
                 });
-                (result, hashes.len())
+                (result, store.blocks.len())
             }
             KvCacheEventData::Removed(removed) => {
                 let unknown = self.remove_blocks(slot, &removed.block_hashes);
@@ -236,19 +243,30 @@ impl Index {
     /// out. The walk stops as soon as no cache holds the next block.
     pub fn find_matches(&self, query: &[SequenceHash]) -> Overlap {
         let mut workers = Vec::new();
-        let mut active: Vec<Slot> = Vec::new();
+        let mut active: SmallVec<[Slot; 32]> = SmallVec::new();
         let mut depth = 0;
+        let mut hint = NO_RUN;
         while let Some(&hash) = query.get(depth) {
-            let Some(&loc) = self.map.get(&hash) else {
-                break;
+            let hinted = self.runs.get(hint as usize);
+            let loc = match hinted.filter(|run| run.hashes.first() == Some(&hash)) {
+                Some(run) => Loc {
+                    run: hint,
+                    pos: run.base,
+                },
+                None => match self.map.get(&hash) {
+                    Some(&loc) => loc,
+                    None => break,
+                },
             };
             let run = &self.runs[loc.run as usize];
             if depth == 0 {
                 active.extend_from_slice(&run.workers);
+                workers.reserve_exact(active.len());
             } else {
                 // Both sorted: a merge keeps the ones still matching.
                 let mut theirs = run.workers.iter().peekable();
-                active.retain(|&slot| {
+                active.retain(|slot| {
+                    let slot = *slot;
                     while theirs.next_if(|&&other| other < slot).is_some() {}
                     let keep = theirs.peek() == Some(&&slot);
                     if !keep {
@@ -262,7 +280,13 @@ impl Index {
             }
             run.touch(self.clock);
             let index = run.index_of(loc);
-            depth += 1 + chained_prefix(&query[depth + 1..], &run.hashes[index + 1..]);
+            let matched = 1 + chained_prefix(&query[depth + 1..], &run.hashes[index + 1..]);
+            depth += matched;
+            hint = if index + matched == run.hashes.len() {
+                run.next
+            } else {
+                NO_RUN
+            };
         }
         workers.extend(
             active
@@ -282,7 +306,11 @@ impl Index {
             .iter()
             .map(|run| {
                 run.hashes.capacity() * size_of::<SequenceHash>()
-                    + run.workers.capacity() * size_of::<Slot>()
+                    + if run.workers.spilled() {
+                        run.workers.capacity() * size_of::<Slot>()
+                    } else {
+                        0
+                    }
             })
             .sum();
         let bytes = self.map.bytes()
@@ -405,7 +433,7 @@ impl Index {
         let loc = self.map.get(&hash)?;
         let run = &self.runs[loc.run as usize];
         let grows = run.hashes.last() == Some(&hash)
-            && run.workers == [slot]
+            && run.workers[..] == [slot]
             && run.base.checked_add(run.hashes.len() as u32).is_some();
         grows.then_some(loc.run)
     }
@@ -440,20 +468,19 @@ impl Index {
                 Entry::Vacant(entry) => {
                     // A block no cache holds: it grows the run the previous block ends, or
                     // starts one. One map probe per block: the apply hot path.
-                    let id = match tail {
-                        Some(id) => id,
+                    let (id, created) = match tail {
+                        Some(id) => (id, false),
                         None => {
                             self.live_runs += 1;
-                            alloc_run(
-                                &mut self.runs,
-                                &mut self.free_runs,
-                                Run {
-                                    hashes: Vec::new(),
-                                    base: 0,
-                                    workers: vec![slot],
-                                    stamp: AtomicU64::new(now),
-                                },
-                            )
+                            let run = Run {
+                                // The rest of the event most likely follows.
+                                hashes: Vec::with_capacity(hashes.len() - i),
+                                base: 0,
+                                next: NO_RUN,
+                                workers: smallvec![slot],
+                                stamp: AtomicU64::new(now),
+                            };
+                            (alloc_run(&mut self.runs, &mut self.free_runs, run), true)
                         }
                     };
                     let run = &mut self.runs[id as usize];
@@ -461,6 +488,10 @@ impl Index {
                     run.hashes.push(hash);
                     run.touch(now);
                     entry.insert(Loc { run: id, pos });
+                    if created {
+                        let previous = i.checked_sub(1).map(|p| hashes[p].key()).or(parent);
+                        self.link_after(previous, id);
+                    }
                     fresh += 1;
                     tail = (pos < u32::MAX).then_some(id);
                     i += 1;
@@ -559,6 +590,17 @@ impl Index {
         }
     }
 
+    /// Records run `id` as the continuation of the run that `previous` ends, if it ends one.
+    fn link_after(&mut self, previous: Option<SequenceHash>, id: RunId) {
+        let Some(&loc) = previous.and_then(|hash| self.map.get(&hash)) else {
+            return;
+        };
+        let run = &mut self.runs[loc.run as usize];
+        if run.index_of(loc) + 1 == run.hashes.len() {
+            run.next = id;
+        }
+    }
+
     /// Cuts run `id` so that its blocks `lo..hi` form a run of their own; returns that run.
     fn isolate(&mut self, id: RunId, lo: usize, hi: usize) -> RunId {
         let mut middle = id;
@@ -586,6 +628,7 @@ impl Index {
         run.shrink();
         let workers = run.workers.clone();
         let stamp = AtomicU64::new(run.stamp.load(Ordering::Relaxed));
+        let old_next = run.next;
         let live = !workers.is_empty();
         let new_id = self.next_run_id();
         for (pos, hash) in moved.iter().enumerate() {
@@ -600,9 +643,13 @@ impl Index {
         let new = self.alloc_run(Run {
             hashes: moved,
             base: 0,
+            next: if front { id } else { old_next },
             workers,
             stamp,
         });
+        if !front {
+            self.runs[id as usize].next = new;
+        }
         if live {
             self.live_runs += 1;
         } else {
@@ -722,7 +769,7 @@ impl Index {
     pub(crate) fn insert_run(
         &mut self,
         hashes: Vec<SequenceHash>,
-        workers: Vec<Slot>,
+        workers: Workers,
     ) -> Result<(), SequenceHash> {
         let id = self.next_run_id();
         for (pos, &hash) in hashes.iter().enumerate() {
@@ -752,6 +799,7 @@ impl Index {
         self.alloc_run(Run {
             hashes,
             base: 0,
+            next: NO_RUN,
             workers,
             stamp: AtomicU64::new(self.clock),
         });

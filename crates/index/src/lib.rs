@@ -64,6 +64,22 @@
 //! Runs whose last worker left are reclaimed incrementally by later writes (bounded work per
 //! event), so [`Index::remove_worker`] stays proportional to the number of runs.
 //!
+//! Lookups trust the hash chain: when a query block and a run block at the same distance
+//! agree, everything between them agrees too, so a lookup checks the far end of each run and
+//! bisects only where they differ (a 4096-block prompt reads a few dozen hashes). Writes
+//! compare block by block. A worker publishing hashes that do not chain can only get wrong
+//! overlaps for itself; the index stays consistent.
+//!
+//! # Semantics (and where they differ from Dynamo's `RadixTree`)
+//!
+//! * A store continuing a parent the cache does not hold is skipped whole and counted, as in
+//!   Dynamo ([`ApplyError::UnknownParent`]); so is a store naming its parent among its blocks.
+//! * A removal removes exactly the named blocks. Dynamo also drops, for that worker, the
+//!   blocks after a removed one on the same compressed edge; for lookups this makes no
+//!   difference (a match stops at the first missing block), for [`IndexStats::blocks`] it
+//!   does.
+//! * `cleared` drops a cache's blocks and keeps it registered; removing a worker forgets it.
+//!
 //! # Concurrency
 //!
 //! [`Index`] is a plain single-writer structure: writes take `&mut self`, lookups `&self`.

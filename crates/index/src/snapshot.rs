@@ -13,7 +13,7 @@
 //! their entries are the router's guesses and expire. Match recency (the memory bound's
 //! order) is not kept: a restored index starts with every run equally recent.
 
-use crate::index::{Index, Slot};
+use crate::index::{Index, Slot, Workers};
 use crate::{IndexConfig, WorkerKey};
 use kvroute_protocol::{DpRank, SequenceHash, WorkerId};
 
@@ -114,7 +114,7 @@ impl Index {
         }
         for _ in 0..input.count(10)? {
             let count = input.count(1)?;
-            let mut workers = Vec::with_capacity(count);
+            let mut workers = Workers::with_capacity(count);
             for _ in 0..count {
                 let slot = input.varint()?;
                 if slot >= caches as u64
