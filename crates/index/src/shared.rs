@@ -1,6 +1,6 @@
 //! One index shared by many lookup tasks and one writer.
 
-use crate::{ApplyError, Index, IndexStats, Overlap, WorkerKey};
+use crate::{ApplyError, Index, IndexStats, Overlap, SnapshotError, WorkerKey};
 use kvroute_protocol::{KvCacheEventData, RouterEvent, SequenceHash, WorkerId};
 use parking_lot::{RwLock, RwLockWriteGuard};
 use std::sync::Arc;
@@ -95,5 +95,14 @@ impl SharedIndex {
     /// [`Index::snapshot`], taken while lookups go on (the writer waits).
     pub fn snapshot(&self) -> Vec<u8> {
         self.inner.read().snapshot()
+    }
+
+    /// Replaces the whole index with the one `bytes` (from [`SharedIndex::snapshot`])
+    /// describes, keeping this index's configuration. On error the index is left as it was.
+    pub fn restore(&self, bytes: &[u8]) -> Result<(), SnapshotError> {
+        let config = self.inner.read().config().clone();
+        let restored = Index::restore(bytes, config)?;
+        *self.inner.write() = restored;
+        Ok(())
     }
 }
