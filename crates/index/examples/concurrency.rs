@@ -8,7 +8,7 @@
 //! A 16-worker index of 1M (worker, block) entries (benches/support/workload.rs) takes a
 //! batch of 1M more entries from 16 new workers while a lookup thread runs 512-block
 //! find_matches back to back. Modes: no writer; a reader-writer lock the writer holds for the
-//! whole batch; `SharedIndex` (the lock handed over fairly every 512 blocks).
+//! whole batch; `SharedIndex` (the lock handed over fairly every 256 blocks, long events cut).
 
 #![allow(missing_docs, clippy::expect_used, clippy::unwrap_used)] // benchmark harness
 
@@ -125,7 +125,7 @@ fn main() {
         assert!(shared.apply_events(&batch).is_empty());
     });
     report(
-        "SharedIndex (fair hand-over every 512 blocks)",
+        "SharedIndex (fair hand-over every 256 blocks)",
         times,
         Some(took),
     );

@@ -135,6 +135,15 @@ fn chained_prefix(a: &[SequenceHash], b: &[SequenceHash]) -> usize {
     lo
 }
 
+/// How far [`Index::apply_part`] got through an event.
+#[derive(Debug, Default)]
+pub(crate) struct Part {
+    /// The next block (of the store or removal) to apply.
+    from: usize,
+    /// Removed blocks the cache did not hold, so far.
+    unknown: u64,
+}
+
 /// The KV block index. See the crate documentation.
 #[derive(Debug)]
 pub struct Index {
@@ -192,29 +201,59 @@ impl Index {
     /// removes the others. Both are counted and reported as an error; the index stays
     /// consistent. The event's storage tier is not looked at: keep one index per tier.
     pub fn apply_event(&mut self, event: &RouterEvent) -> Result<(), ApplyError> {
+        let mut part = Part::default();
+        while !self.apply_part(event, &mut part, usize::MAX)? {}
+        Ok(())
+    }
+
+    /// Applies the next (at most) `limit` blocks of `event`, from where `part` stands; returns
+    /// whether the event is done. A store cut in parts is the same store: each part continues
+    /// the block the part before it ended on. Lets [`crate::SharedIndex`] yield to lookups
+    /// inside a long event.
+    pub(crate) fn apply_part(
+        &mut self,
+        event: &RouterEvent,
+        part: &mut Part,
+        limit: usize,
+    ) -> Result<bool, ApplyError> {
         let worker = WorkerKey::new(event.worker_id, event.event.dp_rank);
         let slot = self.slot_for(worker);
-        self.counters.events += 1;
+        let from = part.from;
+        if from == 0 {
+            self.counters.events += 1;
+        }
         let (result, work) = match &event.event.data {
             KvCacheEventData::Stored(store) => {
-                let result = self.store(worker, slot, store.parent_hash, &store.blocks);
-                let result = result.map(|duplicates| {
+                let end = store.blocks.len().min(from.saturating_add(limit));
+                let checked = match from {
+                    0 => self.check_parent(worker, slot, store.parent_hash, &store.blocks),
+                    _ => Ok(store.blocks.get(from - 1).map(|b| b.block_hash)),
+                };
+                let result = checked.map(|parent| {
+                    let duplicates = self.store(slot, parent, &store.blocks[from..end]);
                     self.counters.duplicate_blocks += duplicates;
+                    part.from = end;
+                    end == store.blocks.len()
                 });
-                (result, store.blocks.len())
+                (result, end - from)
             }
             KvCacheEventData::Removed(removed) => {
-                let unknown = self.remove_blocks(slot, &removed.block_hashes);
+                let hashes = &removed.block_hashes;
+                let end = hashes.len().min(from.saturating_add(limit));
+                let unknown = self.remove_blocks(slot, &hashes[from..end]);
                 self.counters.unknown_removals += unknown;
-                let result = match unknown {
-                    0 => Ok(()),
-                    count => Err(ApplyError::UnknownBlocks { worker, count }),
+                part.unknown += unknown;
+                part.from = end;
+                let result = match (end == hashes.len(), part.unknown) {
+                    (false, _) => Ok(false),
+                    (true, 0) => Ok(true),
+                    (true, count) => Err(ApplyError::UnknownBlocks { worker, count }),
                 };
-                (result, removed.block_hashes.len())
+                (result, end - from)
             }
             KvCacheEventData::Cleared => {
                 self.drop_slots(&[slot]);
-                (Ok(()), 0)
+                (Ok(true), 0)
             }
         };
         self.after_write(work);
@@ -438,17 +477,17 @@ impl Index {
         grows.then_some(loc.run)
     }
 
-    /// Stores the chain `hashes` (continuing `parent`) for `worker`, registered as `slot`;
-    /// returns how many of the blocks it already held.
-    fn store<K: Keyed>(
+    /// Whether `worker` (registered as `slot`) may store `blocks` under `parent`, as Dynamo
+    /// decides it; refusals are counted. Returns the parent.
+    fn check_parent<K: Keyed>(
         &mut self,
         worker: WorkerKey,
         slot: Slot,
         parent: Option<SequenceHash>,
-        hashes: &[K],
-    ) -> Result<u64, ApplyError> {
+        blocks: &[K],
+    ) -> Result<Option<SequenceHash>, ApplyError> {
         if let Some(parent) = parent {
-            if hashes.iter().any(|h| h.key() == parent) {
+            if blocks.iter().any(|h| h.key() == parent) {
                 self.counters.invalid_stores += 1;
                 return Err(ApplyError::SelfReferencingStore { worker, parent });
             }
@@ -457,6 +496,12 @@ impl Index {
                 return Err(ApplyError::UnknownParent { worker, parent });
             }
         }
+        Ok(parent)
+    }
+
+    /// Stores the chain `hashes` (continuing `parent`) for `slot`; returns how many of the
+    /// blocks it already held.
+    fn store<K: Keyed>(&mut self, slot: Slot, parent: Option<SequenceHash>, hashes: &[K]) -> u64 {
         let now = self.clock;
         let mut tail = parent.and_then(|p| self.appendable(slot, p));
         let mut duplicates = 0;
@@ -517,7 +562,7 @@ impl Index {
         if let Some(Some(info)) = self.slots.get_mut(slot as usize) {
             info.blocks += fresh;
         }
-        Ok(duplicates)
+        duplicates
     }
 
     /// Removes `hashes` from `slot`; returns how many it did not hold.
@@ -744,9 +789,8 @@ impl Index {
         if let Some(Some(info)) = self.slots.get_mut(slot as usize) {
             info.approximate = true;
         }
-        // A chain from the sequence start has no parent, so the store cannot be refused; a
-        // block routed again is not a duplicate event, so the count is not kept.
-        let _ = self.store(worker, slot, None, query);
+        // A block routed again is not a duplicate event: the count is not kept.
+        self.store(slot, None, query);
         let deadline = now + self.config.routed_ttl;
         self.routed.record(slot, query, deadline);
         self.after_write(query.len());
@@ -828,5 +872,118 @@ fn alloc_run(runs: &mut Vec<Run>, free_runs: &mut Vec<RunId>, run: Run) -> RunId
 impl Default for Index {
     fn default() -> Self {
         Self::new(IndexConfig::default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly by design
+
+    use super::*;
+    use kvroute_protocol::{BlockHash, DpRank, KvCacheEvent, KvCacheRemoveData, KvCacheStoreData};
+
+    /// Chained hashes of a 3-ary tree, as in tests/model.rs: block `c` after `h` is `3h+c+1`.
+    fn chain(mut h: u64, contents: impl Iterator<Item = u64>) -> Vec<SequenceHash> {
+        contents
+            .map(|c| {
+                h = 3 * h + c + 1;
+                SequenceHash(h)
+            })
+            .collect()
+    }
+
+    fn events(seed: u64) -> Vec<RouterEvent> {
+        let mut state = seed | 1;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        (0..300)
+            .map(|_| {
+                let worker = next(3);
+                let start = if next(3) == 0 { 0 } else { 1 + next(40) };
+                let len = next(12) as usize;
+                let hashes = chain(start, std::iter::repeat_with(|| next(3)).take(len));
+                let data = if next(4) == 0 {
+                    KvCacheEventData::Removed(KvCacheRemoveData {
+                        block_hashes: hashes,
+                    })
+                } else {
+                    KvCacheEventData::Stored(KvCacheStoreData {
+                        parent_hash: (start > 0).then_some(SequenceHash(start)),
+                        start_position: None,
+                        blocks: hashes
+                            .into_iter()
+                            .map(|h| KvCacheStoredBlockData {
+                                block_hash: h,
+                                tokens_hash: BlockHash(h.get()),
+                                mm_extra_info: None,
+                            })
+                            .collect(),
+                    })
+                };
+                RouterEvent::new(
+                    WorkerId(worker),
+                    KvCacheEvent {
+                        event_id: 0,
+                        data,
+                        dp_rank: DpRank(0),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_event_applied_in_parts_is_the_same_event() {
+        for seed in 1..20 {
+            let events = events(seed);
+            let mut whole = Index::default();
+            let whole_errors: Vec<_> = events.iter().map(|e| whole.apply_event(e)).collect();
+            for limit in [1, 2, 5] {
+                let mut parts = Index::default();
+                let part_errors: Vec<_> = events
+                    .iter()
+                    .map(|e| {
+                        let mut part = Part::default();
+                        loop {
+                            match parts.apply_part(e, &mut part, limit) {
+                                Ok(false) => {}
+                                Ok(true) => return Ok(()),
+                                Err(error) => return Err(error),
+                            }
+                        }
+                    })
+                    .collect();
+                assert_eq!(part_errors, whole_errors);
+                let (a, b) = (whole.stats(), parts.stats());
+                assert_eq!(
+                    (
+                        a.blocks,
+                        a.unique_blocks,
+                        a.workers,
+                        a.events,
+                        a.duplicate_blocks
+                    ),
+                    (
+                        b.blocks,
+                        b.unique_blocks,
+                        b.workers,
+                        b.events,
+                        b.duplicate_blocks
+                    )
+                );
+                for start in 0..40 {
+                    let query = chain(0, (0..12).map(|i| (start + i) % 3));
+                    let mut x = whole.find_matches(&query).workers;
+                    let mut y = parts.find_matches(&query).workers;
+                    x.sort_by_key(|w| w.worker);
+                    y.sort_by_key(|w| w.worker);
+                    assert_eq!(x, y);
+                }
+            }
+        }
     }
 }

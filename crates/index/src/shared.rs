@@ -1,13 +1,15 @@
 //! One index shared by many lookup tasks and one writer.
 
+use crate::index::Part;
 use crate::{ApplyError, Index, IndexStats, Overlap, SnapshotError, WorkerKey};
-use kvroute_protocol::{KvCacheEventData, RouterEvent, SequenceHash, WorkerId};
+use kvroute_protocol::{RouterEvent, SequenceHash, WorkerId};
 use parking_lot::{RwLock, RwLockWriteGuard};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Blocks a writer applies before it hands the lock to waiting lookups.
-const WRITE_SLICE_BLOCKS: usize = 512;
+/// Blocks a writer applies before it hands the lock to waiting lookups: a few microseconds of
+/// work, short enough that a waiting lookup usually spins rather than sleeps.
+const WRITE_SLICE_BLOCKS: usize = 256;
 
 /// An [`Index`] behind a reader-writer lock whose writer yields between small slices of work.
 ///
@@ -48,20 +50,20 @@ impl SharedIndex {
     ) -> Vec<ApplyError> {
         let mut errors = Vec::new();
         let mut guard = self.inner.write();
-        let mut slice = 0;
         for event in events {
-            if slice >= WRITE_SLICE_BLOCKS {
-                RwLockWriteGuard::unlock_fair(guard);
-                guard = self.inner.write();
-                slice = 0;
-            }
-            slice += 1 + match &event.event.data {
-                KvCacheEventData::Stored(store) => store.blocks.len(),
-                KvCacheEventData::Removed(removed) => removed.block_hashes.len(),
-                KvCacheEventData::Cleared => 0,
-            };
-            if let Err(error) = guard.apply_event(event) {
-                errors.push(error);
+            let mut part = Part::default();
+            loop {
+                let done = guard.apply_part(event, &mut part, WRITE_SLICE_BLOCKS);
+                // Lets waiting lookups in (a no-op when none waits).
+                RwLockWriteGuard::bump(&mut guard);
+                match done {
+                    Ok(false) => {}
+                    Ok(true) => break,
+                    Err(error) => {
+                        errors.push(error);
+                        break;
+                    }
+                }
             }
         }
         errors
