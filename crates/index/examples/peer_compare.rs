@@ -328,10 +328,13 @@ fn main() {
         if let Subject::Kvroute(index) = index {
             let stats = index.stats();
             println!(
-                "\nkvroute index: {} unique blocks in {} runs ({:.1} blocks per run)",
+                "\nkvroute index: {} unique blocks in {} runs ({:.1} blocks per run), \
+                 snapshot {} bytes ({:.2} per entry)",
                 stats.unique_blocks,
                 stats.nodes,
-                stats.unique_blocks as f64 / stats.nodes as f64
+                stats.unique_blocks as f64 / stats.nodes as f64,
+                index.snapshot().len(),
+                index.snapshot().len() as f64 / w.entries as f64
             );
         }
         let rows: Vec<Row> = Kind::ALL

@@ -38,21 +38,25 @@ impl<K: Copy + Eq + Hash + Into<u64>, V> ShardedMap<K, V> {
         self.shards[shard].get_mut(key)
     }
 
-    /// The entry of `key`. A full shard grows fourfold rather than twofold: a third of the
-    /// rehashing while the index fills, for some capacity slack.
+    /// The shard of `key`, with room for one more entry. A full shard grows fourfold rather
+    /// than twofold: a third of the rehashing while the index fills, for some capacity slack.
     #[inline]
-    pub(crate) fn entry(&mut self, key: K) -> Entry<'_, K, V> {
+    fn shard_for_insert(&mut self, key: K) -> &mut FxHashMap<K, V> {
         let index = self.shard(key);
         let shard = &mut self.shards[index];
         if shard.len() == shard.capacity() {
             shard.reserve(3 * shard.len().max(4));
         }
-        shard.entry(key)
+        shard
+    }
+
+    #[inline]
+    pub(crate) fn entry(&mut self, key: K) -> Entry<'_, K, V> {
+        self.shard_for_insert(key).entry(key)
     }
 
     pub(crate) fn insert(&mut self, key: K, value: V) -> Option<V> {
-        let shard = self.shard(key);
-        self.shards[shard].insert(key, value)
+        self.shard_for_insert(key).insert(key, value)
     }
 
     pub(crate) fn remove(&mut self, key: &K) -> Option<V> {
