@@ -10,7 +10,8 @@
 //!   and `pixels` mode (header checks + full decode + blake3 of RGB8), next to raw blake3 over
 //!   the same bytes, single-threaded (`blake3::hash`) and multi-threaded (`update_rayon`).
 //! * `header/*`: [`probe`] (format, dimensions, EXIF orientation, completeness checks) on every
-//!   fixture image of tests/fixtures/images, the bad ones included.
+//!   fixture image of tests/fixtures/images, the bad ones included, and on the noise PNGs above
+//!   (the whole cost `bytes` mode adds to the raw hash).
 
 #![allow(missing_docs, clippy::expect_used)] // bench harness over constant inputs
 
@@ -18,6 +19,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use kvroute_mmhash::{probe, IdMode, MediaConfig, MediaProcessor};
 use std::hint::black_box;
 use std::time::Duration;
+
+/// Sides giving about 100 KB, 1 MB and 10 MB of incompressible PNG.
+const NOISE_SIDES: [(&str, u32); 3] = [("100KB", 183), ("1MB", 578), ("10MB", 1826)];
 
 /// A PNG of `side` x `side` random RGB pixels (about 3 bytes per pixel encoded).
 fn noise_png(side: u32) -> Vec<u8> {
@@ -47,8 +51,7 @@ fn media_id(c: &mut Criterion) {
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(3));
     group.sample_size(20);
-    // Sides giving about 100 KB, 1 MB and 10 MB of incompressible PNG.
-    for (label, side) in [("100KB", 183u32), ("1MB", 578), ("10MB", 1826)] {
+    for (label, side) in NOISE_SIDES {
         let png = noise_png(side);
         group.throughput(Throughput::Bytes(png.len() as u64));
         // Each mode next to the raw hash it should match, so load drift between them is small.
@@ -109,17 +112,26 @@ fn header(c: &mut Criterion) {
         })
         .collect();
     files.sort();
+    let mut inputs: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|path| {
+            let name = path
+                .file_name()
+                .expect("file name")
+                .to_string_lossy()
+                .into_owned();
+            (name, std::fs::read(path).expect("fixture"))
+        })
+        .collect();
+    // The media_id inputs too: the whole cost bytes mode adds to the raw hash.
+    for (label, side) in NOISE_SIDES {
+        inputs.push((format!("noise_{label}.png"), noise_png(side)));
+    }
     let mut group = c.benchmark_group("header");
     group.warm_up_time(Duration::from_millis(300));
     group.measurement_time(Duration::from_secs(1));
-    for path in files {
-        let bytes = std::fs::read(&path).expect("fixture");
-        let name = path
-            .file_name()
-            .expect("file name")
-            .to_string_lossy()
-            .into_owned();
-        group.bench_with_input(BenchmarkId::from_parameter(name), &bytes, |b, bytes| {
+    for (name, bytes) in &inputs {
+        group.bench_with_input(BenchmarkId::from_parameter(name), bytes, |b, bytes| {
             b.iter(|| probe(black_box(bytes), None).is_ok())
         });
     }
