@@ -2,6 +2,7 @@
 //! index, asks workers for full state after gaps, and (NATS) keeps snapshots.
 
 use crate::bus::InProcessSource;
+use crate::nats::NatsSource;
 use crate::sequencer::Sequencer;
 use crate::stats::{Counter, Counters, IngestStats};
 use crate::{IngestError, ResyncRequest};
@@ -11,7 +12,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// How an [`Ingestor`] behaves.
@@ -47,6 +48,14 @@ impl IngestConfig {
 pub enum EventSource {
     /// An in-process bus ([`in_process_bus`](crate::in_process_bus)).
     InProcess(InProcessSource),
+    /// The JetStream stream ([`NatsSource`]).
+    Nats(Box<NatsSource>),
+}
+
+impl From<NatsSource> for EventSource {
+    fn from(source: NatsSource) -> Self {
+        Self::Nats(Box::new(source))
+    }
 }
 
 impl From<InProcessSource> for EventSource {
@@ -57,16 +66,18 @@ impl From<InProcessSource> for EventSource {
 
 /// Why a message was skipped; each kind is logged once per ingestor, then only counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[allow(dead_code)] // `Batch`: the NATS source (in progress)
 pub(crate) enum MalformedKind {
     /// Not a batch: bad JSON, wrong types, missing fields.
     Batch,
     /// An event names another worker than its batch.
     WorkerMismatch,
+    /// Larger than the configured limit; not read.
+    TooLarge,
+    /// A stream message without JetStream delivery metadata.
+    Delivery,
 }
 
 /// One thing a source produced.
-#[allow(dead_code)] // `Malformed`: the NATS source (in progress)
 pub(crate) enum Item {
     /// Events of one worker, in order; `incarnation` is `None` for sources without one.
     Batch {
@@ -78,46 +89,72 @@ pub(crate) enum Item {
     Malformed(MalformedKind, String),
     /// Everything the source held at start has been delivered.
     CaughtUp,
+    /// Nothing arrived for a while (time to look at timers).
+    Idle,
     /// The source is closed for good.
     Ended,
 }
 
 impl EventSource {
-    async fn next(&mut self) -> Item {
+    async fn start(&mut self, ingest: &mut Ingest) {
         match self {
+            Self::InProcess(_) => {}
+            Self::Nats(source) => source.start(ingest).await,
+        }
+    }
+
+    async fn checkpoint(&mut self, ingest: &Ingest, now_anyway: bool) {
+        match self {
+            Self::InProcess(_) => {}
+            Self::Nats(source) => source.checkpoint(ingest, now_anyway).await,
+        }
+    }
+
+    async fn next(&mut self, ingest: &Ingest) -> Item {
+        match self {
+            Self::Nats(source) => source.next(ingest).await,
             Self::InProcess(source) => match source.events.try_recv() {
                 Ok(batch) => batch.into_item(),
                 Err(TryRecvError::Empty) if !source.drained => {
                     source.drained = true;
                     Item::CaughtUp
                 }
-                Err(TryRecvError::Empty) => match source.events.recv().await {
-                    Some(batch) => batch.into_item(),
-                    None => Item::Ended,
-                },
+                Err(TryRecvError::Empty) => {
+                    match tokio::time::timeout(ingest.config.tick, source.events.recv()).await {
+                        Ok(Some(batch)) => batch.into_item(),
+                        Ok(None) => Item::Ended,
+                        Err(_) => Item::Idle,
+                    }
+                }
                 Err(TryRecvError::Disconnected) => Item::Ended,
             },
         }
     }
 
-    fn request(&self, request: &ResyncRequest) {
+    async fn request(&mut self, request: &ResyncRequest) {
         match self {
             Self::InProcess(source) => source.request(request),
+            Self::Nats(source) => source.request(request).await,
         }
     }
 }
 
 /// State the ingestion loop owns.
-struct Ingest {
-    index: SharedIndex,
-    sequencer: Sequencer,
-    counters: Arc<Counters>,
+pub(crate) struct Ingest {
+    pub(crate) index: SharedIndex,
+    pub(crate) sequencer: Sequencer,
+    pub(crate) counters: Arc<Counters>,
     logged: HashSet<MalformedKind>,
     config: IngestConfig,
 }
 
 impl Ingest {
-    fn handle(&mut self, source: &EventSource, item: Item, ready: &watch::Sender<bool>) -> bool {
+    async fn handle(
+        &mut self,
+        source: &mut EventSource,
+        item: Item,
+        ready: &watch::Sender<bool>,
+    ) -> bool {
         match item {
             Item::Batch {
                 worker_id,
@@ -140,13 +177,14 @@ impl Ingest {
                     Instant::now(),
                 );
                 for request in &requests {
-                    source.request(request);
+                    source.request(request).await;
                 }
             }
             Item::Malformed(kind, detail) => self.malformed(kind, &detail),
             Item::CaughtUp => {
                 ready.send_replace(true);
             }
+            Item::Idle => {}
             Item::Ended => return false,
         }
         true
@@ -163,15 +201,16 @@ impl Ingest {
         }
     }
 
-    fn tick(&mut self, source: &EventSource) {
+    async fn tick(&mut self, source: &mut EventSource) {
         let requests = self
             .sequencer
             .due_resyncs(Instant::now(), self.config.resync_retry);
         self.counters
             .add(Counter::resyncs_requested, requests.len() as u64);
         for request in &requests {
-            source.request(request);
+            source.request(request).await;
         }
+        source.checkpoint(self, false).await;
     }
 }
 
@@ -183,7 +222,7 @@ impl Ingest {
 pub struct Ingestor {
     counters: Arc<Counters>,
     ready: watch::Receiver<bool>,
-    stop: watch::Sender<bool>,
+    stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), IngestError>>>,
 }
 
@@ -193,7 +232,7 @@ impl Ingestor {
     pub fn spawn(source: impl Into<EventSource>, index: SharedIndex, config: IngestConfig) -> Self {
         let counters = Arc::new(Counters::default());
         let (ready_tx, ready) = watch::channel(false);
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = oneshot::channel();
         let ingest = Ingest {
             index,
             sequencer: Sequencer::default(),
@@ -205,7 +244,7 @@ impl Ingestor {
         Self {
             counters,
             ready,
-            stop,
+            stop: Some(stop),
             task: Some(task),
         }
     }
@@ -236,7 +275,10 @@ impl Ingestor {
     /// Stops the task after the message in hand (NATS: writes a final snapshot) and returns
     /// how it ended.
     pub async fn shutdown(mut self) -> Result<(), IngestError> {
-        self.stop.send_replace(true);
+        if let Some(stop) = self.stop.take() {
+            // The task may have ended already; its result tells.
+            let _ = stop.send(());
+        }
         match self.task.take() {
             Some(task) => task.await.map_err(|e| IngestError::Task(e.to_string()))?,
             None => Ok(()),
@@ -256,21 +298,27 @@ async fn run(
     mut source: EventSource,
     mut ingest: Ingest,
     ready: watch::Sender<bool>,
-    mut stop: watch::Receiver<bool>,
+    mut stop: oneshot::Receiver<()>,
 ) -> Result<(), IngestError> {
-    let mut tick = tokio::time::interval(ingest.config.tick);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    source.start(&mut ingest).await;
+    // Timers are looked at between items, never by interrupting the source (which may be
+    // halfway through recreating a consumer); sources return `Idle` when nothing arrives.
+    let mut last_tick = Instant::now();
     loop {
         tokio::select! {
             biased;
-            _ = stop.wait_for(|&stop| stop) => break,
-            _ = tick.tick() => ingest.tick(&source),
-            item = source.next() => {
-                if !ingest.handle(&source, item, &ready) {
+            _ = &mut stop => break,
+            item = source.next(&ingest) => {
+                if !ingest.handle(&mut source, item, &ready).await {
                     break;
                 }
             }
         }
+        if last_tick.elapsed() >= ingest.config.tick {
+            ingest.tick(&mut source).await;
+            last_tick = Instant::now();
+        }
     }
+    source.checkpoint(&ingest, true).await;
     Ok(())
 }

@@ -56,12 +56,18 @@
 mod bus;
 mod ingest;
 mod mirror;
+mod nats;
 mod publisher;
 mod sequencer;
+mod snapshot;
 mod stats;
 
 pub use bus::{in_process_bus, InProcessBus, InProcessSource};
 pub use ingest::{EventSource, IngestConfig, Ingestor};
+pub use nats::{
+    connect, ensure_stream, subject_token, NatsError, NatsPublishConfig, NatsPublisher, NatsSource,
+    NatsSourceConfig, SnapshotSettings, StreamSettings,
+};
 pub use publisher::{Publisher, PublisherConfig};
 pub use stats::IngestStats;
 
@@ -82,7 +88,7 @@ pub struct EventBatch {
 }
 
 impl EventBatch {
-    fn into_item(self) -> ingest::Item {
+    pub(crate) fn into_item(self) -> ingest::Item {
         ingest::Item::Batch {
             worker_id: self.worker_id,
             incarnation: Some(self.incarnation),

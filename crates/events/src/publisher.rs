@@ -45,18 +45,21 @@ impl PublisherConfig {
 #[derive(Debug)]
 pub(crate) enum Transport {
     InProcess(BusSender),
+    Nats(crate::nats::NatsSender),
 }
 
 impl Transport {
     async fn send(&self, batch: EventBatch) -> Result<(), PublishError> {
         match self {
             Self::InProcess(sender) => sender.send(batch).await,
+            Self::Nats(sender) => sender.send(batch).await,
         }
     }
 
     async fn flush(&self) -> Result<(), PublishError> {
         match self {
             Self::InProcess(_) => Ok(()),
+            Self::Nats(sender) => sender.flush().await,
         }
     }
 }

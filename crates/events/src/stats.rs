@@ -16,7 +16,6 @@ macro_rules! counters {
         /// One counter of [`IngestStats`].
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         #[allow(non_camel_case_types)]
-        #[allow(dead_code)] // snapshot and consumer counters: the NATS source (in progress)
         pub(crate) enum Counter {
             $( $field, )*
         }

@@ -1,0 +1,383 @@
+//! Consuming the event stream: an ordered consumer from the right sequence, recreated after
+//! failures, and snapshots to a JetStream object store.
+
+use super::{backoff, ensure_stream, StreamSettings};
+use crate::ingest::{Ingest, Item, MalformedKind};
+use crate::snapshot;
+use crate::stats::Counter;
+use crate::{EventBatch, ResyncReason, ResyncRequest};
+use async_nats::jetstream::{self, consumer, object_store, stream};
+use futures_util::StreamExt;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+
+/// Where and how often an ingestor keeps snapshots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SnapshotSettings {
+    /// The object store bucket (created when missing).
+    pub bucket: String,
+    /// The object's name; replicas of one gateway share it (any replica's snapshot is valid
+    /// for every replica: they consume the same stream).
+    pub object: String,
+    /// How often a snapshot is written while new events arrive; one is also written on
+    /// [`Ingestor::shutdown`](crate::Ingestor::shutdown).
+    pub interval: Duration,
+}
+
+impl Default for SnapshotSettings {
+    fn default() -> Self {
+        Self {
+            bucket: "kvroute-snapshots".into(),
+            object: "index".into(),
+            interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How a [`NatsSource`] consumes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NatsSourceConfig {
+    /// The stream and the (namespace, component) whose events to consume.
+    pub stream: StreamSettings,
+    /// Snapshots, or `None` to always start from the stream's first message.
+    pub snapshots: Option<SnapshotSettings>,
+    /// Messages larger than this are skipped unread (counted as malformed).
+    pub max_message_bytes: usize,
+    /// First delay before recreating a failed consumer; doubles up to 2 s.
+    pub min_backoff: Duration,
+}
+
+impl NatsSourceConfig {
+    /// Consuming `stream`, with snapshots at the default place and interval.
+    pub fn new(stream: StreamSettings) -> Self {
+        Self {
+            stream,
+            snapshots: Some(SnapshotSettings::default()),
+            max_message_bytes: 8 << 20,
+            min_backoff: Duration::from_millis(50),
+        }
+    }
+
+    /// This configuration with other snapshot settings (`None`: no snapshots).
+    pub fn with_snapshots(mut self, snapshots: Option<SnapshotSettings>) -> Self {
+        self.snapshots = snapshots;
+        self
+    }
+}
+
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// How long the consumer may stay silent before the connection count is checked.
+const RECONNECT_CHECK: Duration = Duration::from_millis(250);
+
+/// Events from the JetStream stream, for [`Ingestor::spawn`](crate::Ingestor::spawn).
+///
+/// Every consumer reads the whole stream (an ordered consumer of its own: nothing is shared
+/// or acknowledged between gateway replicas). When the connection or the server fails, the
+/// consumer is recreated from the next sequence, indefinitely.
+pub struct NatsSource {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    config: NatsSourceConfig,
+    messages: Option<consumer::pull::Ordered>,
+    /// The last stream sequence handed to the ingestor.
+    delivered: u64,
+    /// The stream's last sequence when ingestion started: caught up once delivered.
+    target: u64,
+    announced: bool,
+    retry_at: Option<Instant>,
+    delay: Duration,
+    opened: bool,
+    /// The client's connection count when the consumer was opened: a reconnection means the
+    /// server may have lost the consumer, so it is recreated at once rather than after
+    /// missed heartbeats.
+    connects: u64,
+    store: Option<object_store::ObjectStore>,
+    saved: u64,
+    saved_at: Instant,
+}
+
+impl std::fmt::Debug for NatsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsSource")
+            .field("config", &self.config)
+            .field("delivered", &self.delivered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsSource {
+    /// A source on `client`; nothing happens until the ingestor starts it.
+    pub fn new(client: async_nats::Client, config: NatsSourceConfig) -> Self {
+        let delay = config.min_backoff;
+        Self {
+            js: jetstream::new(client.clone()),
+            client,
+            config,
+            messages: None,
+            delivered: 0,
+            target: 0,
+            announced: false,
+            retry_at: None,
+            delay,
+            opened: false,
+            connects: 0,
+            store: None,
+            saved: 0,
+            saved_at: Instant::now(),
+        }
+    }
+
+    /// Provisions the stream, loads the newest snapshot if usable, and sets where to start.
+    pub(crate) async fn start(&mut self, ingest: &mut Ingest) {
+        let mut delay = self.config.min_backoff;
+        let mut stream = loop {
+            match ensure_stream(&self.js, &self.config.stream).await {
+                Ok(stream) => break stream,
+                Err(error) => {
+                    tracing::warn!(%error, "event stream unavailable; retrying");
+                    delay = backoff(delay, MAX_BACKOFF).await;
+                }
+            }
+        };
+        let state = match stream.info().await {
+            Ok(info) => info.state.clone(),
+            Err(_) => stream.cached_info().state.clone(),
+        };
+        self.target = state.last_sequence;
+        let Some(settings) = self.config.snapshots.clone() else {
+            return;
+        };
+        let store = self.open_store(&settings).await;
+        self.store = store;
+        let Some(bytes) = self.load(&settings).await else {
+            tracing::info!("no snapshot: consuming the stream from its first message");
+            return;
+        };
+        match self.restore(ingest, &bytes, &state) {
+            Ok(sequence) => {
+                ingest.counters.inc(Counter::snapshots_restored);
+                tracing::info!(
+                    sequence,
+                    "restored the index snapshot; replaying the stream's tail"
+                );
+                self.delivered = sequence;
+                self.saved = sequence;
+            }
+            Err(problem) => {
+                ingest.counters.inc(Counter::snapshots_unusable);
+                tracing::warn!(
+                    problem,
+                    "snapshot unusable: starting empty and asking every worker for its full state"
+                );
+                self.request(&ResyncRequest::everyone(ResyncReason::SnapshotUnusable))
+                    .await;
+            }
+        }
+    }
+
+    async fn open_store(
+        &mut self,
+        settings: &SnapshotSettings,
+    ) -> Option<object_store::ObjectStore> {
+        if let Ok(store) = self.js.get_object_store(&settings.bucket).await {
+            return Some(store);
+        }
+        let config = object_store::Config {
+            bucket: settings.bucket.clone(),
+            storage: stream::StorageType::File,
+            num_replicas: self.config.stream.replicas,
+            ..Default::default()
+        };
+        match self.js.create_object_store(config).await {
+            Ok(store) => Some(store),
+            Err(error) => {
+                tracing::warn!(%error, "snapshot store unavailable: no snapshots this run");
+                None
+            }
+        }
+    }
+
+    async fn load(&mut self, settings: &SnapshotSettings) -> Option<Vec<u8>> {
+        let store = self.store.as_ref()?;
+        let mut object = match store.get(&settings.object).await {
+            Ok(object) => object,
+            Err(error) if error.kind() == object_store::GetErrorKind::NotFound => return None,
+            Err(error) => {
+                tracing::warn!(%error, "could not read the snapshot");
+                return None;
+            }
+        };
+        let mut bytes = Vec::new();
+        match object.read_to_end(&mut bytes).await {
+            Ok(_) => Some(bytes),
+            Err(error) => {
+                tracing::warn!(%error, "could not read the snapshot");
+                None
+            }
+        }
+    }
+
+    /// Restores `bytes` into the ingestor if the stream still holds what follows it.
+    fn restore(
+        &self,
+        ingest: &mut Ingest,
+        bytes: &[u8],
+        state: &stream::State,
+    ) -> Result<u64, String> {
+        let checkpoint = snapshot::decode(bytes).map_err(|e| e.to_string())?;
+        let next = checkpoint.stream_sequence + 1;
+        if next < state.first_sequence || next > state.last_sequence + 1 {
+            return Err(format!(
+                "it covers the stream up to {} but the stream holds {}..={}",
+                checkpoint.stream_sequence, state.first_sequence, state.last_sequence
+            ));
+        }
+        ingest
+            .index
+            .restore(checkpoint.index)
+            .map_err(|e| e.to_string())?;
+        ingest.sequencer = checkpoint.sequencer;
+        Ok(checkpoint.stream_sequence)
+    }
+
+    /// Writes a snapshot if new events arrived and the interval passed (or `now_anyway`).
+    pub(crate) async fn checkpoint(&mut self, ingest: &Ingest, now_anyway: bool) {
+        let (Some(store), Some(settings)) = (&self.store, &self.config.snapshots) else {
+            return;
+        };
+        let due = now_anyway || self.saved_at.elapsed() >= settings.interval;
+        if !due || self.delivered <= self.saved {
+            return;
+        }
+        let bytes = snapshot::encode(self.delivered, &ingest.sequencer, &ingest.index.snapshot());
+        match store
+            .put(settings.object.as_str(), &mut bytes.as_slice())
+            .await
+        {
+            Ok(_) => {
+                ingest.counters.inc(Counter::snapshots_saved);
+                tracing::debug!(
+                    sequence = self.delivered,
+                    bytes = bytes.len(),
+                    "snapshot written"
+                );
+                self.saved = self.delivered;
+            }
+            Err(error) => {
+                ingest.counters.inc(Counter::snapshot_failures);
+                tracing::warn!(%error, "snapshot write failed; ingestion goes on");
+            }
+        }
+        self.saved_at = Instant::now();
+    }
+
+    /// Sends a full-state request on the control subject (NATS core, fire and forget: the
+    /// ingestor repeats it if nothing comes).
+    pub(crate) async fn request(&mut self, request: &ResyncRequest) {
+        let subject = self.config.stream.control_subject(request.worker_id);
+        let payload = serde_json::to_vec(request).unwrap_or_default();
+        if let Err(error) = self.client.publish(subject, payload.into()).await {
+            tracing::warn!(%error, "could not send a full-state request");
+        }
+    }
+
+    async fn open(&mut self) -> Result<consumer::pull::Ordered, async_nats::Error> {
+        let stream = self.js.get_stream(&self.config.stream.stream).await?;
+        let deliver_policy = match self.delivered {
+            0 => consumer::DeliverPolicy::All,
+            last => consumer::DeliverPolicy::ByStartSequence {
+                start_sequence: last + 1,
+            },
+        };
+        let consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: self.config.stream.event_filter(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await?;
+        Ok(consumer.messages().await?)
+    }
+
+    /// The next item; reopens the consumer as long as it takes.
+    pub(crate) async fn next(&mut self, ingest: &Ingest) -> Item {
+        loop {
+            if !self.announced && self.delivered >= self.target {
+                self.announced = true;
+                return Item::CaughtUp;
+            }
+            if let Some(at) = self.retry_at.take() {
+                tokio::time::sleep_until(at.into()).await;
+                return Item::Idle;
+            }
+            let Some(messages) = self.messages.as_mut() else {
+                match self.open().await {
+                    Ok(messages) => {
+                        if self.opened {
+                            ingest.counters.inc(Counter::consumer_restarts);
+                        }
+                        self.opened = true;
+                        self.connects = self.connects_now();
+                        self.messages = Some(messages);
+                        self.delay = self.config.min_backoff;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not open the stream consumer; retrying");
+                        self.fail();
+                    }
+                }
+                continue;
+            };
+            let message = match tokio::time::timeout(RECONNECT_CHECK, messages.next()).await {
+                Err(_) => {
+                    if self.connects_now() != self.connects {
+                        tracing::info!("reconnected to NATS: recreating the stream consumer");
+                        self.messages = None;
+                    }
+                    return Item::Idle;
+                }
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(error))) => {
+                    tracing::warn!(%error, "stream consumer failed; recreating it");
+                    self.fail();
+                    continue;
+                }
+                Ok(None) => {
+                    self.fail();
+                    continue;
+                }
+            };
+            let Ok(sequence) = message.info().map(|info| info.stream_sequence) else {
+                return Item::Malformed(MalformedKind::Delivery, "no delivery metadata".into());
+            };
+            if sequence <= self.delivered {
+                continue; // replayed by a recreated consumer
+            }
+            self.delivered = sequence;
+            return self.decode(&message.payload);
+        }
+    }
+
+    fn decode(&self, payload: &[u8]) -> Item {
+        if payload.len() > self.config.max_message_bytes {
+            return Item::Malformed(MalformedKind::TooLarge, format!("{} bytes", payload.len()));
+        }
+        match serde_json::from_slice::<EventBatch>(payload) {
+            Ok(batch) => batch.into_item(),
+            Err(error) => Item::Malformed(MalformedKind::Batch, error.to_string()),
+        }
+    }
+
+    fn connects_now(&self) -> u64 {
+        self.client.statistics().connects.load(Ordering::Relaxed)
+    }
+
+    fn fail(&mut self) {
+        self.messages = None;
+        self.retry_at = Some(Instant::now() + self.delay);
+        self.delay = (self.delay * 2).min(MAX_BACKOFF);
+    }
+}
