@@ -89,6 +89,14 @@ pub fn probe(bytes: &[u8], declared: Option<&str>) -> Result<ImageInfo, ImageErr
     })
 }
 
+/// Whether JPEG data from the first scan on holds an EOI marker. Entropy-coded data cannot
+/// contain `FF D9` (a data `FF` is stuffed as `FF 00`), so a scan cut short has none, while
+/// data some cameras append after EOI (which Pillow accepts) is allowed. The usual file ends
+/// with EOI and costs one comparison.
+fn has_eoi(scan: &[u8]) -> bool {
+    scan.ends_with(&[0xFF, 0xD9]) || memchr::memmem::find(scan, &[0xFF, 0xD9]).is_some()
+}
+
 /// Orientation from EXIF data with or without the `Exif\0\0` prefix (JPEG APP1 has it, PNG
 /// `eXIf` and WebP `EXIF` chunks usually not).
 fn exif_orientation(exif: &[u8]) -> Option<Orientation> {
@@ -181,7 +189,7 @@ impl Reader<'_> {
     }
 
     /// JPEG: walk the marker segments from SOI to SOS, taking the frame size from SOF and the
-    /// orientation from the first `Exif` APP1; the file must end with EOI (`FF D9`), which is
+    /// orientation from the first `Exif` APP1; an EOI (`FF D9`) must follow the scan, which is
     /// how a scan cut short is caught without decoding it.
     fn jpeg(&self) -> Result<Header, ImageError> {
         let mut at = 2;
@@ -225,14 +233,17 @@ impl Reader<'_> {
                     let width = u32::from(u16::from_be_bytes([payload[3], payload[4]]));
                     frame.get_or_insert((width, height));
                 }
-                0xDA => break,
+                0xDA => {
+                    at = end;
+                    break;
+                }
                 _ => {}
             }
             at = end;
         }
         let (width, height) = frame.ok_or_else(|| self.corrupt("no SOF segment before SOS"))?;
-        if !self.bytes.ends_with(&[0xFF, 0xD9]) {
-            return Err(self.truncated("missing EOI marker (FF D9) at end of file"));
+        if !has_eoi(&self.bytes[at..]) {
+            return Err(self.truncated("no EOI marker (FF D9) after the scan"));
         }
         Ok((
             width,
@@ -392,6 +403,13 @@ mod tests {
             probe(&jpeg(30, 20, None), None).unwrap().orientation,
             Orientation::NORMAL
         );
+    }
+
+    #[test]
+    fn data_after_eoi_is_accepted() {
+        let mut with_trailer = jpeg(30, 20, None);
+        with_trailer.extend_from_slice(b"SEFT trailer written by some phones");
+        assert_eq!(probe(&with_trailer, None).unwrap().width, 30);
     }
 
     #[test]
