@@ -2,6 +2,7 @@
 //! index, asks workers for full state after gaps, and (NATS) keeps snapshots.
 
 use crate::bus::InProcessSource;
+use crate::dynamo::DynamoSource;
 use crate::nats::NatsSource;
 use crate::sequencer::Sequencer;
 use crate::stats::{Counter, Counters, IngestStats};
@@ -50,6 +51,14 @@ pub enum EventSource {
     InProcess(InProcessSource),
     /// The JetStream stream ([`NatsSource`]).
     Nats(Box<NatsSource>),
+    /// Dynamo 1.6 workers' own event plane on NATS core ([`DynamoSource`]).
+    Dynamo(Box<DynamoSource>),
+}
+
+impl From<DynamoSource> for EventSource {
+    fn from(source: DynamoSource) -> Self {
+        Self::Dynamo(Box::new(source))
+    }
 }
 
 impl From<NatsSource> for EventSource {
@@ -75,6 +84,8 @@ pub(crate) enum MalformedKind {
     TooLarge,
     /// A stream message without JetStream delivery metadata.
     Delivery,
+    /// Not a Dynamo envelope of `RouterEvent`s, or not a Dynamo `RouterEvent` JSON.
+    Dynamo,
 }
 
 /// One thing a source produced.
@@ -98,14 +109,14 @@ pub(crate) enum Item {
 impl EventSource {
     async fn start(&mut self, ingest: &mut Ingest) {
         match self {
-            Self::InProcess(_) => {}
+            Self::InProcess(_) | Self::Dynamo(_) => {}
             Self::Nats(source) => source.start(ingest).await,
         }
     }
 
     async fn checkpoint(&mut self, ingest: &Ingest, now_anyway: bool) {
         match self {
-            Self::InProcess(_) => {}
+            Self::InProcess(_) | Self::Dynamo(_) => {}
             Self::Nats(source) => source.checkpoint(ingest, now_anyway).await,
         }
     }
@@ -113,6 +124,7 @@ impl EventSource {
     async fn next(&mut self, ingest: &Ingest) -> Item {
         match self {
             Self::Nats(source) => source.next(ingest).await,
+            Self::Dynamo(source) => source.next().await,
             Self::InProcess(source) => match source.events.try_recv() {
                 Ok(batch) => batch.into_item(),
                 Err(TryRecvError::Empty) if !source.drained => {
@@ -135,6 +147,8 @@ impl EventSource {
         match self {
             Self::InProcess(source) => source.request(request),
             Self::Nats(source) => source.request(request).await,
+            // Dynamo workers take no requests; their batches never cause one.
+            Self::Dynamo(_) => {}
         }
     }
 }

@@ -54,6 +54,7 @@
 //! docs/events.md describes the wire formats, subjects, stream settings and every counter.
 
 mod bus;
+mod dynamo;
 mod ingest;
 mod mirror;
 mod nats;
@@ -63,10 +64,14 @@ mod snapshot;
 mod stats;
 
 pub use bus::{in_process_bus, InProcessBus, InProcessSource};
+pub use dynamo::{
+    decode_dynamo_envelope, dynamo_event_subject, encode_dynamo_envelope, DynamoEnvelope,
+    DynamoSource, DynamoWireError,
+};
 pub use ingest::{EventSource, IngestConfig, Ingestor};
 pub use nats::{
     connect, ensure_stream, subject_token, NatsError, NatsPublishConfig, NatsPublisher, NatsSource,
-    NatsSourceConfig, SnapshotSettings, StreamSettings,
+    NatsSourceConfig, SnapshotSettings, StreamSettings, StreamWire,
 };
 pub use publisher::{Publisher, PublisherConfig};
 pub use stats::IngestStats;

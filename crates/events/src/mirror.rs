@@ -6,6 +6,9 @@ use kvroute_protocol::{
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 
+/// The most blocks one resent store holds, so no event outgrows a message.
+const MAX_CHAIN_BLOCKS: usize = 256;
+
 #[derive(Clone, Debug)]
 struct Block {
     parent: Option<SequenceHash>,
@@ -101,6 +104,7 @@ impl Mirror {
                 match chains.last_mut() {
                     Some(chain)
                         if parent.is_some()
+                            && chain.blocks.len() < MAX_CHAIN_BLOCKS
                             && chain.blocks.last().map(|b| b.block_hash) == parent =>
                     {
                         chain.blocks.push(data)
@@ -176,5 +180,12 @@ mod tests {
         );
         mirror.apply(&KvCacheEventData::Cleared);
         assert!(mirror.full_state().is_empty());
+
+        let long: Vec<u64> = (100..700).collect();
+        mirror.apply(&stored(None, &long));
+        let chains = mirror.full_state();
+        let lengths: Vec<usize> = chains.iter().map(|c| c.blocks.len()).collect();
+        assert_eq!(lengths, vec![256, 256, 88]);
+        assert_eq!(chains[1].parent_hash, Some(SequenceHash(355)));
     }
 }

@@ -1,13 +1,14 @@
 //! Consuming the event stream: an ordered consumer from the right sequence, recreated after
 //! failures, and snapshots to a JetStream object store.
 
-use super::{backoff, ensure_stream, StreamSettings};
+use super::{backoff, ensure_stream, NatsError, StreamSettings};
 use crate::ingest::{Ingest, Item, MalformedKind};
 use crate::snapshot;
 use crate::stats::Counter;
 use crate::{EventBatch, ResyncReason, ResyncRequest};
 use async_nats::jetstream::{self, consumer, object_store, stream};
 use futures_util::StreamExt;
+use kvroute_protocol::RouterEvent;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
@@ -36,10 +37,23 @@ impl Default for SnapshotSettings {
     }
 }
 
+/// What the stream's messages are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StreamWire {
+    /// kvroute's: one [`EventBatch`] (JSON) per message, in a stream kvroute provisions.
+    Kvroute,
+    /// Older Dynamo workers': one `RouterEvent` (JSON) per message, in Dynamo's own stream
+    /// (never created or changed by kvroute).
+    DynamoJson,
+}
+
 /// How a [`NatsSource`] consumes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NatsSourceConfig {
+    /// What the messages are.
+    pub wire: StreamWire,
     /// The stream and the (namespace, component) whose events to consume.
     pub stream: StreamSettings,
     /// Snapshots, or `None` to always start from the stream's first message.
@@ -54,10 +68,34 @@ impl NatsSourceConfig {
     /// Consuming `stream`, with snapshots at the default place and interval.
     pub fn new(stream: StreamSettings) -> Self {
         Self {
+            wire: StreamWire::Kvroute,
             stream,
             snapshots: Some(SnapshotSettings::default()),
             max_message_bytes: 8 << 20,
             min_backoff: Duration::from_millis(50),
+        }
+    }
+
+    /// Consuming older Dynamo workers' JetStream stream
+    /// `namespace-{namespace}-component-{component}-kv-events` (slugged as Dynamo does:
+    /// lowercase, anything but `[a-z0-9_-]` becomes `_`), without snapshots.
+    pub fn dynamo_legacy(namespace: &str, component: &str) -> Self {
+        let name: String = format!("namespace-{namespace}-component-{component}-kv-events")
+            .to_lowercase()
+            .chars()
+            .map(|c| match c {
+                'a'..='z' | '0'..='9' | '-' | '_' => c,
+                _ => '_',
+            })
+            .collect();
+        let stream = StreamSettings {
+            stream: name,
+            ..StreamSettings::default()
+        };
+        Self {
+            wire: StreamWire::DynamoJson,
+            snapshots: None,
+            ..Self::new(stream)
         }
     }
 
@@ -134,7 +172,18 @@ impl NatsSource {
     pub(crate) async fn start(&mut self, ingest: &mut Ingest) {
         let mut delay = self.config.min_backoff;
         let mut stream = loop {
-            match ensure_stream(&self.js, &self.config.stream).await {
+            let stream = match self.config.wire {
+                StreamWire::Kvroute => ensure_stream(&self.js, &self.config.stream).await,
+                StreamWire::DynamoJson => self
+                    .js
+                    .get_stream(&self.config.stream.stream)
+                    .await
+                    .map_err(|e| NatsError::Stream {
+                        stream: self.config.stream.stream.clone(),
+                        source: e.into(),
+                    }),
+            };
+            match stream {
                 Ok(stream) => break stream,
                 Err(error) => {
                     tracing::warn!(%error, "event stream unavailable; retrying");
@@ -294,7 +343,10 @@ impl NatsSource {
         };
         let consumer = stream
             .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.config.stream.event_filter(),
+                filter_subject: match self.config.wire {
+                    StreamWire::Kvroute => self.config.stream.event_filter(),
+                    StreamWire::DynamoJson => String::new(),
+                },
                 deliver_policy,
                 ..Default::default()
             })
@@ -365,9 +417,19 @@ impl NatsSource {
         if payload.len() > self.config.max_message_bytes {
             return Item::Malformed(MalformedKind::TooLarge, format!("{} bytes", payload.len()));
         }
-        match serde_json::from_slice::<EventBatch>(payload) {
-            Ok(batch) => batch.into_item(),
-            Err(error) => Item::Malformed(MalformedKind::Batch, error.to_string()),
+        match self.config.wire {
+            StreamWire::Kvroute => match serde_json::from_slice::<EventBatch>(payload) {
+                Ok(batch) => batch.into_item(),
+                Err(error) => Item::Malformed(MalformedKind::Batch, error.to_string()),
+            },
+            StreamWire::DynamoJson => match RouterEvent::from_json(payload) {
+                Ok(event) => Item::Batch {
+                    worker_id: event.worker_id,
+                    incarnation: None,
+                    events: vec![event],
+                },
+                Err(error) => Item::Malformed(MalformedKind::Dynamo, error.to_string()),
+            },
         }
     }
 

@@ -4,7 +4,7 @@
 mod consume;
 mod publish;
 
-pub use consume::{NatsSource, NatsSourceConfig, SnapshotSettings};
+pub use consume::{NatsSource, NatsSourceConfig, SnapshotSettings, StreamWire};
 pub(crate) use publish::NatsSender;
 pub use publish::{NatsPublishConfig, NatsPublisher};
 

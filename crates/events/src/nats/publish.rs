@@ -6,6 +6,7 @@ use crate::{EventBatch, PublishError, ResyncRequest};
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
 use bytes::Bytes;
 use futures_util::StreamExt;
+use kvroute_protocol::RouterEvent;
 use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -16,8 +17,10 @@ use tokio::sync::{mpsc, oneshot};
 pub struct NatsPublishConfig {
     /// Batches queued for the sending task before [`Publisher::publish`] waits.
     pub queue: usize,
-    /// Queued batches are merged into one message up to this many events.
-    pub max_batch_events: usize,
+    /// Queued batches are merged into messages of at most this many bytes (a single event
+    /// larger than this goes alone). Keep it under the server's `max_payload` (1 MiB by
+    /// default) and under consumers' `NatsSourceConfig::max_message_bytes`.
+    pub max_message_bytes: usize,
     /// Messages sent and not yet acknowledged before the sender waits for the oldest ack.
     pub max_in_flight: usize,
     /// How long to wait for one acknowledgement before sending again (same message id, so
@@ -33,7 +36,7 @@ impl Default for NatsPublishConfig {
     fn default() -> Self {
         Self {
             queue: 256,
-            max_batch_events: 512,
+            max_message_bytes: 256 << 10,
             max_in_flight: 64,
             ack_timeout: Duration::from_secs(5),
             min_backoff: Duration::from_millis(50),
@@ -93,6 +96,7 @@ impl NatsPublisher {
             js,
             subject: settings.event_subject(config.worker_id),
             id_prefix: format!("{}.{}", config.worker_id, config.incarnation),
+            messages: MessageBuilder::new(&config, transport.max_message_bytes),
             next_message: 0,
             in_flight: VecDeque::new(),
             config: transport,
@@ -152,6 +156,57 @@ impl NatsSender {
     }
 }
 
+/// Builds `EventBatch` JSON messages of bounded size from one publisher's events.
+struct MessageBuilder {
+    /// `{"worker_id":..,"incarnation":..,"events":[`: every message starts with it.
+    prefix: String,
+    /// Events so far, comma-separated.
+    body: Vec<u8>,
+    limit: usize,
+}
+
+impl MessageBuilder {
+    fn new(config: &PublisherConfig, limit: usize) -> Self {
+        Self {
+            prefix: format!(
+                r#"{{"worker_id":{},"incarnation":{},"events":["#,
+                config.worker_id, config.incarnation
+            ),
+            body: Vec::new(),
+            limit,
+        }
+    }
+
+    /// Adds `event`; returns the message built so far if the event did not fit in it.
+    fn push(&mut self, event: &RouterEvent) -> Option<Vec<u8>> {
+        // Serializing an event cannot fail: string keys, no failing serializer.
+        let json = serde_json::to_vec(event).unwrap_or_default();
+        let size = self.prefix.len() + self.body.len() + json.len() + 3;
+        let full = if !self.body.is_empty() && size > self.limit {
+            self.take()
+        } else {
+            None
+        };
+        if !self.body.is_empty() {
+            self.body.push(b',');
+        }
+        self.body.extend_from_slice(&json);
+        full
+    }
+
+    /// The message built so far, if it holds any event.
+    fn take(&mut self) -> Option<Vec<u8>> {
+        if self.body.is_empty() {
+            return None;
+        }
+        let mut message = Vec::with_capacity(self.prefix.len() + self.body.len() + 2);
+        message.extend_from_slice(self.prefix.as_bytes());
+        message.append(&mut self.body);
+        message.extend_from_slice(b"]}");
+        Some(message)
+    }
+}
+
 struct InFlight {
     id: String,
     payload: Bytes,
@@ -162,6 +217,7 @@ struct Sender {
     js: jetstream::Context,
     subject: String,
     id_prefix: String,
+    messages: MessageBuilder,
     next_message: u64,
     in_flight: VecDeque<InFlight>,
     config: NatsPublishConfig,
@@ -170,46 +226,51 @@ struct Sender {
 impl Sender {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
         while let Some(command) = commands.recv().await {
-            match command {
-                Command::Batch(mut batch) => {
-                    // Coalesce what is already queued, up to the batch limit.
-                    let mut flush = None;
-                    while batch.events.len() < self.config.max_batch_events {
-                        match commands.try_recv() {
-                            Ok(Command::Batch(more)) => batch.events.extend(more.events),
-                            Ok(Command::Flush(done)) => {
-                                flush = Some(done);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    self.send(batch).await;
-                    if let Some(done) = flush {
+            let mut next = Some(command);
+            // Take what is already queued into the same messages, then send the last one.
+            while let Some(command) = next.take() {
+                match command {
+                    Command::Batch(batch) => self.append(batch).await,
+                    Command::Flush(done) => {
+                        self.finish().await;
                         self.settle_all().await;
+                        // The caller may have stopped waiting.
                         let _ = done.send(());
                     }
                 }
-                Command::Flush(done) => {
-                    self.settle_all().await;
-                    // The caller may have stopped waiting.
-                    let _ = done.send(());
-                }
+                next = commands.try_recv().ok();
             }
+            self.finish().await;
         }
         self.settle_all().await;
     }
 
-    async fn send(&mut self, batch: EventBatch) {
+    /// Adds a batch's events to the message being built, sending it whenever the next event
+    /// would take it over the size limit.
+    async fn append(&mut self, batch: EventBatch) {
+        for event in &batch.events {
+            if let Some(full) = self.messages.push(event) {
+                self.send(full).await;
+            }
+        }
+    }
+
+    /// Sends the message being built, if any.
+    async fn finish(&mut self) {
+        if let Some(payload) = self.messages.take() {
+            self.send(payload).await;
+        }
+    }
+
+    async fn send(&mut self, payload: Vec<u8>) {
         while self.in_flight.len() >= self.config.max_in_flight.max(1) {
             self.settle_oldest().await;
         }
-        let payload = Bytes::from(serde_json::to_vec(&batch).unwrap_or_default());
         let id = format!("{}.{}", self.id_prefix, self.next_message);
         self.next_message += 1;
         let mut message = InFlight {
             id,
-            payload,
+            payload: Bytes::from(payload),
             ack: None,
         };
         self.transmit(&mut message).await;
@@ -270,5 +331,46 @@ impl Sender {
         while !self.in_flight.is_empty() {
             self.settle_oldest().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+    use super::*;
+    use kvroute_protocol::{DpRank, KvCacheEvent, KvCacheEventData, WorkerId};
+
+    #[test]
+    fn messages_are_event_batches_under_the_size_limit() {
+        let config = PublisherConfig::new(WorkerId(3)).with_incarnation(u64::MAX);
+        let events: Vec<RouterEvent> = (0..100)
+            .map(|event_id| {
+                RouterEvent::new(
+                    WorkerId(3),
+                    KvCacheEvent {
+                        event_id,
+                        dp_rank: DpRank(1),
+                        data: KvCacheEventData::Cleared,
+                    },
+                )
+            })
+            .collect();
+        let mut builder = MessageBuilder::new(&config, 1000);
+        let mut messages: Vec<Vec<u8>> = events.iter().filter_map(|e| builder.push(e)).collect();
+        messages.extend(builder.take());
+        assert!(messages.len() > 5);
+        let mut decoded = Vec::new();
+        for message in &messages {
+            assert!(message.len() <= 1000);
+            let batch: EventBatch = serde_json::from_slice(message).unwrap();
+            assert_eq!(
+                (batch.worker_id, batch.incarnation),
+                (WorkerId(3), u64::MAX)
+            );
+            decoded.extend(batch.events);
+        }
+        assert_eq!(decoded, events);
+        assert!(builder.take().is_none());
     }
 }

@@ -34,7 +34,16 @@ impl NatsServer {
 
     /// Starts the server (again) on the same port and store, and waits until it accepts.
     pub async fn restart(&mut self) {
-        let binary = std::env::var("KVROUTE_NATS_SERVER").unwrap_or_else(|_| "nats-server".into());
+        // Debian installs it in /usr/sbin, which a non-root PATH may lack.
+        let binary = std::env::var("KVROUTE_NATS_SERVER").unwrap_or_else(|_| {
+            let sbin = "/usr/sbin/nats-server";
+            if std::path::Path::new(sbin).exists() {
+                sbin
+            } else {
+                "nats-server"
+            }
+            .into()
+        });
         let child = Command::new(&binary)
             .args(["-js", "-a", "127.0.0.1", "-p"])
             .arg(self.port.to_string())
