@@ -37,8 +37,9 @@ impl ImageInfo {
 }
 
 /// Reads the format, dimensions and orientation of an image from its header and checks that
-/// the file is complete (a PNG holds every chunk up to `IEND`, a JPEG ends with `EOI`, a GIF
-/// with its trailer, a WebP holds its whole RIFF chunk, a BMP its whole pixel array).
+/// the file is complete (a PNG holds every chunk up to `IEND`, a JPEG an `EOI` after its scan,
+/// a GIF every block up to its trailer, a WebP its whole RIFF chunk, a BMP its whole pixel
+/// array).
 ///
 /// This never decodes pixels nor allocates: the cost is a few dozen byte reads, independent of
 /// the image size. `declared` is the content type the client or server claimed, if any; a type
@@ -87,6 +88,15 @@ pub fn probe(bytes: &[u8], declared: Option<&str>) -> Result<ImageInfo, ImageErr
         height,
         orientation,
     })
+}
+
+/// Bytes of the color table a GIF screen or image descriptor's flags announce.
+fn color_table_len(flags: u8) -> usize {
+    if flags & 0x80 == 0 {
+        0
+    } else {
+        3 << ((flags & 7) + 1)
+    }
 }
 
 /// Whether JPEG data from the first scan on holds an EOI marker. Entropy-coded data cannot
@@ -252,16 +262,45 @@ impl Reader<'_> {
         ))
     }
 
-    /// GIF: the logical screen size (what Pillow and image-rs report); must end with the
-    /// trailer byte `0x3B`.
+    /// GIF: the logical screen size (what Pillow and image-rs report). The block structure is
+    /// walked (sub-block lengths only) up to the trailer `0x3B`, which must come after at least
+    /// one image; bytes after the trailer are ignored, as Pillow does.
     fn gif(&self) -> Result<Header, ImageError> {
         let width = u32::from(self.u16_le(6, "logical screen descriptor")?);
         let height = u32::from(self.u16_le(8, "logical screen descriptor")?);
-        self.array::<3>(10, "logical screen descriptor")?;
-        if self.bytes.last() != Some(&0x3B) {
-            return Err(self.truncated("missing trailer (0x3B) at end of file"));
+        let [flags] = self.array::<1>(10, "logical screen descriptor")?;
+        let mut at = 13 + color_table_len(flags);
+        let mut images = 0usize;
+        loop {
+            let [kind] = self.array::<1>(at, "block before the trailer")?;
+            at += 1;
+            match kind {
+                0x3B if images > 0 => break,
+                0x3B => return Err(self.corrupt("no image before the trailer")),
+                // Extension: a label, then data sub-blocks.
+                0x21 => at = self.gif_sub_blocks(at + 1)?,
+                // Image: descriptor, optional local color table, LZW code size, sub-blocks.
+                0x2C => {
+                    let [flags] = self.array::<1>(at + 8, "image descriptor")?;
+                    at = self.gif_sub_blocks(at + 9 + color_table_len(flags) + 1)?;
+                    images += 1;
+                }
+                _ => return Err(self.corrupt("unknown block")),
+            }
         }
         Ok((width, height, Orientation::NORMAL))
+    }
+
+    /// Skips GIF data sub-blocks from `at` (each a length byte then that many bytes, ended by
+    /// a zero length); returns the offset after the terminator.
+    fn gif_sub_blocks(&self, mut at: usize) -> Result<usize, ImageError> {
+        loop {
+            let [len] = self.array::<1>(at, "data sub-block")?;
+            at += 1 + usize::from(len);
+            if len == 0 {
+                return Ok(at);
+            }
+        }
     }
 
     /// WebP: the RIFF chunk must be complete; the size comes from the first chunk (`VP8 `
@@ -403,6 +442,27 @@ mod tests {
             probe(&jpeg(30, 20, None), None).unwrap().orientation,
             Orientation::NORMAL
         );
+    }
+
+    #[test]
+    fn gif_blocks_are_walked_to_the_trailer() {
+        // 1x1, global color table of 2 entries, one image.
+        let gif = b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;";
+        assert_eq!(probe(gif, None).unwrap().width, 1);
+        for cut in 0..gif.len() {
+            assert!(
+                probe(&gif[..cut], None).is_err(),
+                "prefix of {cut} bytes accepted"
+            );
+        }
+        let mut trailing = gif.to_vec();
+        trailing.extend_from_slice(b"junk");
+        assert!(probe(&trailing, None).is_ok());
+        // A trailer before any image.
+        assert!(matches!(
+            probe(b"GIF89a\x01\x00\x01\x00\x00\x00\x00;", None),
+            Err(ImageError::Corrupt { .. })
+        ));
     }
 
     #[test]
