@@ -1,9 +1,11 @@
 //! The kvroute command line: flag parsing and wiring only; the work lives in the library crates.
 
+mod demo;
 mod hash;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// Multimodal, KV-cache-aware router for LLM inference.
 #[derive(Parser)]
@@ -15,14 +17,24 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the gateway with simulated workers and an in-process event bus (no NATS needed).
+    Demo(demo::DemoArgs),
     /// Print the block and sequence hashes of a token sequence (Dynamo-compatible).
     Hash(hash::HashArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Hash(args) => hash::run(args),
+        Command::Demo(args) => serve_async(|metrics| demo::run(args, metrics)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -31,4 +43,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs a server command on a multi-threaded runtime with the Prometheus recorder installed.
+fn serve_async<F, Fut>(command: F) -> anyhow::Result<()>
+where
+    F: FnOnce(kvroute_gateway::MetricsRender) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    let render: kvroute_gateway::MetricsRender = Arc::new(move || handle.render());
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(command(render))
 }

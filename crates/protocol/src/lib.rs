@@ -1,8 +1,8 @@
 //! Identifiers, hashes and KV cache events shared by every kvroute crate.
 //!
 //! It owns the vocabulary: newtypes for workers, data-parallel ranks, block and sequence
-//! hashes and media ids, and the KV event model that reads and writes NVIDIA Dynamo's
-//! `RouterEvent` JSON exactly. It does no I/O and no hashing.
+//! hashes and media ids, the KV event model that reads and writes NVIDIA Dynamo's
+//! `RouterEvent` JSON exactly, and OpenAI's error body. It does no I/O and no hashing.
 //!
 //! ```
 //! use kvroute_protocol::{RouterEvent, WorkerId};
@@ -16,6 +16,8 @@
 
 mod event;
 mod ids;
+mod openai;
 
 pub use event::*;
 pub use ids::{BlockHash, DpRank, MediaId, MediaSpan, SequenceHash, WorkerId};
+pub use openai::{ErrorBody, ErrorDetail};

@@ -1,0 +1,145 @@
+//! `kvroute demo`: the gateway, an in-process event bus and simulated workers in one process.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use kvroute_dispatch::{Registry, Worker};
+use kvroute_events::{in_process_bus, IngestConfig, Ingestor, PublisherConfig};
+use kvroute_gateway::sim::{SimConfig, SimWorker};
+use kvroute_gateway::{Gateway, GatewayConfig};
+use kvroute_index::{Index, IndexConfig, SharedIndex};
+use kvroute_preprocess::{ModelFiles, PreprocessConfig, Preprocessor};
+use kvroute_protocol::WorkerId;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where the gateway listens.
+    #[arg(long, env = "KVROUTE_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Simulated workers.
+    #[arg(long, env = "NUM_WORKERS", default_value_t = 2)]
+    workers: u64,
+    /// Tokens per KV block.
+    #[arg(long, env = "BLOCK_SIZE", default_value_t = 32)]
+    block_size: u32,
+    /// The model name served (the bundled Qwen2-VL tokenizer and template are used).
+    #[arg(long, env = "MODEL", default_value = "Qwen/Qwen2-VL-2B-Instruct")]
+    model: String,
+    /// KV pool of each simulated worker, in blocks.
+    #[arg(long, default_value_t = 4096)]
+    capacity_blocks: usize,
+}
+
+pub async fn run(args: DemoArgs, metrics: kvroute_gateway::MetricsRender) -> Result<()> {
+    let model = ModelFiles::bundled_qwen2_vl()?;
+    let preprocessor = Arc::new(Preprocessor::new(&model, PreprocessConfig::default())?);
+    let index = SharedIndex::new(Index::new(IndexConfig::default()));
+    let (bus, source) = in_process_bus(4096);
+    let ingestor = Arc::new(Ingestor::spawn(
+        source,
+        index.clone(),
+        IngestConfig::default(),
+    ));
+
+    let registry = Registry::default();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for n in 1..=args.workers {
+        let id = WorkerId(n);
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let config = SimConfig::new(id, &args.model, args.block_size)
+            .with_capacity_blocks(args.capacity_blocks);
+        let worker = SimWorker::new(
+            config,
+            Arc::clone(&preprocessor),
+            bus.publisher(PublisherConfig::new(id)),
+        )?;
+        tasks.push(tokio::spawn(worker.serve(listener, wait(stopped.clone()))));
+        registry.upsert(Worker::new(id, &url)?);
+        println!("simulated worker {id} on {url}");
+    }
+
+    let listener = TcpListener::bind(args.listen).await.with_context(|| {
+        format!(
+            "binding {} (use --listen to pick another address)",
+            args.listen
+        )
+    })?;
+    let config = GatewayConfig::new(&args.model, args.block_size).with_metrics(metrics);
+    let caught_up = Arc::clone(&ingestor);
+    let gateway = Gateway::new(config, preprocessor, index, registry, move || {
+        caught_up.is_caught_up()
+    })?;
+    print_usage(listener.local_addr()?, &args.model);
+    gateway.serve(listener, shutdown_signal()).await?;
+
+    let _ = stop.send(true);
+    for task in tasks {
+        task.await??;
+    }
+    drop(bus);
+    if let Ok(ingestor) = Arc::try_unwrap(ingestor) {
+        ingestor.shutdown().await?;
+    }
+    Ok(())
+}
+
+async fn wait(mut stopped: tokio::sync::watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    println!("shutting down: draining in-flight requests");
+}
+
+fn print_usage(addr: SocketAddr, model: &str) {
+    let base = format!("http://{addr}");
+    println!(
+        r#"
+kvroute demo is up: gateway on {base}. Try (from the repository root):
+
+# a text request, twice: the second goes to the same worker with its prefix cached
+curl -s {base}/v1/chat/completions -H 'content-type: application/json' -D - \
+  -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Tell me about KV caches."}}]}}'
+
+# an image request; send it twice and watch x-kvroute-overlap-blocks and
+# usage.prompt_tokens_details.cached_tokens (the body goes through a file: images are large)
+printf '{{"model": "{model}", "messages": [{{"role": "user", "content": [{{"type": "image_url", "image_url": {{"url": "data:image/png;base64,%s"}}}}, {{"type": "text", "text": "What is in this image?"}}]}}]}}' \
+  "$(base64 -w0 tests/fixtures/images/chelsea.png)" > /tmp/kvroute-image.json
+curl -s {base}/v1/chat/completions -H 'content-type: application/json' -D - -d @/tmp/kvroute-image.json
+
+# streaming
+curl -sN {base}/v1/chat/completions -H 'content-type: application/json' \
+  -d '{{"model": "{model}", "stream": true, "messages": [{{"role": "user", "content": "Stream, please."}}]}}'
+
+# why a request would go where it goes, without sending it
+curl -s {base}/v1/route -H 'content-type: application/json' \
+  -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "Tell me about KV caches."}}]}}'
+
+curl -s {base}/metrics | grep kvroute_
+Ctrl-C stops the demo.
+"#
+    );
+}

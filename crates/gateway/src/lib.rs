@@ -1,0 +1,45 @@
+//! The kvroute HTTP gateway: OpenAI-compatible endpoints in front of KV-cache-aware routing.
+//!
+//! It composes the other crates: a request is parsed and turned into the engine's token ids
+//! (`kvroute-preprocess`, images through `kvroute-mmhash`), hashed into blocks that carry each
+//! image's identity (`kvroute-blockhash`), looked up in the index (`kvroute-index`, kept current
+//! by `kvroute-events`), routed by cost and streamed to the chosen worker
+//! (`kvroute-dispatch`). Every response says why: `x-kvroute-worker`,
+//! `x-kvroute-overlap-blocks`, `x-kvroute-prompt-blocks`, `x-kvroute-predicted-cached-tokens`;
+//! `POST /v1/route` returns the whole decision table without dispatching.
+//!
+//! It is a library so other servers can embed it ([`Gateway::handle`]); the `kvroute` binary
+//! only wires it. [`sim`] holds the simulated worker used by `kvroute demo` and the tests.
+//!
+//! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/route`,
+//! `GET /v1/models`, `GET /health`, `GET /ready`, `GET /metrics`.
+//!
+//! # Example
+//!
+//! ```
+//! use kvroute_dispatch::Registry;
+//! use kvroute_gateway::{Gateway, GatewayConfig};
+//! use kvroute_index::{Index, IndexConfig, SharedIndex};
+//! use kvroute_preprocess::{ModelFiles, PreprocessConfig, Preprocessor};
+//! use std::sync::Arc;
+//!
+//! let preprocessor = Preprocessor::new(&ModelFiles::bundled_qwen2_vl()?, PreprocessConfig::default())?;
+//! let index = SharedIndex::new(Index::new(IndexConfig::default()));
+//! let gateway = Gateway::new(
+//!     GatewayConfig::new("Qwen/Qwen2-VL-2B-Instruct", 32),
+//!     Arc::new(preprocessor),
+//!     index,
+//!     Registry::default(),
+//!     || true,
+//! )?;
+//! assert_eq!(gateway.config().block_size, 32);
+//! // gateway.serve(listener, shutdown).await serves it.
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+mod body;
+mod server;
+pub mod sim;
+
+pub use body::{BoxError, GatewayBody};
+pub use server::{bind, Gateway, GatewayConfig, GatewayError, MetricsRender};

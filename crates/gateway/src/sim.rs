@@ -1,0 +1,498 @@
+//! A simulated inference worker: an OpenAI-compatible server that preprocesses and hashes
+//! requests exactly as the router does, keeps a KV block pool with LRU eviction, publishes
+//! stored/removed events, takes time for prefill (uncached tokens only) and decode, and reports
+//! `cached_tokens` from its real pool. Used by `kvroute demo`, `kvroute worker-sim` and tests.
+
+use crate::body::{error_response, json_response, GatewayBody};
+use bytes::Bytes;
+use futures_util::stream;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use kvroute_blockhash::{BlockHasher, HashedBlock};
+use kvroute_events::Publisher;
+use kvroute_mmhash::block_media_info;
+use kvroute_preprocess::{ChatRequest, CompletionRequest, Preprocessor, Prompt};
+use kvroute_protocol::{
+    DpRank, ErrorBody, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData,
+    KvCacheStoredBlockData, SequenceHash, WorkerId,
+};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::net::TcpListener;
+
+/// How the simulated worker behaves.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct SimConfig {
+    /// The id its events carry.
+    pub worker_id: WorkerId,
+    /// The model name it reports.
+    pub model: String,
+    /// Tokens per KV block.
+    pub block_size: u32,
+    /// KV pool capacity in blocks; the least recently used blocks are evicted past it.
+    pub capacity_blocks: usize,
+    /// Prefill speed: uncached prompt tokens per second.
+    pub prefill_tokens_per_second: f64,
+    /// Decode speed of one request: generated tokens per second.
+    pub decode_tokens_per_second: f64,
+    /// Tokens generated when the request sets no limit.
+    pub default_max_tokens: u64,
+}
+
+impl SimConfig {
+    /// A worker with the seed's defaults: 4096-block pool, 20k tokens/s prefill, 100 tokens/s
+    /// decode, 16 tokens per answer.
+    pub fn new(worker_id: WorkerId, model: impl Into<String>, block_size: u32) -> Self {
+        Self {
+            worker_id,
+            model: model.into(),
+            block_size,
+            capacity_blocks: 4096,
+            prefill_tokens_per_second: 20_000.0,
+            decode_tokens_per_second: 100.0,
+            default_max_tokens: 16,
+        }
+    }
+
+    /// Sets the pool capacity.
+    pub fn with_capacity_blocks(mut self, blocks: usize) -> Self {
+        self.capacity_blocks = blocks;
+        self
+    }
+
+    /// Sets prefill and decode speeds.
+    pub fn with_speeds(
+        mut self,
+        prefill_tokens_per_second: f64,
+        decode_tokens_per_second: f64,
+    ) -> Self {
+        self.prefill_tokens_per_second = prefill_tokens_per_second;
+        self.decode_tokens_per_second = decode_tokens_per_second;
+        self
+    }
+}
+
+/// A KV block pool: sequence hashes with least-recently-used eviction.
+#[derive(Debug, Default)]
+struct Pool {
+    capacity: usize,
+    clock: u64,
+    blocks: HashMap<SequenceHash, u64>,
+    by_age: BTreeMap<u64, SequenceHash>,
+}
+
+/// What admitting a request did to the pool.
+struct Admission {
+    cached_blocks: usize,
+    stored: usize,
+    evicted: Vec<SequenceHash>,
+}
+
+impl Pool {
+    fn touch(&mut self, hash: SequenceHash) {
+        self.clock += 1;
+        if let Some(old) = self.blocks.insert(hash, self.clock) {
+            self.by_age.remove(&old);
+        }
+        self.by_age.insert(self.clock, hash);
+    }
+
+    /// Serves the leading cached blocks, stores the rest (up to capacity), evicts the least
+    /// recently used blocks of other requests to make room.
+    fn admit(&mut self, blocks: &[HashedBlock]) -> Admission {
+        let cached_blocks = blocks
+            .iter()
+            .take_while(|b| self.blocks.contains_key(&b.sequence))
+            .count();
+        let wanted = blocks.len().min(self.capacity);
+        for block in &blocks[..wanted] {
+            self.touch(block.sequence);
+        }
+        let stored = wanted.saturating_sub(cached_blocks);
+        let mut evicted = Vec::new();
+        while self.blocks.len() > self.capacity {
+            let Some((_, victim)) = self.by_age.pop_first() else {
+                break;
+            };
+            self.blocks.remove(&victim);
+            evicted.push(victim);
+        }
+        Admission {
+            cached_blocks,
+            stored,
+            evicted,
+        }
+    }
+}
+
+/// A simulated worker. Cheap to clone.
+#[derive(Clone)]
+pub struct SimWorker {
+    inner: Arc<SimInner>,
+}
+
+struct SimInner {
+    config: SimConfig,
+    preprocessor: Arc<Preprocessor>,
+    hasher: BlockHasher,
+    pool: Mutex<Pool>,
+    publisher: Publisher,
+    killed: tokio::sync::watch::Sender<bool>,
+}
+
+impl SimWorker {
+    /// A worker that publishes its KV events through `publisher`.
+    pub fn new(
+        config: SimConfig,
+        preprocessor: Arc<Preprocessor>,
+        publisher: Publisher,
+    ) -> Result<Self, kvroute_blockhash::HashError> {
+        let hasher = BlockHasher::new(config.block_size)?;
+        let pool = Mutex::new(Pool {
+            capacity: config.capacity_blocks,
+            ..Pool::default()
+        });
+        Ok(Self {
+            inner: Arc::new(SimInner {
+                config,
+                preprocessor,
+                hasher,
+                pool,
+                publisher,
+                killed: tokio::sync::watch::channel(false).0,
+            }),
+        })
+    }
+
+    /// Simulates a crash: every open connection is dropped at once, mid-stream included, and
+    /// no new request is answered (new connections are closed as soon as they are accepted).
+    pub fn kill(&self) {
+        self.inner.killed.send_replace(true);
+    }
+
+    /// Blocks currently in the pool.
+    pub fn cached_blocks(&self) -> usize {
+        self.inner
+            .pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .blocks
+            .len()
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains in-flight requests.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let graceful = GracefulShutdown::new();
+        let builder = auto::Builder::new(TokioExecutor::new());
+        tokio::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => continue,
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let worker = self.clone();
+            let service = service_fn(move |request| {
+                let worker = worker.clone();
+                async move { Ok::<_, std::convert::Infallible>(worker.handle(request).await) }
+            });
+            let connection = graceful.watch(
+                builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .into_owned(),
+            );
+            let mut killed = self.inner.killed.subscribe();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = connection => {},
+                    _ = killed.wait_for(|killed| *killed) => {},
+                }
+            });
+        }
+        graceful.shutdown().await;
+        Ok(())
+    }
+
+    /// Handles one request.
+    pub async fn handle(&self, request: Request<Incoming>) -> Response<GatewayBody> {
+        let path = request.uri().path().to_owned();
+        match (request.method(), path.as_str()) {
+            (&Method::POST, "/v1/chat/completions" | "/v1/completions") => {
+                let chat = path == "/v1/chat/completions";
+                match self.generate(request, chat).await {
+                    Ok(response) => response,
+                    Err(response) => response,
+                }
+            }
+            (&Method::GET, "/health") => json_response(StatusCode::OK, &json!({"status": "ok"})),
+            (&Method::GET, "/v1/models") => json_response(
+                StatusCode::OK,
+                &json!({"object": "list", "data": [{"id": self.inner.config.model, "object": "model"}]}),
+            ),
+            _ => error_response(
+                StatusCode::NOT_FOUND,
+                &ErrorBody::invalid_request(format!("no route for {path}"), None, "not_found"),
+            ),
+        }
+    }
+
+    async fn generate(
+        &self,
+        request: Request<Incoming>,
+        chat: bool,
+    ) -> Result<Response<GatewayBody>, Response<GatewayBody>> {
+        let bad = |error: kvroute_preprocess::PreprocessError| {
+            error_response(StatusCode::BAD_REQUEST, &error.to_error_body())
+        };
+        let body = Limited::new(request.into_body(), 64 << 20)
+            .collect()
+            .await
+            .map_err(|error| {
+                error_response(
+                    StatusCode::BAD_REQUEST,
+                    &ErrorBody::invalid_request(error.to_string(), None, "bad_body"),
+                )
+            })?
+            .to_bytes();
+        let (prompt, stream, max_tokens, include_usage) = if chat {
+            let request = ChatRequest::from_json(&body).map_err(bad)?;
+            let include_usage = request
+                .body
+                .get("stream_options")
+                .and_then(|o| o.get("include_usage"))
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(false);
+            let prompt = self.inner.preprocessor.chat(&request).await.map_err(bad)?;
+            (prompt, request.stream, request.max_tokens, include_usage)
+        } else {
+            let request = CompletionRequest::from_json(&body).map_err(bad)?;
+            let prompt = self.inner.preprocessor.completion(&request).map_err(bad)?;
+            (prompt, request.stream, request.max_tokens, false)
+        };
+        let cached_blocks = self.admit(&prompt).await;
+        let config = &self.inner.config;
+        let cached_tokens = cached_blocks * config.block_size as usize;
+        let uncached = prompt.tokens.len().saturating_sub(cached_tokens);
+        let prefill = Duration::from_secs_f64(uncached as f64 / config.prefill_tokens_per_second);
+        let per_token = Duration::from_secs_f64(1.0 / config.decode_tokens_per_second);
+        let completion_tokens = max_tokens.unwrap_or(config.default_max_tokens).max(1);
+        let usage = json!({
+            "prompt_tokens": prompt.tokens.len(),
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt.tokens.len() as u64 + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        });
+        let id = format!("cmpl-{}-{}", config.worker_id, now_ms());
+        let model = config.model.clone();
+        if stream {
+            Ok(sse_response(Stream {
+                id,
+                model,
+                chat,
+                tokens: completion_tokens,
+                prefill,
+                per_token,
+                usage: include_usage.then_some(usage),
+            }))
+        } else {
+            tokio::time::sleep(prefill + per_token * completion_tokens as u32).await;
+            let text = words(completion_tokens);
+            let choice = if chat {
+                json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
+            } else {
+                json!({"index": 0, "text": text, "finish_reason": "length"})
+            };
+            let object = if chat {
+                "chat.completion"
+            } else {
+                "text_completion"
+            };
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({"id": id, "object": object, "created": now_ms() / 1000, "model": model,
+                        "choices": [choice], "usage": usage}),
+            ))
+        }
+    }
+
+    /// Puts the prompt's blocks in the pool, publishes what changed, returns the cached prefix.
+    async fn admit(&self, prompt: &Prompt) -> usize {
+        let hashed = self
+            .inner
+            .hasher
+            .hash_sequence(&prompt.tokens, prompt.media.as_slice());
+        let admission = self
+            .inner
+            .pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .admit(&hashed);
+        let mut events = Vec::new();
+        if !admission.evicted.is_empty() {
+            events.push(KvCacheEventData::Removed(KvCacheRemoveData {
+                block_hashes: admission.evicted,
+            }));
+        }
+        if admission.stored > 0 {
+            let first = admission.cached_blocks;
+            // Spans come from our own expansion, so they always fit; no info is the safe fallback.
+            let infos = block_media_info(
+                &prompt.media,
+                self.inner.config.block_size as usize,
+                prompt.tokens.len(),
+            )
+            .unwrap_or_default();
+            let blocks = hashed[first..first + admission.stored]
+                .iter()
+                .enumerate()
+                .map(|(i, block)| KvCacheStoredBlockData {
+                    block_hash: block.sequence,
+                    tokens_hash: block.block,
+                    mm_extra_info: infos.get(first + i).cloned().flatten(),
+                })
+                .collect();
+            events.push(KvCacheEventData::Stored(KvCacheStoreData {
+                parent_hash: first.checked_sub(1).map(|i| hashed[i].sequence),
+                start_position: None,
+                blocks,
+            }));
+        }
+        if !events.is_empty() {
+            if let Err(error) = self.inner.publisher.publish(DpRank(0), events).await {
+                tracing::warn!(%error, worker = %self.inner.config.worker_id, "could not publish KV events");
+            }
+        }
+        admission.cached_blocks
+    }
+}
+
+/// A streamed answer in progress.
+struct Stream {
+    id: String,
+    model: String,
+    chat: bool,
+    tokens: u64,
+    prefill: Duration,
+    per_token: Duration,
+    usage: Option<serde_json::Value>,
+}
+
+fn sse_response(answer: Stream) -> Response<GatewayBody> {
+    let chunks = stream::unfold((answer, 0u64), |(answer, sent)| async move {
+        if sent > answer.tokens + 1 {
+            return None;
+        }
+        let data = if sent == 0 {
+            tokio::time::sleep(answer.prefill).await;
+            chunk(&answer, Some("role"), None)
+        } else if sent <= answer.tokens {
+            tokio::time::sleep(answer.per_token).await;
+            let last = sent == answer.tokens;
+            chunk(&answer, Some("content"), last.then_some("length"))
+        } else {
+            let usage = answer.usage.as_ref().map(|usage| {
+                json!({"id": answer.id, "object": "chat.completion.chunk", "model": answer.model,
+                       "choices": [], "usage": usage})
+            });
+            let mut tail = String::new();
+            if let Some(usage) = usage {
+                tail.push_str(&format!("data: {usage}\n\n"));
+            }
+            tail.push_str("data: [DONE]\n\n");
+            tail
+        };
+        Some((
+            Ok::<_, crate::body::BoxError>(Frame::data(Bytes::from(data))),
+            (answer, sent + 1),
+        ))
+    });
+    let mut response = Response::new(StreamBody::new(chunks).boxed_unsync());
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    response.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    response
+}
+
+fn chunk(answer: &Stream, kind: Option<&str>, finish: Option<&str>) -> String {
+    let body = if answer.chat {
+        let delta = match kind {
+            Some("role") => json!({"role": "assistant", "content": ""}),
+            _ => json!({"content": "tok "}),
+        };
+        json!({"id": answer.id, "object": "chat.completion.chunk", "created": now_ms() / 1000,
+               "model": answer.model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    } else {
+        let text = if kind == Some("role") { "" } else { "tok " };
+        json!({"id": answer.id, "object": "text_completion", "created": now_ms() / 1000,
+               "model": answer.model, "choices": [{"index": 0, "text": text, "finish_reason": finish}]})
+    };
+    format!("data: {body}\n\n")
+}
+
+fn words(tokens: u64) -> String {
+    "tok ".repeat(tokens as usize)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvroute_protocol::BlockHash;
+
+    fn blocks(hashes: &[u64]) -> Vec<HashedBlock> {
+        hashes
+            .iter()
+            .map(|&h| HashedBlock {
+                block: BlockHash(h),
+                sequence: SequenceHash(h),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_pool_serves_prefixes_and_evicts_least_recently_used() {
+        let mut pool = Pool {
+            capacity: 4,
+            ..Pool::default()
+        };
+        let first = pool.admit(&blocks(&[1, 2, 3]));
+        assert_eq!((first.cached_blocks, first.stored), (0, 3));
+        let again = pool.admit(&blocks(&[1, 2, 9]));
+        assert_eq!((again.cached_blocks, again.stored), (2, 1));
+        assert_eq!(again.evicted, []);
+        // 3 is now the least recently used block.
+        let other = pool.admit(&blocks(&[5]));
+        assert_eq!(other.evicted, [SequenceHash(3)]);
+        // A request larger than the pool keeps only what fits.
+        let big = pool.admit(&blocks(&[10, 11, 12, 13, 14, 15]));
+        assert_eq!(big.stored, 4);
+        assert_eq!(pool.blocks.len(), 4);
+    }
+}

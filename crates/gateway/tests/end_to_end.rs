@@ -1,0 +1,287 @@
+//! The gateway in front of simulated workers over real sockets, with the in-process event bus:
+//! what `kvroute demo` runs.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use kvroute_dispatch::{BreakerConfig, Registry, Worker};
+use kvroute_events::{in_process_bus, IngestConfig, Ingestor, PublisherConfig};
+use kvroute_gateway::sim::{SimConfig, SimWorker};
+use kvroute_gateway::{Gateway, GatewayConfig};
+use kvroute_index::{Index, IndexConfig, SharedIndex};
+use kvroute_preprocess::{ModelFiles, PreprocessConfig, Preprocessor};
+use kvroute_protocol::WorkerId;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+const BLOCK_SIZE: u32 = 32;
+
+fn preprocessor() -> Arc<Preprocessor> {
+    static SHARED: OnceLock<Arc<Preprocessor>> = OnceLock::new();
+    Arc::clone(SHARED.get_or_init(|| {
+        Arc::new(
+            Preprocessor::new(
+                &ModelFiles::bundled_qwen2_vl().unwrap(),
+                PreprocessConfig::default(),
+            )
+            .unwrap(),
+        )
+    }))
+}
+
+struct Cluster {
+    base: String,
+    sims: Vec<SimWorker>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    _ingestor: Ingestor,
+}
+
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Value,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> String {
+        self.headers[name].to_str().unwrap().to_owned()
+    }
+}
+
+async fn cluster(workers: u64, decode_tokens_per_second: f64) -> Cluster {
+    let index = SharedIndex::new(Index::new(IndexConfig::default()));
+    let (bus, source) = in_process_bus(1024);
+    let ingestor = Ingestor::spawn(source, index.clone(), IngestConfig::default());
+    let registry = Registry::new(
+        BreakerConfig::default()
+            .with_failure_threshold(1)
+            .with_cooldown(Duration::from_secs(60)),
+    );
+    let mut sims = Vec::new();
+    for n in 1..=workers {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let config =
+            SimConfig::new(WorkerId(n), "m", BLOCK_SIZE).with_speeds(1e7, decode_tokens_per_second);
+        let sim = SimWorker::new(
+            config,
+            preprocessor(),
+            bus.publisher(PublisherConfig::new(WorkerId(n))),
+        )
+        .unwrap();
+        tokio::spawn(sim.clone().serve(listener, std::future::pending()));
+        registry.upsert(Worker::new(WorkerId(n), url).unwrap());
+        sims.push(sim);
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let config = GatewayConfig::new("m", BLOCK_SIZE).with_max_body_bytes(4 << 20);
+    let gateway = Gateway::new(config, preprocessor(), index, registry, || true).unwrap();
+    tokio::spawn(gateway.serve(listener, std::future::pending()));
+    Cluster {
+        base,
+        sims,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        _ingestor: ingestor,
+    }
+}
+
+impl Cluster {
+    async fn post(&self, path: &str, body: impl Into<Bytes>) -> Reply {
+        let request = http::Request::post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(Full::new(body.into()))
+            .unwrap();
+        let response = self.client.request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn chat(&self, body: &Value) -> Reply {
+        self.post("/v1/chat/completions", body.to_string()).await
+    }
+
+    /// Waits until the router sees `blocks` blocks of `body` cached on some worker (events are
+    /// applied asynchronously).
+    async fn until_overlap(&self, body: &Value, blocks: u64) {
+        for _ in 0..200 {
+            let table = self.post("/v1/route", body.to_string()).await.body;
+            let best = table["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["overlap_blocks"].as_u64().unwrap())
+                .max();
+            if best >= Some(blocks) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the index never saw {blocks} cached blocks");
+    }
+}
+
+fn image_request(image: &str, text: &str) -> Value {
+    let bytes = std::fs::read(format!(
+        "{}/../../tests/fixtures/images/{image}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    );
+    json!({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": text}]}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_image_request_returns_to_its_worker_with_the_predicted_cache() {
+    let cluster = cluster(3, 10_000.0).await;
+    let request = image_request("chelsea.png", "What is in this image?");
+    let first = cluster.chat(&request).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.header("x-kvroute-overlap-blocks"), "0");
+    let blocks: u64 = first.header("x-kvroute-prompt-blocks").parse().unwrap();
+    assert!(blocks >= 5);
+    cluster.until_overlap(&request, blocks).await;
+
+    let second = cluster.chat(&request).await;
+    assert_eq!(
+        second.header("x-kvroute-worker"),
+        first.header("x-kvroute-worker")
+    );
+    let predicted: u64 = second
+        .header("x-kvroute-predicted-cached-tokens")
+        .parse()
+        .unwrap();
+    assert_eq!(predicted, blocks * u64::from(BLOCK_SIZE));
+    assert_eq!(
+        second.body["usage"]["prompt_tokens_details"]["cached_tokens"],
+        predicted
+    );
+
+    // Same text, another image: no phantom overlap anywhere.
+    let other = image_request("coffee.png", "What is in this image?");
+    let table = cluster.post("/v1/route", other.to_string()).await.body;
+    for worker in table["workers"].as_array().unwrap() {
+        assert_eq!(worker["overlap_blocks"], 0, "{table}");
+    }
+    let third = cluster.chat(&other).await;
+    assert_eq!(
+        third.body["usage"]["prompt_tokens_details"]["cached_tokens"],
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_overlap_spread_across_workers() {
+    let cluster = cluster(3, 10_000.0).await;
+    let mut chosen = HashSet::new();
+    for n in 0..24 {
+        let body = json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": format!("{n} unrelated question {n}")}]});
+        let reply = cluster.chat(&body).await;
+        assert_eq!(reply.status, 200);
+        chosen.insert(reply.header("x-kvroute-worker"));
+    }
+    assert_eq!(chosen.len(), 3, "{chosen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_gives_a_clean_error_and_is_avoided() {
+    let cluster = cluster(3, 40.0).await;
+    let body = json!({"model": "m", "stream": true, "max_tokens": 40, "messages": [{"role": "user", "content": "stream please"}]});
+    let request = http::Request::post(format!("{}/v1/chat/completions", cluster.base))
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = cluster.client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let victim: u64 = response.headers()["x-kvroute-worker"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"data: "));
+    cluster.sims[(victim - 1) as usize].kill();
+    let rest = body.collect().await.unwrap().to_bytes();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("\"code\":\"worker_failed\""), "{rest}");
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+
+    // Later requests succeed on the others (retried before the first byte), and the dead
+    // worker's circuit opens.
+    for n in 0..8 {
+        let body = json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": format!("after {n}")}]});
+        let reply = cluster.chat(&body).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert_ne!(reply.header("x-kvroute-worker"), victim.to_string());
+    }
+    let ready = cluster
+        .client
+        .get(format!("{}/ready", cluster.base).parse().unwrap())
+        .await
+        .unwrap();
+    let ready: Value =
+        serde_json::from_slice(&ready.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_eq!(ready["available_workers"], 2, "{ready}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors() {
+    let cluster = cluster(1, 10_000.0).await;
+    for (body, status, param) in [
+        (json!({"model": "m"}).to_string(), 400, Some("messages")),
+        ("{not json".to_owned(), 400, None),
+        (json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}).to_string(), 400, Some("messages[0].content[0]")),
+        ("x".repeat(5 << 20), 413, None),
+    ] {
+        let reply = cluster.post("/v1/chat/completions", body).await;
+        assert_eq!(reply.status, status, "{:?}", reply.body);
+        assert!(reply.body["error"]["message"].is_string(), "{:?}", reply.body);
+        assert_eq!(reply.body["error"]["param"].as_str(), param);
+    }
+    let missing = cluster.post("/v1/nothing", "{}").await;
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.body["error"]["code"], "not_found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_follows_the_openai_sse_format() {
+    let cluster = cluster(2, 10_000.0).await;
+    let body = json!({"model": "m", "stream": true, "max_tokens": 5, "stream_options": {"include_usage": true},
+                      "messages": [{"role": "user", "content": "count"}]});
+    let reply = cluster.post("/v1/chat/completions", body.to_string()).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("content-type"), "text/event-stream");
+    let text = reply.body.as_str().unwrap().to_owned();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(*events.last().unwrap(), "data: [DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
+        .collect();
+    let content: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, "tok ".repeat(5));
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 5);
+}

@@ -1,0 +1,143 @@
+//! Preprocessing cost: a 2k-token chat with one photo, and the 10th turn of a growing
+//! conversation with and without the segment cache.
+//!
+//! ```text
+//! cargo bench -p kvroute-preprocess
+//! ```
+
+#![allow(missing_docs, clippy::expect_used)] // bench harness over fixed inputs
+
+use base64::Engine;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use kvroute_preprocess::{ChatRequest, ModelFiles, PreprocessConfig, Preprocessor};
+use serde_json::{json, Value};
+use std::hint::black_box;
+use std::time::Duration;
+
+const WORDS: &[&str] = &[
+    "the",
+    "router",
+    "predicts",
+    "which",
+    "worker",
+    "holds",
+    "cached",
+    "blocks",
+    "for",
+    "every",
+    "request",
+    "image",
+    "prefix",
+    "tokens",
+    "engine",
+    "latency",
+    "throughput",
+    "memory",
+    "policy",
+    "conversation",
+    "assistant",
+    "question",
+    "answer",
+    "because",
+    "network",
+    "model",
+    "vision",
+];
+
+/// Roughly `tokens` tokens of English-like text, different for every `seed`.
+fn text(tokens: usize, seed: usize) -> String {
+    (0..tokens)
+        .map(|i| WORDS[(i * 7 + seed * 13 + i / 5) % WORDS.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn photo_url() -> String {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/images/hubble_deep_field.jpg"
+    );
+    let bytes = std::fs::read(path).expect("fixture image");
+    format!(
+        "data:image/jpeg;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+/// A conversation of `turns` user turns (about 200 tokens each, assistant answers of about 200),
+/// ending with the user's `turns`-th question, whose text `unique` makes new.
+fn conversation(turns: usize, unique: usize) -> Vec<u8> {
+    let mut messages = vec![json!({"role": "system", "content": text(300, 0)})];
+    for turn in 1..turns {
+        messages.push(json!({"role": "user", "content": text(200, turn)}));
+        messages.push(json!({"role": "assistant", "content": text(200, turn + 1000)}));
+    }
+    messages.push(json!({"role": "user", "content": format!("{} {unique}", text(200, turns))}));
+    json!({"model": "qwen2-vl", "messages": messages})
+        .to_string()
+        .into_bytes()
+}
+
+fn bench(c: &mut Criterion) {
+    let model = ModelFiles::bundled_qwen2_vl().expect("bundled model");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let cached = Preprocessor::new(&model, PreprocessConfig::default()).expect("preprocessor");
+    let uncached = Preprocessor::new(&model, PreprocessConfig::default().with_segment_cache(None))
+        .expect("preprocessor");
+
+    let mut group = c.benchmark_group("preprocess");
+    let body: Value = json!({"model": "qwen2-vl", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": photo_url()}},
+        {"type": "text", "text": text(2000, 1)}]}]});
+    let body = body.to_string().into_bytes();
+    let prompt = runtime
+        .block_on(uncached.chat(&ChatRequest::from_json(&body).expect("request")))
+        .expect("prompt");
+    eprintln!(
+        "chat_2k_text_1_photo: {} tokens, {} visual",
+        prompt.tokens.len(),
+        prompt.images[0].tokens
+    );
+    group.bench_function("chat_2k_text_1_photo/parse+render+tokenize+image", |b| {
+        b.iter(|| {
+            let request = ChatRequest::from_json(black_box(&body)).expect("request");
+            runtime.block_on(uncached.chat(&request)).expect("prompt")
+        })
+    });
+
+    // Warm the cache with turns 1..=9, as a live conversation would have.
+    for turn in 1..10 {
+        let request = ChatRequest::from_json(&conversation(turn, 0)).expect("request");
+        runtime.block_on(cached.chat(&request)).expect("prompt");
+    }
+    let tenth = ChatRequest::from_json(&conversation(10, 0)).expect("request");
+    let prompt = runtime.block_on(uncached.chat(&tenth)).expect("prompt");
+    eprintln!("tenth_turn: {} tokens", prompt.tokens.len());
+    let mut unique = 0;
+    for (name, preprocessor) in [("segment_cache", &cached), ("no_cache", &uncached)] {
+        group.bench_function(format!("tenth_turn/{name}"), |b| {
+            b.iter_batched(
+                || {
+                    unique += 1;
+                    ChatRequest::from_json(&conversation(10, unique)).expect("request")
+                },
+                |request| {
+                    runtime
+                        .block_on(preprocessor.chat(&request))
+                        .expect("prompt")
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4)).sample_size(30);
+    targets = bench
+}
+criterion_main!(benches);
