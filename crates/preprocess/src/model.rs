@@ -176,7 +176,11 @@ mod tests {
             include_str!("../assets/qwen2-vl/tokenizer_config.json"),
         )
         .unwrap();
-        std::fs::write(dir.path().join("config.json"), r#"{"model_type": "qwen2_vl"}"#).unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"model_type": "qwen2_vl"}"#,
+        )
+        .unwrap();
         if let Some((name, content)) = template_file {
             std::fs::write(dir.path().join(name), content).unwrap();
         }
@@ -192,8 +196,14 @@ mod tests {
         assert_eq!(files.end_of_turn.as_deref(), Some("<|im_end|>"));
         assert_eq!(files.special_tokens["eos_token"], "<|im_end|>");
 
-        let json = model_dir(Some(("chat_template.json", r#"{"chat_template": "from json"}"#)));
-        assert_eq!(ModelFiles::from_dir(json.path()).unwrap().chat_template, "from json");
+        let json = model_dir(Some((
+            "chat_template.json",
+            r#"{"chat_template": "from json"}"#,
+        )));
+        assert_eq!(
+            ModelFiles::from_dir(json.path()).unwrap().chat_template,
+            "from json"
+        );
 
         // Only tokenizer_config.json: its (Qwen3) template is used.
         let config_only = model_dir(None);
