@@ -20,7 +20,7 @@ use kvroute_protocol::{
 use std::time::{Duration, Instant};
 
 const PUBLISHERS: u64 = 4;
-const EVENTS_PER_PUBLISHER: u64 = 25_000;
+const EVENTS_PER_PUBLISHER: u64 = 25_600;
 const BLOCKS_PER_EVENT: u64 = 16;
 
 fn store(worker: u64, n: u64) -> KvCacheEventData {
@@ -69,7 +69,6 @@ async fn main() {
     );
     ingestor.caught_up().await;
 
-    let total_events = PUBLISHERS * EVENTS_PER_PUBLISHER;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..PUBLISHERS {
@@ -95,7 +94,7 @@ async fn main() {
         publishers.push(task.await.unwrap());
     }
     let published = started.elapsed();
-    let expected = total_events / 64 * 64;
+    let expected = PUBLISHERS * (EVENTS_PER_PUBLISHER / 64 * 64);
     while ingestor.stats().events_applied < expected {
         tokio::time::sleep(Duration::from_millis(1)).await;
     }

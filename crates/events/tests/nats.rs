@@ -234,3 +234,31 @@ async fn gaps_heal_over_the_control_subject_and_malformed_messages_are_skipped()
     assert_eq!(stats.gaps, 1, "{stats:?}");
     assert!(stats.resyncs_completed >= 1, "{stats:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caught_up_while_other_components_keep_publishing() {
+    let server = NatsServer::start().await;
+    let p1 = publisher(&server, 1, 1).await;
+    let mut w1 = SimWorker::new(WorkerId(1), 2);
+    w1.run(&p1, 50, 10).await;
+    p1.flush().await.unwrap();
+    // The stream's last message belongs to another component.
+    let other = NatsPublisher::connect(
+        connect(&server.url()).await.unwrap(),
+        StreamSettings::default().for_component("test", "other"),
+        NatsPublishConfig::default(),
+        PublisherConfig::new(WorkerId(9)),
+    )
+    .await
+    .unwrap();
+    SimWorker::new(WorkerId(9), 3).run(&other, 20, 10).await;
+    other.flush().await.unwrap();
+
+    let index = new_index();
+    let ingest = ingestor(&server, &index, None).await;
+    tokio::time::timeout(Duration::from_secs(10), ingest.caught_up())
+        .await
+        .unwrap();
+    converge(&index, std::slice::from_ref(&w1), 10).await;
+    assert_eq!(ingest.stats().events_applied, 50);
+}

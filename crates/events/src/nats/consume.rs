@@ -122,8 +122,9 @@ pub struct NatsSource {
     messages: Option<consumer::pull::Ordered>,
     /// The last stream sequence handed to the ingestor.
     delivered: u64,
-    /// The stream's last sequence when ingestion started: caught up once delivered.
-    target: u64,
+    /// Whether the consumer reported nothing pending (after the message just delivered).
+    drained: bool,
+    /// Whether caught up was announced.
     announced: bool,
     retry_at: Option<Instant>,
     delay: Duration,
@@ -156,7 +157,7 @@ impl NatsSource {
             config,
             messages: None,
             delivered: 0,
-            target: 0,
+            drained: false,
             announced: false,
             retry_at: None,
             delay,
@@ -195,7 +196,6 @@ impl NatsSource {
             Ok(info) => info.state.clone(),
             Err(_) => stream.cached_info().state.clone(),
         };
-        self.target = state.last_sequence;
         let Some(settings) = self.config.snapshots.clone() else {
             return;
         };
@@ -333,6 +333,7 @@ impl NatsSource {
         }
     }
 
+    /// Opens an ordered consumer from the next sequence; notes whether it has nothing pending.
     async fn open(&mut self) -> Result<consumer::pull::Ordered, async_nats::Error> {
         let stream = self.js.get_stream(&self.config.stream.stream).await?;
         let deliver_policy = match self.delivered {
@@ -351,13 +352,14 @@ impl NatsSource {
                 ..Default::default()
             })
             .await?;
+        self.drained |= consumer.cached_info().num_pending == 0;
         Ok(consumer.messages().await?)
     }
 
     /// The next item; reopens the consumer as long as it takes.
     pub(crate) async fn next(&mut self, ingest: &Ingest) -> Item {
         loop {
-            if !self.announced && self.delivered >= self.target {
+            if !self.announced && self.drained {
                 self.announced = true;
                 return Item::CaughtUp;
             }
@@ -402,9 +404,11 @@ impl NatsSource {
                     continue;
                 }
             };
-            let Ok(sequence) = message.info().map(|info| info.stream_sequence) else {
+            let Ok((sequence, pending)) = message.info().map(|i| (i.stream_sequence, i.pending))
+            else {
                 return Item::Malformed(MalformedKind::Delivery, "no delivery metadata".into());
             };
+            self.drained |= pending == 0;
             if sequence <= self.delivered {
                 continue; // replayed by a recreated consumer
             }
