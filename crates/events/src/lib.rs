@@ -51,6 +51,41 @@
 //! # }
 //! ```
 //!
+//! Over NATS JetStream the same two ends are made from a client:
+//!
+//! ```no_run
+//! use kvroute_events::{
+//!     connect, IngestConfig, Ingestor, NatsPublishConfig, NatsPublisher, NatsSource,
+//!     NatsSourceConfig, PublisherConfig, StreamSettings,
+//! };
+//! use kvroute_index::{Index, IndexConfig, SharedIndex};
+//! use kvroute_protocol::{DpRank, KvCacheEventData, WorkerId};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let stream = StreamSettings::default().for_component("prod", "llama");
+//!
+//! // Gateway side: consume the whole stream, restoring and writing snapshots.
+//! let index = SharedIndex::new(Index::new(IndexConfig::default()));
+//! let client = connect("nats://127.0.0.1:4222").await?;
+//! let source = NatsSource::new(client, NatsSourceConfig::new(stream.clone()));
+//! let ingestor = Ingestor::spawn(source, index.clone(), IngestConfig::default());
+//! ingestor.caught_up().await;
+//!
+//! // Worker side.
+//! let publisher = NatsPublisher::connect(
+//!     connect("nats://127.0.0.1:4222").await?,
+//!     stream,
+//!     NatsPublishConfig::default(),
+//!     PublisherConfig::new(WorkerId(7)),
+//! )
+//! .await?;
+//! publisher.publish(DpRank(0), [KvCacheEventData::Cleared]).await?;
+//! publisher.flush().await?;
+//! ingestor.shutdown().await?; // writes a final snapshot
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! docs/events.md describes the wire formats, subjects, stream settings and every counter.
 
 mod bus;

@@ -262,3 +262,30 @@ async fn caught_up_while_other_components_keep_publishing() {
     converge(&index, std::slice::from_ref(&w1), 10).await;
     assert_eq!(ingest.stats().events_applied, 50);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_publisher_replaces_its_old_entries() {
+    let server = NatsServer::start().await;
+    let index = new_index();
+    let ingest = ingestor(&server, &index, None).await;
+    let old = publisher(&server, 4, 10).await;
+    let mut before = SimWorker::new(WorkerId(4), 1);
+    before.run(&old, 300, 10).await;
+    old.flush().await.unwrap();
+    converge(&index, std::slice::from_ref(&before), 20).await;
+
+    let new = publisher(&server, 4, 11).await;
+    let mut after = SimWorker::new(WorkerId(4), 2);
+    after.run(&new, 1, 1).await;
+    new.flush().await.unwrap();
+    converge(&index, std::slice::from_ref(&after), 20).await;
+    // The old process, still talking, is fenced off.
+    before.run(&old, 30, 10).await;
+    old.flush().await.unwrap();
+    after.run(&new, 50, 10).await;
+    new.flush().await.unwrap();
+    converge(&index, std::slice::from_ref(&after), 20).await;
+    let stats = ingest.stats();
+    assert_eq!(stats.incarnation_changes, 1, "{stats:?}");
+    assert_eq!(stats.stale_incarnation, 30, "{stats:?}");
+}
