@@ -326,8 +326,12 @@ impl BlockHasher {
         #[cfg(target_endian = "little")]
         bytes.extend_from_slice(bytemuck::cast_slice(window));
         #[cfg(not(target_endian = "little"))]
-        bytes.extend(window.iter().flat_map(|token| token.to_le_bytes()));
-        bytes.extend(scratch.media.iter().flat_map(|id| id.0.to_le_bytes()));
+        for token in window {
+            bytes.extend_from_slice(&token.to_le_bytes());
+        }
+        for id in &scratch.media {
+            bytes.extend_from_slice(&id.0.to_le_bytes());
+        }
         scratch.media.clear();
         BlockHash(self.xxh3.hash(bytes))
     }
