@@ -5,6 +5,8 @@
 //! nats-server -js -p 4333 -sd /tmp/nats-bench &
 //! cargo run --release -p kvroute-events --example nats_throughput -- nats://127.0.0.1:4333
 //! ```
+//!
+//! Optional further arguments: the publishers' `max_message_bytes` and `max_in_flight`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails loudly by design
 
@@ -70,12 +72,19 @@ async fn main() {
     ingestor.caught_up().await;
 
     let started = Instant::now();
+    let mut publish_config = NatsPublishConfig::default();
+    if let Some(bytes) = std::env::args().nth(2) {
+        publish_config.max_message_bytes = bytes.parse().unwrap();
+    }
+    if let Some(in_flight) = std::env::args().nth(3) {
+        publish_config.max_in_flight = in_flight.parse().unwrap();
+    }
     let mut tasks = Vec::new();
     for w in 0..PUBLISHERS {
         let publisher = NatsPublisher::connect(
             connect(&url).await.unwrap(),
             stream.clone(),
-            NatsPublishConfig::default(),
+            publish_config.clone(),
             PublisherConfig::new(WorkerId(w)),
         )
         .await
