@@ -1,13 +1,13 @@
 //! `kvroute demo`: the gateway, an in-process event bus and simulated workers in one process.
 
-use anyhow::{Context, Result};
+use crate::wiring::{self, ModelArgs};
+use anyhow::Result;
 use clap::Args;
 use kvroute_dispatch::{Registry, Worker};
 use kvroute_events::{in_process_bus, IngestConfig, Ingestor, PublisherConfig};
 use kvroute_gateway::sim::{SimConfig, SimWorker};
-use kvroute_gateway::{Gateway, GatewayConfig};
+use kvroute_gateway::GatewayConfig;
 use kvroute_index::{Index, IndexConfig, SharedIndex};
-use kvroute_preprocess::{ModelFiles, PreprocessConfig, Preprocessor};
 use kvroute_protocol::WorkerId;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,27 +21,19 @@ pub struct DemoArgs {
     /// Simulated workers.
     #[arg(long, env = "NUM_WORKERS", default_value_t = 2)]
     workers: u64,
-    /// Tokens per KV block.
-    #[arg(long, env = "BLOCK_SIZE", default_value_t = 32)]
-    block_size: u32,
-    /// The model name served (the bundled Qwen2-VL tokenizer and template are used).
-    #[arg(long, env = "MODEL", default_value = "Qwen/Qwen2-VL-2B-Instruct")]
-    model: String,
+    #[command(flatten)]
+    model: ModelArgs,
     /// KV pool of each simulated worker, in blocks.
     #[arg(long, default_value_t = 4096)]
     capacity_blocks: usize,
 }
 
 pub async fn run(args: DemoArgs, metrics: kvroute_gateway::MetricsRender) -> Result<()> {
-    let model = ModelFiles::bundled_qwen2_vl()?;
-    let preprocessor = Arc::new(Preprocessor::new(&model, PreprocessConfig::default())?);
+    let preprocessor = args.model.preprocessor()?;
+    let (model, block_size) = (&args.model.model, args.model.block_size);
     let index = SharedIndex::new(Index::new(IndexConfig::default()));
     let (bus, source) = in_process_bus(4096);
-    let ingestor = Arc::new(Ingestor::spawn(
-        source,
-        index.clone(),
-        IngestConfig::default(),
-    ));
+    let ingestor = Ingestor::spawn(source, index.clone(), IngestConfig::default());
 
     let registry = Registry::default();
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -50,8 +42,8 @@ pub async fn run(args: DemoArgs, metrics: kvroute_gateway::MetricsRender) -> Res
         let id = WorkerId(n);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let config = SimConfig::new(id, &args.model, args.block_size)
-            .with_capacity_blocks(args.capacity_blocks);
+        let config =
+            SimConfig::new(id, model, block_size).with_capacity_blocks(args.capacity_blocks);
         let worker = SimWorker::new(
             config,
             Arc::clone(&preprocessor),
@@ -62,56 +54,23 @@ pub async fn run(args: DemoArgs, metrics: kvroute_gateway::MetricsRender) -> Res
         println!("simulated worker {id} on {url}");
     }
 
-    let listener = TcpListener::bind(args.listen).await.with_context(|| {
-        format!(
-            "binding {} (use --listen to pick another address)",
-            args.listen
-        )
-    })?;
-    let config = GatewayConfig::new(&args.model, args.block_size).with_metrics(metrics);
-    let caught_up = Arc::clone(&ingestor);
-    let gateway = Gateway::new(config, preprocessor, index, registry, move || {
-        caught_up.is_caught_up()
-    })?;
-    print_usage(listener.local_addr()?, &args.model);
-    gateway.serve(listener, shutdown_signal()).await?;
+    let listener = wiring::bind(args.listen).await?;
+    let config = GatewayConfig::new(model, block_size).with_metrics(metrics);
+    let gateway = wiring::gateway(config, preprocessor, index, registry, &ingestor)?;
+    print_usage(listener.local_addr()?, model);
+    gateway.serve(listener, wiring::shutdown_signal()).await?;
 
     let _ = stop.send(true);
     for task in tasks {
         task.await??;
     }
     drop(bus);
-    if let Ok(ingestor) = Arc::try_unwrap(ingestor) {
-        ingestor.shutdown().await?;
-    }
+    ingestor.shutdown().await?;
     Ok(())
 }
 
 async fn wait(mut stopped: tokio::sync::watch::Receiver<bool>) {
     let _ = stopped.wait_for(|stop| *stop).await;
-}
-
-/// Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    println!("shutting down: draining in-flight requests");
 }
 
 fn print_usage(addr: SocketAddr, model: &str) {

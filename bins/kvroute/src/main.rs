@@ -2,6 +2,9 @@
 
 mod demo;
 mod hash;
+mod serve;
+mod wiring;
+mod worker_sim;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -19,6 +22,10 @@ struct Cli {
 enum Command {
     /// Run the gateway with simulated workers and an in-process event bus (no NATS needed).
     Demo(demo::DemoArgs),
+    /// Run the gateway against a NATS server (KV events) and a list of workers.
+    Serve(serve::ServeArgs),
+    /// Run one simulated worker that publishes its KV events to NATS.
+    WorkerSim(worker_sim::WorkerSimArgs),
     /// Print the block and sequence hashes of a token sequence (Dynamo-compatible).
     Hash(hash::HashArgs),
 }
@@ -35,6 +42,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Hash(args) => hash::run(args),
         Command::Demo(args) => serve_async(|metrics| demo::run(args, metrics)),
+        Command::Serve(args) => serve_async(|metrics| serve::run(args, metrics)),
+        Command::WorkerSim(args) => runtime().and_then(|rt| rt.block_on(worker_sim::run(args))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -53,8 +62,11 @@ where
 {
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     let render: kvroute_gateway::MetricsRender = Arc::new(move || handle.render());
-    tokio::runtime::Builder::new_multi_thread()
+    runtime()?.block_on(command(render))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(command(render))
+        .build()?)
 }

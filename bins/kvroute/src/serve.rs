@@ -1,0 +1,148 @@
+//! `kvroute serve`: the gateway against a NATS server and a static list of workers.
+
+use crate::wiring::{self, ModelArgs, NatsArgs};
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use kvroute_dispatch::{BreakerConfig, Registry, Worker};
+use kvroute_events::{
+    DynamoSource, EventSource, IngestConfig, Ingestor, NatsSource, NatsSourceConfig,
+    SnapshotSettings,
+};
+use kvroute_gateway::GatewayConfig;
+use kvroute_index::{Index, IndexConfig, SharedIndex};
+use kvroute_protocol::WorkerId;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// The workers' endpoint name (used by `--event-wire dynamo`).
+    #[arg(long, env = "ENDPOINT", default_value = "generate")]
+    endpoint: String,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Where the gateway listens [default: 0.0.0.0:$API_PORT].
+    #[arg(long, env = "KVROUTE_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// The port listened on when --listen is not given.
+    #[arg(long, env = "API_PORT", default_value_t = 8000)]
+    api_port: u16,
+    /// A worker as ID=URL (the id its KV events carry, its OpenAI base URL); repeatable, or
+    /// comma-separated in WORKERS.
+    #[arg(long = "worker", env = "WORKERS", value_name = "ID=URL", value_delimiter = ',',
+          value_parser = parse_worker)]
+    workers: Vec<Worker>,
+    /// How workers publish KV events: kvroute's JetStream stream (`kvroute worker-sim`), or
+    /// Dynamo 1.6 workers' NATS core subjects
+    /// (`namespace.{NAMESPACE}.component.{COMPONENT}.endpoint.{ENDPOINT}.kv-events`).
+    #[arg(long, env = "EVENT_WIRE", value_enum, default_value_t = EventWire::Kvroute)]
+    event_wire: EventWire,
+    /// Do not keep index snapshots in the JetStream object store (every start replays the
+    /// whole stream).
+    #[arg(long)]
+    no_snapshots: bool,
+    /// Seconds between index snapshots while events arrive (one is also written on shutdown).
+    #[arg(long, default_value_t = 60)]
+    snapshot_interval_secs: u64,
+    /// Consecutive failures that take a worker out of rotation.
+    #[arg(long, default_value_t = 3)]
+    breaker_failures: u32,
+    /// Seconds a failed worker stays out of rotation before a trial request.
+    #[arg(long, default_value_t = 5)]
+    breaker_cooldown_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum EventWire {
+    Kvroute,
+    Dynamo,
+}
+
+fn parse_worker(spec: &str) -> Result<Worker, String> {
+    let (id, url) = spec
+        .split_once('=')
+        .ok_or_else(|| format!("{spec:?} is not ID=URL (e.g. 1=http://10.0.0.5:8000)"))?;
+    let id: u64 = id
+        .trim()
+        .parse()
+        .map_err(|_| format!("worker id {id:?} is not an unsigned integer"))?;
+    Worker::new(WorkerId(id), url.trim()).map_err(|e| e.to_string())
+}
+
+pub async fn run(args: ServeArgs, metrics: kvroute_gateway::MetricsRender) -> Result<()> {
+    if args.workers.is_empty() {
+        bail!("no workers: pass --worker ID=URL (repeatable) or set WORKERS=ID=URL,ID=URL");
+    }
+    let mut seen = HashSet::new();
+    for worker in &args.workers {
+        if !seen.insert(worker.id) {
+            bail!("worker id {} is given twice", worker.id);
+        }
+    }
+    let preprocessor = args.model.preprocessor()?;
+    let client = args.nats.connect().await?;
+    let source: EventSource = match args.event_wire {
+        EventWire::Kvroute => {
+            let stream = args.nats.stream();
+            let js = async_nats::jetstream::new(client.clone());
+            kvroute_events::ensure_stream(&js, &stream)
+                .await
+                .with_context(|| {
+                    format!("provisioning the event stream on {}", args.nats.nats_url)
+                })?;
+            let snapshots = (!args.no_snapshots).then(|| {
+                let mut settings = SnapshotSettings::default();
+                // One object per (namespace, component): their indexes differ.
+                settings.object = format!(
+                    "index-{}-{}",
+                    kvroute_events::subject_token(&args.nats.namespace),
+                    kvroute_events::subject_token(&args.nats.component)
+                );
+                settings.interval = Duration::from_secs(args.snapshot_interval_secs.max(1));
+                settings
+            });
+            let config = NatsSourceConfig::new(stream).with_snapshots(snapshots);
+            NatsSource::new(client, config).into()
+        }
+        EventWire::Dynamo => DynamoSource::new(
+            client,
+            &args.nats.namespace,
+            &args.nats.component,
+            Some(&args.endpoint),
+        )
+        .into(),
+    };
+    let index = SharedIndex::new(Index::new(IndexConfig::default()));
+    let ingestor = Ingestor::spawn(source, index.clone(), IngestConfig::default());
+
+    let registry = Registry::new(
+        BreakerConfig::default()
+            .with_failure_threshold(args.breaker_failures)
+            .with_cooldown(Duration::from_secs(args.breaker_cooldown_secs)),
+    );
+    for worker in args.workers {
+        println!("worker {} at {}", worker.id, worker.url);
+        registry.upsert(worker);
+    }
+    let listen = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], args.api_port)));
+    let listener = wiring::bind(listen).await?;
+    let config = GatewayConfig::new(&args.model.model, args.model.block_size).with_metrics(metrics);
+    let gateway = wiring::gateway(config, preprocessor, index, registry, &ingestor)?;
+    println!(
+        "kvroute serve: gateway on http://{}, KV events from {} ({}/{})",
+        listener.local_addr()?,
+        args.nats.nats_url,
+        args.nats.namespace,
+        args.nats.component
+    );
+    gateway.serve(listener, wiring::shutdown_signal()).await?;
+    // Writes the final snapshot.
+    ingestor.shutdown().await?;
+    println!("stopped");
+    Ok(())
+}

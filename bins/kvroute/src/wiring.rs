@@ -1,0 +1,120 @@
+//! Wiring shared by the server commands: model loading, the gateway over an ingestor, the NATS
+//! flags, signals.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use kvroute_dispatch::Registry;
+use kvroute_events::{Ingestor, StreamSettings};
+use kvroute_gateway::{Gateway, GatewayConfig};
+use kvroute_index::SharedIndex;
+use kvroute_preprocess::{ModelFiles, PreprocessConfig, Preprocessor};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// The model served and where its tokenizer and chat template come from.
+#[derive(Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// The model name served.
+    #[arg(long, env = "MODEL", default_value = "Qwen/Qwen2-VL-2B-Instruct")]
+    pub model: String,
+    /// A Hugging Face model directory (tokenizer.json, chat template, config.json); without
+    /// it the bundled Qwen2-VL tokenizer and template are used.
+    #[arg(long, env = "MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
+    /// Tokens per KV block (router and workers must agree).
+    #[arg(long, env = "BLOCK_SIZE", default_value_t = 32)]
+    pub block_size: u32,
+}
+
+impl ModelArgs {
+    /// The preprocessor of the model directory, or of the bundled Qwen2-VL.
+    pub fn preprocessor(&self) -> Result<Arc<Preprocessor>> {
+        let files = match &self.model_dir {
+            Some(dir) => ModelFiles::from_dir(dir)
+                .with_context(|| format!("reading the model directory {}", dir.display()))?,
+            None => ModelFiles::bundled_qwen2_vl()?,
+        };
+        Ok(Arc::new(Preprocessor::new(
+            &files,
+            PreprocessConfig::default(),
+        )?))
+    }
+}
+
+/// Where KV events travel on NATS.
+#[derive(Args, Clone, Debug)]
+pub struct NatsArgs {
+    /// The NATS server (JetStream enabled).
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// The deployment's namespace.
+    #[arg(long, env = "NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// The component (worker pool) inside the namespace.
+    #[arg(long, env = "COMPONENT", default_value = "trtllm")]
+    pub component: String,
+}
+
+impl NatsArgs {
+    /// The event stream's settings for this namespace and component.
+    pub fn stream(&self) -> StreamSettings {
+        StreamSettings::default().for_component(&self.namespace, &self.component)
+    }
+
+    /// A client that reconnects forever.
+    pub async fn connect(&self) -> Result<async_nats::Client> {
+        kvroute_events::connect(&self.nats_url)
+            .await
+            .with_context(|| format!("connecting to NATS at {}", self.nats_url))
+    }
+}
+
+/// Binds `addr`, saying which flag changes it when it is taken.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr} (use --listen to pick another address)"))
+}
+
+/// A gateway whose `/ready` follows `ingestor` catching up.
+pub fn gateway(
+    config: GatewayConfig,
+    preprocessor: Arc<Preprocessor>,
+    index: SharedIndex,
+    registry: Registry,
+    ingestor: &Ingestor,
+) -> Result<Gateway> {
+    let caught_up = ingestor.readiness();
+    Ok(Gateway::new(
+        config,
+        preprocessor,
+        index,
+        registry,
+        move || *caught_up.borrow(),
+    )?)
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    println!("shutting down: draining in-flight requests");
+}

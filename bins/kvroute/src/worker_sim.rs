@@ -1,0 +1,77 @@
+//! `kvroute worker-sim`: one simulated worker publishing its KV events to NATS.
+
+use crate::wiring::{self, ModelArgs, NatsArgs};
+use anyhow::{Context, Result};
+use clap::Args;
+use kvroute_events::{NatsPublishConfig, NatsPublisher, PublisherConfig};
+use kvroute_gateway::sim::{SimConfig, SimWorker};
+use kvroute_protocol::WorkerId;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct WorkerSimArgs {
+    /// Where the worker listens (its OpenAI base URL for `kvroute serve --worker`).
+    #[arg(long, env = "KVROUTE_LISTEN", default_value = "127.0.0.1:8001")]
+    listen: SocketAddr,
+    /// The id its KV events carry (the ID of `kvroute serve --worker ID=URL`).
+    #[arg(long, env = "WORKER_ID")]
+    worker_id: u64,
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// KV pool capacity in blocks (least recently used blocks are evicted past it).
+    #[arg(long, default_value_t = 4096)]
+    capacity_blocks: usize,
+    /// Prefill speed: uncached prompt tokens per second.
+    #[arg(long, default_value_t = 20_000.0)]
+    prefill_tokens_per_second: f64,
+    /// Decode speed of one request: generated tokens per second.
+    #[arg(long, default_value_t = 100.0)]
+    decode_tokens_per_second: f64,
+    /// Tokens generated when a request sets no max_tokens.
+    #[arg(long, default_value_t = 16)]
+    default_max_tokens: u64,
+}
+
+/// How long a stopping worker waits for its last events to be acknowledged.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub async fn run(args: WorkerSimArgs) -> Result<()> {
+    let id = WorkerId(args.worker_id);
+    let preprocessor = args.model.preprocessor()?;
+    let client = args.nats.connect().await?;
+    let publisher = NatsPublisher::connect(
+        client,
+        args.nats.stream(),
+        NatsPublishConfig::default(),
+        PublisherConfig::new(id),
+    )
+    .await
+    .with_context(|| format!("setting up KV event publishing on {}", args.nats.nats_url))?;
+    let mut config = SimConfig::new(id, &args.model.model, args.model.block_size)
+        .with_capacity_blocks(args.capacity_blocks)
+        .with_speeds(
+            args.prefill_tokens_per_second,
+            args.decode_tokens_per_second,
+        );
+    config.default_max_tokens = args.default_max_tokens;
+    let worker = SimWorker::new(config, preprocessor, publisher.clone())?;
+    let listener = wiring::bind(args.listen).await?;
+    println!(
+        "simulated worker {id} on http://{}, KV events to {} ({}/{})",
+        listener.local_addr()?,
+        args.nats.nats_url,
+        args.nats.namespace,
+        args.nats.component
+    );
+    worker.serve(listener, wiring::shutdown_signal()).await?;
+    match tokio::time::timeout(FLUSH_TIMEOUT, publisher.flush()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => eprintln!("kvroute: last KV events not flushed: {error}"),
+        Err(_) => eprintln!("kvroute: last KV events not acknowledged within {FLUSH_TIMEOUT:?}"),
+    }
+    println!("stopped");
+    Ok(())
+}
