@@ -1,0 +1,435 @@
+//! `kvroute serve` and three `kvroute worker-sim` processes over a real `nats-server -js` of the
+//! test's own (free port, temporary store): the flows of crates/gateway/tests/end_to_end.rs,
+//! with KV events travelling through JetStream between processes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BLOCK_SIZE: u64 = 32;
+const WORKERS: u64 = 3;
+
+/// The nats-server binary: `KVROUTE_NATS_SERVER`, else Debian's /usr/sbin, else PATH.
+fn nats_server_binary() -> Option<PathBuf> {
+    if let Ok(binary) = std::env::var("KVROUTE_NATS_SERVER") {
+        return Some(binary.into());
+    }
+    let sbin = Path::new("/usr/sbin/nats-server");
+    if sbin.exists() {
+        return Some(sbin.into());
+    }
+    let found = Command::new("nats-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok();
+    found.then(|| "nats-server".into())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Every child process of the test, killed (SIGKILL) and reaped on drop, panics included;
+/// on a panic their logs are printed.
+struct Processes {
+    dir: tempfile::TempDir,
+    children: Vec<(String, Child)>,
+}
+
+impl Processes {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            children: Vec::new(),
+        }
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    fn spawn(&mut self, name: &str, command: &mut Command) {
+        let log = std::fs::File::create(self.log(name)).unwrap();
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        self.children.push((name.to_owned(), child));
+    }
+
+    fn child(&mut self, name: &str) -> &mut Child {
+        &mut self.children.iter_mut().find(|(n, _)| n == name).unwrap().1
+    }
+
+    /// Panics (with the logs) if a process exited early.
+    fn check_alive(&mut self) {
+        for (name, child) in &mut self.children {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("{name} exited early: {status}");
+            }
+        }
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        // Gateway and workers first, the NATS server (spawned first) last.
+        for (_, child) in self.children.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            for (name, _) in &self.children {
+                let log = std::fs::read_to_string(self.log(name)).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("----- {name} (last lines) -----");
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+fn kvroute() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kvroute"));
+    for var in [
+        "NATS_URL",
+        "NAMESPACE",
+        "COMPONENT",
+        "ENDPOINT",
+        "MODEL",
+        "MODEL_DIR",
+        "BLOCK_SIZE",
+        "WORKERS",
+        "API_PORT",
+        "KVROUTE_LISTEN",
+        "EVENT_WIRE",
+        "WORKER_ID",
+    ] {
+        command.env_remove(var);
+    }
+    command.env("RUST_LOG", "info");
+    command
+}
+
+async fn wait_for_port(processes: &mut Processes, port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        processes.check_alive();
+        assert!(Instant::now() < deadline, "{what} did not come up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Value,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> String {
+        self.headers[name].to_str().unwrap().to_owned()
+    }
+}
+
+struct Gateway {
+    base: String,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Gateway {
+    async fn get(&self, path: &str) -> Reply {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.base).parse().unwrap())
+            .await
+            .unwrap();
+        Self::reply(response).await
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> Reply {
+        let request = http::Request::post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        Self::reply(self.client.request(request).await.unwrap()).await
+    }
+
+    async fn reply(response: http::Response<hyper::body::Incoming>) -> Reply {
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let body = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn chat(&self, body: &Value) -> Reply {
+        self.post("/v1/chat/completions", body).await
+    }
+
+    /// Waits until the router sees `blocks` blocks of `body` cached on some worker (events go
+    /// through NATS and are applied asynchronously).
+    async fn until_overlap(&self, body: &Value, blocks: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let table = self.post("/v1/route", body).await.body;
+            let best = table["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["overlap_blocks"].as_u64().unwrap())
+                .max();
+            if best >= Some(blocks) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the index never saw {blocks} cached blocks");
+    }
+}
+
+fn image_request(image: &str, text: &str) -> Value {
+    let bytes = std::fs::read(format!(
+        "{}/../../tests/fixtures/images/{image}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let url = format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    );
+    json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "text", "text": text}]}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_and_worker_sims_over_nats() {
+    let Some(nats_server) = nats_server_binary() else {
+        eprintln!(
+            "SKIPPED: nats-server is not installed (scripts/test installs it; or set KVROUTE_NATS_SERVER)"
+        );
+        return;
+    };
+    let started = Instant::now();
+    let mut processes = Processes::new();
+
+    let nats_port = free_port();
+    let store = processes.dir.path().join("jetstream");
+    processes.spawn(
+        "nats-server",
+        Command::new(&nats_server)
+            .args(["-js", "-a", "127.0.0.1", "-p"])
+            .arg(nats_port.to_string())
+            .arg("-sd")
+            .arg(&store),
+    );
+    wait_for_port(&mut processes, nats_port, "nats-server").await;
+    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+
+    // The gateway first: it provisions the stream before listening, so the workers starting
+    // together afterwards find it.
+    let worker_ports: Vec<u16> = (0..WORKERS).map(|_| free_port()).collect();
+    let gateway_port = free_port();
+    let mut serve = kvroute();
+    serve
+        .arg("serve")
+        .args([
+            "--nats-url",
+            &nats_url,
+            "--model",
+            "m",
+            "--block-size",
+            "32",
+        ])
+        .args(["--listen", &format!("127.0.0.1:{gateway_port}")])
+        .args(["--breaker-failures", "1", "--breaker-cooldown-secs", "60"]);
+    for (n, port) in worker_ports.iter().enumerate() {
+        serve.args(["--worker", &format!("{}=http://127.0.0.1:{port}", n + 1)]);
+    }
+    processes.spawn("serve", &mut serve);
+    wait_for_port(&mut processes, gateway_port, "kvroute serve").await;
+
+    for (n, port) in worker_ports.iter().enumerate() {
+        processes.spawn(
+            &format!("worker-{}", n + 1),
+            kvroute()
+                .arg("worker-sim")
+                .args(["--worker-id", &(n + 1).to_string()])
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args([
+                    "--nats-url",
+                    &nats_url,
+                    "--model",
+                    "m",
+                    "--block-size",
+                    "32",
+                ])
+                .args(["--prefill-tokens-per-second", "10000000"])
+                .args(["--decode-tokens-per-second", "40"]),
+        );
+    }
+    for (n, port) in worker_ports.iter().enumerate() {
+        wait_for_port(&mut processes, *port, &format!("worker-sim {}", n + 1)).await;
+    }
+
+    let gateway = Gateway {
+        base: format!("http://127.0.0.1:{gateway_port}"),
+        client: Client::builder(TokioExecutor::new()).build_http(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = gateway.get("/ready").await;
+        if ready.status == 200 {
+            assert_eq!(ready.body["available_workers"], WORKERS, "{:?}", ready.body);
+            break;
+        }
+        processes.check_alive();
+        assert!(Instant::now() < deadline, "never ready: {:?}", ready.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A repeated image request returns to its worker, with the predicted cache.
+    let request = image_request("chelsea.png", "What is in this image?");
+    let first = gateway.chat(&request).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.header("x-kvroute-overlap-blocks"), "0");
+    let blocks: u64 = first.header("x-kvroute-prompt-blocks").parse().unwrap();
+    assert!(blocks >= 5);
+    gateway.until_overlap(&request, blocks).await;
+    let second = gateway.chat(&request).await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    assert_eq!(
+        second.header("x-kvroute-worker"),
+        first.header("x-kvroute-worker")
+    );
+    let predicted: u64 = second
+        .header("x-kvroute-predicted-cached-tokens")
+        .parse()
+        .unwrap();
+    assert_eq!(predicted, blocks * BLOCK_SIZE);
+    assert_eq!(
+        second.body["usage"]["prompt_tokens_details"]["cached_tokens"],
+        predicted
+    );
+
+    // Same text, another image: no phantom overlap anywhere.
+    let other = image_request("coffee.png", "What is in this image?");
+    let table = gateway.post("/v1/route", &other).await.body;
+    let rows = table["workers"].as_array().unwrap();
+    assert_eq!(rows.len() as u64, WORKERS, "{table}");
+    for worker in rows {
+        assert_eq!(worker["overlap_blocks"], 0, "{table}");
+    }
+    let third = gateway.chat(&other).await;
+    assert_eq!(third.status, 200, "{:?}", third.body);
+    assert_eq!(
+        third.body["usage"]["prompt_tokens_details"]["cached_tokens"],
+        0
+    );
+
+    // Requests without overlap spread across workers.
+    let mut chosen = HashSet::new();
+    for n in 0..24 {
+        let body = json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": format!("{n} unrelated question {n}")}]});
+        let reply = gateway.chat(&body).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        chosen.insert(reply.header("x-kvroute-worker"));
+    }
+    assert_eq!(chosen.len() as u64, WORKERS, "{chosen:?}");
+
+    // A worker process SIGKILLed mid-stream: a clean SSE error for that client, and later
+    // requests avoid it.
+    let body = json!({"model": "m", "stream": true, "max_tokens": 40, "messages": [{"role": "user", "content": "stream please"}]});
+    let request = http::Request::post(format!("{}/v1/chat/completions", gateway.base))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = gateway.client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let victim: u64 = response.headers()["x-kvroute-worker"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut stream = response.into_body();
+    let first_chunk = stream.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first_chunk.starts_with(b"data: "), "{first_chunk:?}");
+    let victim_process = processes.child(&format!("worker-{victim}"));
+    victim_process.kill().unwrap(); // SIGKILL
+    victim_process.wait().unwrap();
+    let rest = stream.collect().await.unwrap().to_bytes();
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(rest.contains("\"code\":\"worker_failed\""), "{rest}");
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+    for n in 0..8 {
+        let body = json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": format!("after {n}")}]});
+        let reply = gateway.chat(&body).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert_ne!(reply.header("x-kvroute-worker"), victim.to_string());
+    }
+    let ready = gateway.get("/ready").await;
+    assert_eq!(
+        ready.body["available_workers"],
+        WORKERS - 1,
+        "{:?}",
+        ready.body
+    );
+
+    // The ingestion counters made it to /metrics.
+    let metrics = gateway.get("/metrics").await;
+    let metrics = metrics.body.as_str().unwrap_or_default().to_owned();
+    assert!(
+        metrics.contains("kvroute_events_applied_total"),
+        "{metrics}"
+    );
+
+    // SIGTERM: the gateway drains and exits cleanly (writing its final snapshot).
+    let serve = processes.child("serve");
+    let term = Command::new("kill")
+        .args(["-TERM", &serve.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = serve.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "serve exited with {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+}
