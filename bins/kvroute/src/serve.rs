@@ -91,7 +91,7 @@ pub async fn run(args: ServeArgs, metrics: kvroute_gateway::MetricsRender) -> Re
             kvroute_events::ensure_stream(&js, &stream)
                 .await
                 .with_context(|| {
-                    format!("provisioning the event stream on {}", args.nats.nats_url)
+                    format!("provisioning the event stream on {} (is nats-server running there with JetStream, -js?)", args.nats.nats_url)
                 })?;
             let snapshots = (!args.no_snapshots).then(|| {
                 let mut settings = SnapshotSettings::default();

@@ -49,7 +49,7 @@ pub async fn run(args: WorkerSimArgs) -> Result<()> {
         PublisherConfig::new(id),
     )
     .await
-    .with_context(|| format!("setting up KV event publishing on {}", args.nats.nats_url))?;
+    .with_context(|| format!("setting up KV event publishing on {} (is nats-server running there with JetStream, -js?)", args.nats.nats_url))?;
     let mut config = SimConfig::new(id, &args.model.model, args.model.block_size)
         .with_capacity_blocks(args.capacity_blocks)
         .with_speeds(
