@@ -163,6 +163,7 @@ fn model_error(dir: &Path, what: &str) -> PreprocessError {
 }
 
 #[cfg(all(test, feature = "bundled-qwen2-vl"))]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
 mod tests {
     use super::*;
 

@@ -153,10 +153,9 @@ fn template_message(
         Some(_) => return Err(invalid("must be a string", &format!("{path}.role"))),
         None => return Err(invalid("is required", &format!("{path}.role"))),
     };
-    let mut out = message.clone();
-    match message.get("content") {
-        Some(Value::String(_)) => {}
-        None | Some(Value::Null) if role == Role::Assistant => {}
+    let mut template_content = match message.get("content") {
+        Some(Value::String(_)) => None,
+        None | Some(Value::Null) if role == Role::Assistant => None,
         None | Some(Value::Null) => {
             return Err(invalid("is required", &format!("{path}.content")));
         }
@@ -166,7 +165,7 @@ fn template_message(
                 let part_path = format!("{path}.content[{part_index}]");
                 template_parts.push(template_part(index, part_index, &part_path, part, images)?);
             }
-            out.insert("content".to_owned(), Value::Array(template_parts));
+            Some(Value::Array(template_parts))
         }
         Some(_) => {
             return Err(invalid(
@@ -174,7 +173,18 @@ fn template_message(
                 &format!("{path}.content"),
             ))
         }
-    }
+    };
+    // Copy the message field by field: cloning it whole would copy every base64 image in it.
+    let out: Map<String, Value> = message
+        .iter()
+        .map(|(key, value)| {
+            let value = match key.as_str() {
+                "content" => template_content.take().unwrap_or_else(|| value.clone()),
+                _ => value.clone(),
+            };
+            (key.clone(), value)
+        })
+        .collect();
     Ok(Value::Object(out))
 }
 
