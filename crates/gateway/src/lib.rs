@@ -38,6 +38,7 @@
 //! ```
 
 mod body;
+mod serve;
 mod server;
 pub mod sim;
 

@@ -1,14 +1,11 @@
 //! The HTTP server: OpenAI endpoints, routing, health, metrics.
 
 use crate::body::{error_response, full, json_response, GatewayBody, Passthrough};
+use crate::serve::serve_http;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use kvroute_blockhash::BlockHasher;
 use kvroute_dispatch::{
     decide, CandidateInput, CostConfig, Decision, Eligible, ForwardConfig, ForwardError, Forwarder,
@@ -23,7 +20,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::net::TcpListener;
 
 /// Renders the Prometheus text exposition for `/metrics`.
@@ -151,38 +148,11 @@ impl Gateway {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let graceful = GracefulShutdown::new();
-        let builder = auto::Builder::new(TokioExecutor::new());
-        tokio::pin!(shutdown);
-        loop {
-            let (stream, _) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        tracing::warn!(%error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                () = &mut shutdown => break,
-            };
-            // Streamed chunks must not wait for the client's delayed ACK.
-            let _ = stream.set_nodelay(true);
+        serve_http(listener, shutdown, None, move |request| {
             let gateway = self.clone();
-            let service = service_fn(move |request| {
-                let gateway = gateway.clone();
-                async move { Ok::<_, std::convert::Infallible>(gateway.handle(request).await) }
-            });
-            let connection = builder.serve_connection(TokioIo::new(stream), service);
-            let connection = graceful.watch(connection.into_owned());
-            tokio::spawn(async move {
-                if let Err(error) = connection.await {
-                    tracing::debug!(%error, "connection ended with an error");
-                }
-            });
-        }
-        graceful.shutdown().await;
-        Ok(())
+            async move { gateway.handle(request).await }
+        })
+        .await
     }
 
     /// Handles one request (for embedding the gateway in another server).

@@ -4,15 +4,12 @@
 //! `cached_tokens` from its real pool. Used by `kvroute demo`, `kvroute worker-sim` and tests.
 
 use crate::body::{error_response, json_response, GatewayBody};
+use crate::serve::serve_http;
 use bytes::Bytes;
 use futures_util::stream;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use kvroute_blockhash::{BlockHasher, HashedBlock};
 use kvroute_events::Publisher;
 use kvroute_mmhash::block_media_info;
@@ -195,38 +192,12 @@ impl SimWorker {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let graceful = GracefulShutdown::new();
-        let builder = auto::Builder::new(TokioExecutor::new());
-        tokio::pin!(shutdown);
-        loop {
-            let stream = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(_) => continue,
-                },
-                () = &mut shutdown => break,
-            };
-            let _ = stream.set_nodelay(true);
+        let kill = self.inner.killed.subscribe();
+        serve_http(listener, shutdown, Some(kill), move |request| {
             let worker = self.clone();
-            let service = service_fn(move |request| {
-                let worker = worker.clone();
-                async move { Ok::<_, std::convert::Infallible>(worker.handle(request).await) }
-            });
-            let connection = graceful.watch(
-                builder
-                    .serve_connection(TokioIo::new(stream), service)
-                    .into_owned(),
-            );
-            let mut killed = self.inner.killed.subscribe();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = connection => {},
-                    _ = killed.wait_for(|killed| *killed) => {},
-                }
-            });
-        }
-        graceful.shutdown().await;
-        Ok(())
+            async move { worker.handle(request).await }
+        })
+        .await
     }
 
     /// Handles one request.

@@ -175,6 +175,41 @@ impl<'a> PythonFormatter<'a> {
         Ok(())
     }
 
+    fn open<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        bracket: &[u8],
+    ) -> std::io::Result<()> {
+        self.depth += 1;
+        self.has_value = false;
+        writer.write_all(bracket)
+    }
+
+    fn close<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        bracket: &[u8],
+    ) -> std::io::Result<()> {
+        self.depth -= 1;
+        if self.has_value {
+            self.newline(writer)?;
+        }
+        self.has_value = true;
+        writer.write_all(bracket)
+    }
+
+    /// Before every element but the first: the separator, then the indentation.
+    fn element<W: ?Sized + std::io::Write>(
+        &mut self,
+        writer: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        if !first {
+            writer.write_all(self.separator())?;
+        }
+        self.newline(writer)
+    }
+
     fn separator(&self) -> &'static [u8] {
         if self.indent.is_some() {
             b","
@@ -186,18 +221,11 @@ impl<'a> PythonFormatter<'a> {
 
 impl serde_json::ser::Formatter for PythonFormatter<'_> {
     fn begin_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
-        self.depth += 1;
-        self.has_value = false;
-        writer.write_all(b"[")
+        self.open(writer, b"[")
     }
 
     fn end_array<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
-        self.depth -= 1;
-        if self.has_value {
-            self.newline(writer)?;
-        }
-        self.has_value = true;
-        writer.write_all(b"]")
+        self.close(writer, b"]")
     }
 
     fn begin_array_value<W: ?Sized + std::io::Write>(
@@ -205,10 +233,7 @@ impl serde_json::ser::Formatter for PythonFormatter<'_> {
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if !first {
-            writer.write_all(self.separator())?;
-        }
-        self.newline(writer)
+        self.element(writer, first)
     }
 
     fn end_array_value<W: ?Sized + std::io::Write>(&mut self, _: &mut W) -> std::io::Result<()> {
@@ -217,18 +242,11 @@ impl serde_json::ser::Formatter for PythonFormatter<'_> {
     }
 
     fn begin_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
-        self.depth += 1;
-        self.has_value = false;
-        writer.write_all(b"{")
+        self.open(writer, b"{")
     }
 
     fn end_object<W: ?Sized + std::io::Write>(&mut self, writer: &mut W) -> std::io::Result<()> {
-        self.depth -= 1;
-        if self.has_value {
-            self.newline(writer)?;
-        }
-        self.has_value = true;
-        writer.write_all(b"}")
+        self.close(writer, b"}")
     }
 
     fn begin_object_key<W: ?Sized + std::io::Write>(
@@ -236,10 +254,7 @@ impl serde_json::ser::Formatter for PythonFormatter<'_> {
         writer: &mut W,
         first: bool,
     ) -> std::io::Result<()> {
-        if !first {
-            writer.write_all(self.separator())?;
-        }
-        self.newline(writer)
+        self.element(writer, first)
     }
 
     fn begin_object_value<W: ?Sized + std::io::Write>(
