@@ -25,6 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
 
+/// Most tokens one simulated answer has, whatever `max_tokens` asks.
+pub const MAX_COMPLETION_TOKENS: u64 = 32_768;
+
 /// How the simulated worker behaves.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -262,7 +265,11 @@ impl SimWorker {
         let uncached = prompt.tokens.len().saturating_sub(cached_tokens);
         let prefill = Duration::from_secs_f64(uncached as f64 / config.prefill_tokens_per_second);
         let per_token = Duration::from_secs_f64(1.0 / config.decode_tokens_per_second);
-        let completion_tokens = max_tokens.unwrap_or(config.default_max_tokens).max(1);
+        // Clamped like an engine clamps to its context: a client asking for 10^12 tokens must
+        // not make the simulator allocate or stream forever.
+        let completion_tokens = max_tokens
+            .unwrap_or(config.default_max_tokens)
+            .clamp(1, MAX_COMPLETION_TOKENS);
         let usage = json!({
             "prompt_tokens": prompt.tokens.len(),
             "completion_tokens": completion_tokens,
