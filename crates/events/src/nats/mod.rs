@@ -190,10 +190,15 @@ pub async fn ensure_stream(
         stream: settings.stream.clone(),
         source,
     };
-    let mut stream = js
-        .get_or_create_stream(wanted.clone())
-        .await
-        .map_err(|e| error(e.into()))?;
+    let mut stream = match js.get_or_create_stream(wanted.clone()).await {
+        Ok(stream) => stream,
+        // Several processes starting together race between the lookup and the create; the
+        // loser's create fails (nats-server 2.9 says "subjects overlap"), yet the stream exists.
+        Err(create_error) => match js.get_stream(&settings.stream).await {
+            Ok(stream) => stream,
+            Err(_) => return Err(error(create_error.into())),
+        },
+    };
     let current = stream
         .info()
         .await
