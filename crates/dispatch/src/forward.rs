@@ -74,8 +74,8 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// A forwarder with its own connection pool. Must be created inside a tokio runtime's
-    /// context only when used; creation itself does no I/O.
+    /// A forwarder with its own connection pool. Creating it does no I/O; sending needs a
+    /// Tokio runtime.
     pub fn new(config: ForwardConfig) -> Self {
         let mut connector = HttpConnector::new();
         // Without TCP_NODELAY the first streamed chunk can wait for a delayed ACK (~40 ms).

@@ -6,8 +6,7 @@ use crate::request::{ChatRequest, CompletionPrompt, CompletionRequest, ImagePart
 use crate::template::ChatTemplate;
 use crate::tokenize::{SegmentCacheConfig, SegmentCacheStats, TextTokenizer};
 use kvroute_mmhash::{
-    expand, ImageInfo, ImageTokens, MediaConfig, MediaProcessor, PlaceholderSpec, SmartResize,
-    VisionTokenRule,
+    expand, ImageInfo, ImageTokens, MediaConfig, MediaProcessor, PlaceholderSpec, VisionTokenRule,
 };
 use kvroute_protocol::{MediaId, MediaSpan};
 use serde_json::Value;
@@ -233,7 +232,7 @@ impl Preprocessor {
 /// The checkpoint's own pixel limits (`min_pixels`/`max_pixels`, or `size.shortest_edge` /
 /// `size.longest_edge` in newer configs) override the family defaults, as the engine loads them.
 fn with_checkpoint_pixels(rule: VisionTokenRule, config: Option<&Value>) -> VisionTokenRule {
-    let (VisionTokenRule::SmartResize(mut resize), Some(config)) = (rule.clone(), config) else {
+    let (VisionTokenRule::SmartResize(mut resize), Some(config)) = (&rule, config) else {
         return rule;
     };
     let get = |flat: &str, nested: &str| {
@@ -248,7 +247,7 @@ fn with_checkpoint_pixels(rule: VisionTokenRule, config: Option<&Value>) -> Visi
     if let Some(max) = get("max_pixels", "longest_edge") {
         resize.max_pixels = max;
     }
-    VisionTokenRule::SmartResize(SmartResize { ..resize })
+    VisionTokenRule::SmartResize(resize)
 }
 
 /// The token the template renders once per image and the processor repeats once per visual
