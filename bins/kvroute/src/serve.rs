@@ -1,4 +1,5 @@
-//! `kvroute serve`: the gateway against a NATS server and a static list of workers.
+//! `kvroute serve`: the gateway against a NATS server, with workers that register themselves
+//! there and a static list.
 
 use crate::wiring::{self, ModelArgs, NatsArgs};
 use anyhow::{bail, Context, Result};
@@ -30,8 +31,9 @@ pub struct ServeArgs {
     /// The port listened on when --listen is not given.
     #[arg(long, env = "API_PORT", default_value_t = 8000)]
     api_port: u16,
-    /// A worker as ID=URL (the id its KV events carry, its OpenAI base URL); repeatable, or
-    /// comma-separated in WORKERS.
+    /// A static worker as ID=URL (the id its KV events carry, its OpenAI base URL);
+    /// repeatable, or comma-separated in WORKERS. Workers that register themselves in NATS
+    /// (`kvroute worker-sim` does) need not be listed.
     #[arg(long = "worker", env = "WORKERS", value_name = "ID=URL", value_delimiter = ',',
           value_parser = parse_worker)]
     workers: Vec<Worker>,
@@ -40,6 +42,9 @@ pub struct ServeArgs {
     /// (`namespace.{NAMESPACE}.component.{COMPONENT}.endpoint.{ENDPOINT}.kv-events`).
     #[arg(long, env = "EVENT_WIRE", value_enum, default_value_t = EventWire::Kvroute)]
     event_wire: EventWire,
+    /// Use only the --worker list: do not follow the workers registered in NATS.
+    #[arg(long, env = "NO_DISCOVERY")]
+    no_discovery: bool,
     /// Do not keep index snapshots in the JetStream object store (every start replays the
     /// whole stream).
     #[arg(long)]
@@ -73,8 +78,8 @@ fn parse_worker(spec: &str) -> Result<Worker, String> {
 }
 
 pub async fn run(args: ServeArgs, metrics: kvroute_gateway::MetricsRender) -> Result<()> {
-    if args.workers.is_empty() {
-        bail!("no workers: pass --worker ID=URL (repeatable) or set WORKERS=ID=URL,ID=URL");
+    if args.workers.is_empty() && args.no_discovery {
+        bail!("no workers: pass --worker ID=URL (repeatable), set WORKERS=ID=URL,ID=URL, or drop --no-discovery");
     }
     let mut seen = HashSet::new();
     for worker in &args.workers {
@@ -105,10 +110,10 @@ pub async fn run(args: ServeArgs, metrics: kvroute_gateway::MetricsRender) -> Re
                 settings
             });
             let config = NatsSourceConfig::new(stream).with_snapshots(snapshots);
-            NatsSource::new(client, config).into()
+            NatsSource::new(client.clone(), config).into()
         }
         EventWire::Dynamo => DynamoSource::new(
-            client,
+            client.clone(),
             &args.nats.namespace,
             &args.nats.component,
             Some(&args.endpoint),
@@ -126,6 +131,20 @@ pub async fn run(args: ServeArgs, metrics: kvroute_gateway::MetricsRender) -> Re
     for worker in args.workers {
         println!("worker {} at {}", worker.id, worker.url);
         registry.upsert(worker);
+    }
+    if !args.no_discovery {
+        let store = args.nats.registration_bucket(&client).await?;
+        let changes = kvroute_events::watch_members(client.clone(), store, &args.nats.membership());
+        tokio::spawn(kvroute_gateway::follow_membership(
+            changes,
+            registry.clone(),
+            index.clone(),
+            args.model.block_size,
+        ));
+        println!(
+            "following worker registrations ({}/{})",
+            args.nats.namespace, args.nats.component
+        );
     }
     let listen = args
         .listen

@@ -4,13 +4,14 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use kvroute_dispatch::Registry;
-use kvroute_events::{Ingestor, StreamSettings};
+use kvroute_events::{Ingestor, MembershipSettings, StreamSettings};
 use kvroute_gateway::{Gateway, GatewayConfig};
 use kvroute_index::SharedIndex;
 use kvroute_preprocess::{ModelFiles, PreprocessConfig, Preprocessor};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 /// The model served and where its tokenizer and chat template come from.
@@ -55,12 +56,39 @@ pub struct NatsArgs {
     /// The component (worker pool) inside the namespace.
     #[arg(long, env = "COMPONENT", default_value = "trtllm")]
     pub component: String,
+    /// Seconds a worker registration lives without a heartbeat (workers refresh theirs every
+    /// third of it; routers drop a worker not heard from for this long).
+    #[arg(long, env = "REGISTRATION_TTL_SECS", default_value_t = 10)]
+    pub registration_ttl_secs: u64,
 }
 
 impl NatsArgs {
     /// The event stream's settings for this namespace and component.
     pub fn stream(&self) -> StreamSettings {
         StreamSettings::default().for_component(&self.namespace, &self.component)
+    }
+
+    /// Where workers of this namespace and component register.
+    pub fn membership(&self) -> MembershipSettings {
+        MembershipSettings::default()
+            .for_component(&self.namespace, &self.component)
+            .with_ttl(Duration::from_secs(self.registration_ttl_secs))
+    }
+
+    /// The worker registration bucket, created when absent.
+    pub async fn registration_bucket(
+        &self,
+        client: &async_nats::Client,
+    ) -> Result<async_nats::jetstream::kv::Store> {
+        let js = async_nats::jetstream::new(client.clone());
+        kvroute_events::ensure_bucket(&js, &self.membership())
+            .await
+            .with_context(|| {
+                format!(
+                    "opening the worker registration bucket on {} (is nats-server running there with JetStream, -js?)",
+                    self.nats_url
+                )
+            })
     }
 
     /// A client that reconnects forever.

@@ -3,15 +3,15 @@
 use crate::wiring::{self, ModelArgs, NatsArgs};
 use anyhow::{Context, Result};
 use clap::Args;
-use kvroute_events::{NatsPublishConfig, NatsPublisher, PublisherConfig};
+use kvroute_events::{NatsPublishConfig, NatsPublisher, PublisherConfig, Registration};
 use kvroute_gateway::sim::{SimConfig, SimWorker};
-use kvroute_protocol::WorkerId;
+use kvroute_protocol::{WorkerId, WorkerRecord};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 #[derive(Args)]
 pub struct WorkerSimArgs {
-    /// Where the worker listens (its OpenAI base URL for `kvroute serve --worker`).
+    /// Where the worker listens.
     #[arg(long, env = "KVROUTE_LISTEN", default_value = "127.0.0.1:8001")]
     listen: SocketAddr,
     /// The id its KV events carry (the ID of `kvroute serve --worker ID=URL`).
@@ -30,6 +30,12 @@ pub struct WorkerSimArgs {
     /// Decode speed of one request: generated tokens per second.
     #[arg(long, default_value_t = 100.0)]
     decode_tokens_per_second: f64,
+    /// The base URL routers reach it at [default: http://LISTEN address].
+    #[arg(long, env = "ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// Do not register in the NATS worker registry (routers must list it with --worker).
+    #[arg(long)]
+    no_register: bool,
     /// Tokens generated when a request sets no max_tokens.
     #[arg(long, default_value_t = 16)]
     default_max_tokens: u64,
@@ -43,7 +49,7 @@ pub async fn run(args: WorkerSimArgs) -> Result<()> {
     let preprocessor = args.model.preprocessor()?;
     let client = args.nats.connect().await?;
     let publisher = NatsPublisher::connect(
-        client,
+        client.clone(),
         args.nats.stream(),
         NatsPublishConfig::default(),
         PublisherConfig::new(id),
@@ -59,14 +65,34 @@ pub async fn run(args: WorkerSimArgs) -> Result<()> {
     config.default_max_tokens = args.default_max_tokens;
     let worker = SimWorker::new(config, preprocessor, publisher.clone())?;
     let listener = wiring::bind(args.listen).await?;
+    let url = args
+        .advertise_url
+        .unwrap_or(format!("http://{}", listener.local_addr()?));
     println!(
-        "simulated worker {id} on http://{}, KV events to {} ({}/{})",
-        listener.local_addr()?,
-        args.nats.nats_url,
-        args.nats.namespace,
-        args.nats.component
+        "simulated worker {id} on {url}, KV events to {} ({}/{})",
+        args.nats.nats_url, args.nats.namespace, args.nats.component
     );
-    worker.serve(listener, wiring::shutdown_signal()).await?;
+    let registration = if args.no_register {
+        None
+    } else {
+        let store = args.nats.registration_bucket(&client).await?;
+        let record = WorkerRecord::new(id, &url)
+            .with_model(&args.model.model)
+            .with_block_size(args.model.block_size);
+        let registration = Registration::start(store, &args.nats.membership(), &record)
+            .await
+            .context("registering in the worker registry")?;
+        println!("registered as worker {id} at {url}");
+        Some(registration)
+    };
+    // Leave the registry first, so routers stop sending while in-flight requests drain.
+    let shutdown = async {
+        wiring::shutdown_signal().await;
+        if let Some(registration) = registration {
+            registration.deregister().await;
+        }
+    };
+    worker.serve(listener, shutdown).await?;
     match tokio::time::timeout(FLUSH_TIMEOUT, publisher.flush()).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => eprintln!("kvroute: last KV events not flushed: {error}"),

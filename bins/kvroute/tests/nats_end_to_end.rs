@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 const BLOCK_SIZE: u64 = 32;
 const WORKERS: u64 = 3;
+const REGISTRATION_TTL_SECS: &str = "2";
 
 /// The nats-server binary: `KVROUTE_NATS_SERVER`, else Debian's /usr/sbin, else PATH.
 fn nats_server_binary() -> Option<PathBuf> {
@@ -215,6 +216,25 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// Waits until the dry-run table lists `workers` workers.
+    async fn until_workers(&self, body: &Value, workers: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let table = self.post("/v1/route", body).await.body;
+            let rows = table["workers"].as_array().map_or(0, Vec::len) as u64;
+            if rows == workers {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {workers} workers: {table}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
 fn image_request(image: &str, text: &str) -> Value {
     let bytes = std::fs::read(format!(
         "{}/../../tests/fixtures/images/{image}",
@@ -270,10 +290,13 @@ async fn serve_and_worker_sims_over_nats() {
             "32",
         ])
         .args(["--listen", &format!("127.0.0.1:{gateway_port}")])
-        .args(["--breaker-failures", "1", "--breaker-cooldown-secs", "60"]);
-    for (n, port) in worker_ports.iter().enumerate() {
-        serve.args(["--worker", &format!("{}=http://127.0.0.1:{port}", n + 1)]);
-    }
+        .args(["--breaker-failures", "1", "--breaker-cooldown-secs", "60"])
+        .args(["--registration-ttl-secs", REGISTRATION_TTL_SECS]);
+    // Worker 1 is listed; the others are found through their registrations.
+    serve.args([
+        "--worker",
+        &format!("1=http://127.0.0.1:{}", worker_ports[0]),
+    ]);
     processes.spawn("serve", &mut serve);
     wait_for_port(&mut processes, gateway_port, "kvroute serve").await;
 
@@ -293,7 +316,8 @@ async fn serve_and_worker_sims_over_nats() {
                     "32",
                 ])
                 .args(["--prefill-tokens-per-second", "10000000"])
-                .args(["--decode-tokens-per-second", "40"]),
+                .args(["--decode-tokens-per-second", "40"])
+                .args(["--registration-ttl-secs", REGISTRATION_TTL_SECS]),
         );
     }
     for (n, port) in worker_ports.iter().enumerate() {
@@ -402,6 +426,28 @@ async fn serve_and_worker_sims_over_nats() {
         "{:?}",
         ready.body
     );
+
+    // Its registration expires: it leaves the routing table. A worker stopped cleanly
+    // deregisters and leaves at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = gateway.get("/metrics").await.body;
+        let metrics = metrics.as_str().unwrap_or_default();
+        if metrics.contains("kvroute_membership_changes_total{change=\"expired\"} 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no expiry: {metrics}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let probe = json!({"model": "m", "messages": [{"role": "user", "content": "who is there?"}]});
+    let leaver = (1..=WORKERS).find(|&n| n != victim && n != 1).unwrap();
+    let leaver_process = processes.child(&format!("worker-{leaver}"));
+    let term = Command::new("kill")
+        .args(["-TERM", &leaver_process.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    gateway.until_workers(&probe, WORKERS - 2).await;
 
     // The ingestion counters made it to /metrics.
     let metrics = gateway.get("/metrics").await;

@@ -7,10 +7,10 @@ use serde::Serialize;
 ///
 /// `cost(worker) = prefill_weight * new_blocks(worker) + load(worker)`, where `new_blocks` is
 /// what the worker must prefill (`prompt_blocks - overlap_blocks`) and
-/// `load = pending_prefill_blocks + decode_weight * active_requests`. Both terms are in blocks,
-/// so an idle cluster routes purely on the cache while load weighs in continuously as it
-/// builds up (a hot shared prefix spreads once one worker's queue costs more than recomputing
-/// the prefix elsewhere).
+/// `load = pending_prefill_blocks + decode_weight * active_requests + active_blocks_weight *
+/// active_blocks`. Every term is in blocks, so an idle cluster routes purely on the cache while
+/// load weighs in continuously as it builds up (a hot shared prefix spreads once one worker's
+/// queue costs more than recomputing the prefix elsewhere).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct CostConfig {
@@ -18,6 +18,11 @@ pub struct CostConfig {
     pub prefill_weight: f64,
     /// Blocks-equivalent of one in-flight request (decode work).
     pub decode_weight: f64,
+    /// Weight of the KV blocks in-flight requests hold (their whole prompts, cached or not).
+    /// 0 by default: counting every held block the way Dynamo's router does outweighs the credit
+    /// for a short shared prefix and costs cache reuse on a nearly idle cluster; raise it when
+    /// workers run short of KV memory rather than of compute.
+    pub active_blocks_weight: f64,
     /// 0 picks the lowest cost (random among ties); above 0, samples workers with
     /// probability proportional to `exp(-cost / (temperature * prompt_blocks))`.
     pub temperature: f64,
@@ -28,6 +33,7 @@ impl Default for CostConfig {
         Self {
             prefill_weight: 1.0,
             decode_weight: 1.0,
+            active_blocks_weight: 0.0,
             temperature: 0.0,
         }
     }
@@ -46,6 +52,12 @@ impl CostConfig {
         self
     }
 
+    /// Sets the weight of the KV blocks held by in-flight requests.
+    pub fn with_active_blocks_weight(mut self, weight: f64) -> Self {
+        self.active_blocks_weight = weight;
+        self
+    }
+
     /// Sets the softmax temperature (0: deterministic lowest cost).
     pub fn with_temperature(mut self, temperature: f64) -> Self {
         self.temperature = temperature;
@@ -54,7 +66,11 @@ impl CostConfig {
 }
 
 /// What the router knows about one eligible worker for one request.
+///
+/// Built with [`CandidateInput::idle`] and the `with_*` setters, or from the registry with
+/// [`Eligible::candidate`](crate::Eligible::candidate), which fills in the worker's live load.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CandidateInput {
     /// The worker.
     pub worker: WorkerId,
@@ -64,10 +80,44 @@ pub struct CandidateInput {
     pub pending_prefill_blocks: u64,
     /// Its in-flight requests.
     pub active_requests: u64,
+    /// KV blocks its in-flight requests hold (their whole prompts).
+    pub active_blocks: u64,
+}
+
+impl CandidateInput {
+    /// A worker with no load that holds `overlap_blocks` leading blocks of the prompt.
+    pub fn idle(worker: WorkerId, overlap_blocks: usize) -> Self {
+        Self {
+            worker,
+            overlap_blocks,
+            pending_prefill_blocks: 0,
+            active_requests: 0,
+            active_blocks: 0,
+        }
+    }
+
+    /// Sets the uncached blocks of its requests still prefilling.
+    pub fn with_pending_prefill_blocks(mut self, blocks: u64) -> Self {
+        self.pending_prefill_blocks = blocks;
+        self
+    }
+
+    /// Sets its in-flight requests.
+    pub fn with_active_requests(mut self, requests: u64) -> Self {
+        self.active_requests = requests;
+        self
+    }
+
+    /// Sets the KV blocks its in-flight requests hold.
+    pub fn with_active_blocks(mut self, blocks: u64) -> Self {
+        self.active_blocks = blocks;
+        self
+    }
 }
 
 /// One row of the decision table (what the dry-run endpoint returns).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Candidate {
     /// The worker.
     pub worker: WorkerId,
@@ -83,6 +133,7 @@ pub struct Candidate {
 
 /// A routing decision with its explanation.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Decision {
     /// Full blocks in the prompt.
     pub prompt_blocks: usize,
@@ -92,6 +143,14 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// The decision when no worker is eligible: an empty table.
+    pub fn without_candidates(prompt_blocks: usize) -> Self {
+        Self {
+            prompt_blocks,
+            table: Vec::new(),
+        }
+    }
+
     /// The chosen worker's row.
     pub fn chosen(&self) -> Option<&Candidate> {
         self.table.first()
@@ -104,12 +163,16 @@ impl Decision {
 /// use kvroute_dispatch::{decide, CandidateInput, CostConfig};
 /// use kvroute_protocol::WorkerId;
 ///
-/// let idle = |id, overlap| CandidateInput {
-///     worker: WorkerId(id), overlap_blocks: overlap, pending_prefill_blocks: 0, active_requests: 0,
-/// };
+/// let rng = &mut fastrand::Rng::with_seed(7);
 /// // An idle cluster routes on the cache.
-/// let decision = decide(10, [idle(1, 2), idle(2, 8)], &CostConfig::default(), &mut fastrand::Rng::with_seed(7)).unwrap();
+/// let idle = [CandidateInput::idle(WorkerId(1), 2), CandidateInput::idle(WorkerId(2), 8)];
+/// let decision = decide(10, idle, &CostConfig::default(), rng).unwrap();
 /// assert_eq!(decision.chosen().unwrap().worker, WorkerId(2));
+///
+/// // Load weighs in: 8 blocks still prefilling on worker 2 cost more than 6 blocks to recompute.
+/// let busy = CandidateInput::idle(WorkerId(2), 8).with_pending_prefill_blocks(8);
+/// let decision = decide(10, [CandidateInput::idle(WorkerId(1), 2), busy], &CostConfig::default(), rng).unwrap();
+/// assert_eq!(decision.chosen().unwrap().worker, WorkerId(1));
 /// ```
 pub fn decide(
     prompt_blocks: usize,
@@ -122,8 +185,9 @@ pub fn decide(
         .map(|c| {
             let overlap_blocks = c.overlap_blocks.min(prompt_blocks);
             let new_blocks = prompt_blocks - overlap_blocks;
-            let load =
-                c.pending_prefill_blocks as f64 + config.decode_weight * c.active_requests as f64;
+            let load = c.pending_prefill_blocks as f64
+                + config.decode_weight * c.active_requests as f64
+                + config.active_blocks_weight * c.active_blocks as f64;
             Candidate {
                 worker: c.worker,
                 overlap_blocks,
@@ -179,12 +243,9 @@ mod tests {
     use super::*;
 
     fn input(id: u64, overlap: usize, pending: u64, active: u64) -> CandidateInput {
-        CandidateInput {
-            worker: WorkerId(id),
-            overlap_blocks: overlap,
-            pending_prefill_blocks: pending,
-            active_requests: active,
-        }
+        CandidateInput::idle(WorkerId(id), overlap)
+            .with_pending_prefill_blocks(pending)
+            .with_active_requests(active)
     }
 
     #[test]
@@ -242,6 +303,23 @@ mod tests {
         assert_eq!(decision.table[0].overlap_blocks, 8);
         assert_eq!(decision.table[2].cost, 10.0);
         assert!(decide(8, [], &CostConfig::default(), &mut fastrand::Rng::new()).is_none());
+    }
+
+    #[test]
+    fn held_blocks_weigh_only_when_asked() {
+        let rng = &mut fastrand::Rng::with_seed(5);
+        // Worker 1 holds 4 of 10 blocks but its requests hold 100 blocks of KV memory.
+        let inputs = [input(1, 4, 0, 0).with_active_blocks(100), input(2, 0, 0, 0)];
+        let chosen = |config: &CostConfig, rng: &mut fastrand::Rng| {
+            decide(10, inputs, config, rng)
+                .unwrap()
+                .chosen()
+                .unwrap()
+                .worker
+        };
+        assert_eq!(chosen(&CostConfig::default(), rng), WorkerId(1));
+        let memory_bound = CostConfig::default().with_active_blocks_weight(0.1);
+        assert_eq!(chosen(&memory_bound, rng), WorkerId(2));
     }
 
     #[test]

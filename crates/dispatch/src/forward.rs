@@ -2,6 +2,7 @@
 //! byte, circuit breaking, and a streamed response.
 
 use crate::registry::{Eligible, LoadGuard, Registry, Worker};
+use crate::Candidate;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use http_body_util::Full;
@@ -94,17 +95,17 @@ impl Forwarder {
     pub async fn post(
         &self,
         registry: &Registry,
-        candidates: impl IntoIterator<Item = (Eligible, u64)>,
+        candidates: impl IntoIterator<Item = (Eligible, Candidate)>,
         path: &str,
         client_headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Forwarded, ForwardError> {
         let mut attempts = 0;
         let mut last = None;
-        for (candidate, uncached_blocks) in candidates.into_iter().take(self.config.max_attempts) {
+        for (candidate, row) in candidates.into_iter().take(self.config.max_attempts) {
             attempts += 1;
             let worker = candidate.worker().clone();
-            let guard = candidate.start_request(uncached_blocks);
+            let guard = candidate.start_request(&row);
             let request = build_request(&worker, path, client_headers, body.clone());
             let outcome =
                 tokio::time::timeout(self.config.response_timeout, self.client.request(request))

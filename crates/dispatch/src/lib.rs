@@ -1,7 +1,7 @@
 //! Choosing a worker and sending the request there.
 //!
 //! It owns the worker registry (static or registered at run time) with each worker's load
-//! (in-flight requests, blocks still prefilling) and a circuit breaker ([`Registry`]), the
+//! (in-flight requests, blocks still prefilling, KV blocks held) and a circuit breaker ([`Registry`]), the
 //! routing cost of DESIGN.md with random tie-breaks and an optional temperature ([`decide`]),
 //! and forwarding over a pooled HTTP client that streams the worker's response through, retrying
 //! on another worker before the first byte ([`Forwarder`]). It does not know about tokens,
@@ -10,7 +10,7 @@
 //! # Example
 //!
 //! ```
-//! use kvroute_dispatch::{decide, CandidateInput, CostConfig, Registry, Worker};
+//! use kvroute_dispatch::{decide, CostConfig, Registry, Worker};
 //! use kvroute_protocol::WorkerId;
 //! use std::time::Instant;
 //!
@@ -21,12 +21,7 @@
 //! // Worker 2 holds 6 of the prompt's 8 blocks.
 //! let overlap = |id: WorkerId| if id == WorkerId(2) { 6 } else { 0 };
 //! let eligible = registry.eligible(Instant::now());
-//! let inputs = eligible.iter().map(|w| CandidateInput {
-//!     worker: w.worker().id,
-//!     overlap_blocks: overlap(w.worker().id),
-//!     pending_prefill_blocks: w.pending_prefill_blocks(),
-//!     active_requests: w.active_requests(),
-//! });
+//! let inputs = eligible.iter().map(|w| w.candidate(overlap(w.worker().id)));
 //! let decision = decide(8, inputs, &CostConfig::default(), &mut fastrand::Rng::new()).unwrap();
 //! assert_eq!(decision.chosen().unwrap().worker, WorkerId(2));
 //! assert_eq!(decision.chosen().unwrap().new_blocks, 2);

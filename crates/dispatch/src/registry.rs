@@ -1,5 +1,6 @@
 //! The workers the router may send to, their load and their health.
 
+use crate::{Candidate, CandidateInput};
 use kvroute_protocol::WorkerId;
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -87,11 +88,13 @@ struct WorkerState {
     worker: Worker,
     active_requests: AtomicU64,
     pending_prefill_blocks: AtomicU64,
+    active_blocks: AtomicU64,
     breaker: Mutex<Breaker>,
 }
 
 /// A worker's health as reported by [`Registry::status`].
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct WorkerStatus {
     /// The worker.
     #[serde(flatten)]
@@ -100,6 +103,8 @@ pub struct WorkerStatus {
     pub active_requests: u64,
     /// Uncached blocks of in-flight requests still prefilling.
     pub pending_prefill_blocks: u64,
+    /// KV blocks in-flight requests hold (their whole prompts).
+    pub active_blocks: u64,
     /// Whether requests may be sent to it now.
     pub available: bool,
     /// Failures in a row.
@@ -135,15 +140,35 @@ impl Eligible {
         self.state.pending_prefill_blocks.load(Ordering::Relaxed)
     }
 
-    /// Counts a request about to be sent here; the guard undoes it when dropped.
-    pub fn start_request(&self, uncached_blocks: u64) -> LoadGuard {
+    /// KV blocks its in-flight requests hold (their whole prompts).
+    pub fn active_blocks(&self) -> u64 {
+        self.state.active_blocks.load(Ordering::Relaxed)
+    }
+
+    /// The routing input for this worker: `overlap_blocks` it holds and its live load.
+    pub fn candidate(&self, overlap_blocks: usize) -> CandidateInput {
+        CandidateInput::idle(self.state.worker.id, overlap_blocks)
+            .with_pending_prefill_blocks(self.pending_prefill_blocks())
+            .with_active_requests(self.active_requests())
+            .with_active_blocks(self.active_blocks())
+    }
+
+    /// Counts a request about to be sent here, with the blocks its decision row says it will
+    /// prefill and hold; the guard undoes it when dropped.
+    pub fn start_request(&self, row: &Candidate) -> LoadGuard {
+        let prefill_blocks = row.new_blocks as u64;
+        let held_blocks = (row.new_blocks + row.overlap_blocks) as u64;
         self.state.active_requests.fetch_add(1, Ordering::Relaxed);
         self.state
             .pending_prefill_blocks
-            .fetch_add(uncached_blocks, Ordering::Relaxed);
+            .fetch_add(prefill_blocks, Ordering::Relaxed);
+        self.state
+            .active_blocks
+            .fetch_add(held_blocks, Ordering::Relaxed);
         LoadGuard {
             state: Arc::clone(&self.state),
-            pending_prefill_blocks: uncached_blocks,
+            pending_prefill_blocks: prefill_blocks,
+            held_blocks,
         }
     }
 }
@@ -153,6 +178,7 @@ impl Eligible {
 pub struct LoadGuard {
     state: Arc<WorkerState>,
     pending_prefill_blocks: u64,
+    held_blocks: u64,
 }
 
 impl LoadGuard {
@@ -169,6 +195,9 @@ impl Drop for LoadGuard {
     fn drop(&mut self) {
         self.prefill_done();
         self.state.active_requests.fetch_sub(1, Ordering::Relaxed);
+        self.state
+            .active_blocks
+            .fetch_sub(self.held_blocks, Ordering::Relaxed);
     }
 }
 
@@ -187,6 +216,7 @@ impl Registry {
             worker,
             active_requests: AtomicU64::new(0),
             pending_prefill_blocks: AtomicU64::new(0),
+            active_blocks: AtomicU64::new(0),
             breaker: Mutex::default(),
         });
         let mut workers = self.workers.write().unwrap_or_else(|e| e.into_inner());
@@ -269,6 +299,7 @@ impl Registry {
                     worker: state.worker.clone(),
                     active_requests: state.active_requests.load(Ordering::Relaxed),
                     pending_prefill_blocks: state.pending_prefill_blocks.load(Ordering::Relaxed),
+                    active_blocks: state.active_blocks.load(Ordering::Relaxed),
                     available: breaker.open_until.is_none_or(|until| now >= until),
                     consecutive_failures: breaker.consecutive_failures,
                 }
@@ -288,21 +319,25 @@ mod tests {
         let now = Instant::now();
         let worker = registry.eligible(now).remove(0);
         assert_eq!(worker.worker().url, "http://a");
-        let mut guard = worker.start_request(5);
-        assert_eq!(
-            (worker.active_requests(), worker.pending_prefill_blocks()),
-            (1, 5)
-        );
+        let load = |w: &Eligible| {
+            let c = w.candidate(0);
+            (c.active_requests, c.pending_prefill_blocks, c.active_blocks)
+        };
+        // 8 prompt blocks, 3 of them cached there.
+        let row = crate::decide(
+            8,
+            [worker.candidate(3)],
+            &crate::CostConfig::default(),
+            &mut fastrand::Rng::with_seed(1),
+        )
+        .unwrap()
+        .table[0];
+        let mut guard = worker.start_request(&row);
+        assert_eq!(load(&worker), (1, 5, 8));
         guard.prefill_done();
-        assert_eq!(
-            (worker.active_requests(), worker.pending_prefill_blocks()),
-            (1, 0)
-        );
+        assert_eq!(load(&worker), (1, 0, 8));
         drop(guard);
-        assert_eq!(
-            (worker.active_requests(), worker.pending_prefill_blocks()),
-            (0, 0)
-        );
+        assert_eq!(load(&worker), (0, 0, 0));
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //! its full state. It does not own the index itself (`kvroute-index`), the event model
 //! (`kvroute-protocol`), or routing (`kvroute-dispatch`).
 //!
+//! Workers can also register themselves (URL, model, block size) in a NATS KV bucket with a
+//! heartbeat ([`Registration`]); routers follow who joined and left with [`watch_members`].
+//!
 //! The same publisher and ingestor run over an in-process bus ([`in_process_bus`], for
 //! `kvroute demo` and tests) with the same semantics.
 //!
@@ -105,8 +108,9 @@ pub use dynamo::{
 };
 pub use ingest::{EventSource, IngestConfig, Ingestor};
 pub use nats::{
-    connect, ensure_stream, subject_token, NatsError, NatsPublishConfig, NatsPublisher, NatsSource,
-    NatsSourceConfig, SnapshotSettings, StreamSettings, StreamWire,
+    connect, ensure_bucket, ensure_stream, subject_token, watch_members, LeftReason,
+    MembershipChange, MembershipSettings, NatsError, NatsPublishConfig, NatsPublisher, NatsSource,
+    NatsSourceConfig, Registration, SnapshotSettings, StreamSettings, StreamWire,
 };
 pub use publisher::{Publisher, PublisherConfig};
 pub use stats::IngestStats;

@@ -8,6 +8,9 @@
 //! `x-kvroute-overlap-blocks`, `x-kvroute-prompt-blocks`, `x-kvroute-predicted-cached-tokens`;
 //! `POST /v1/route` returns the whole decision table without dispatching.
 //!
+//! Workers that register themselves in NATS ([`kvroute_events::Registration`]) join and leave
+//! the registry through [`follow_membership`].
+//!
 //! It is a library so other servers can embed it ([`Gateway::handle`]); the `kvroute` binary
 //! only wires it. [`sim`] holds the simulated worker used by `kvroute demo` and the tests.
 //!
@@ -38,9 +41,11 @@
 //! ```
 
 mod body;
+mod membership;
 mod serve;
 mod server;
 pub mod sim;
 
 pub use body::{BoxError, GatewayBody};
+pub use membership::follow_membership;
 pub use server::{bind, Gateway, GatewayConfig, GatewayError, MetricsRender};

@@ -8,8 +8,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use kvroute_blockhash::BlockHasher;
 use kvroute_dispatch::{
-    decide, CandidateInput, CostConfig, Decision, Eligible, ForwardConfig, ForwardError, Forwarder,
-    Registry,
+    decide, CostConfig, Decision, Eligible, ForwardConfig, ForwardError, Forwarder, Registry,
 };
 use kvroute_index::SharedIndex;
 use kvroute_preprocess::{ChatRequest, CompletionRequest, PreprocessError, Preprocessor, Prompt};
@@ -316,20 +315,14 @@ impl Gateway {
             *entry = (*entry).max(matched.matched_blocks);
         }
         let eligible = self.inner.registry.eligible(Instant::now());
-        let inputs = eligible.iter().map(|w| CandidateInput {
-            worker: w.worker().id,
-            overlap_blocks: by_worker.get(&w.worker().id).copied().unwrap_or(0),
-            pending_prefill_blocks: w.pending_prefill_blocks(),
-            active_requests: w.active_requests(),
-        });
+        let inputs = eligible
+            .iter()
+            .map(|w| w.candidate(by_worker.get(&w.worker().id).copied().unwrap_or(0)));
         let decision = {
             let mut rng = self.inner.rng.lock().unwrap_or_else(|e| e.into_inner());
             decide(sequence.len(), inputs, &self.inner.config.cost, &mut rng)
         }
-        .unwrap_or(Decision {
-            prompt_blocks: sequence.len(),
-            table: Vec::new(),
-        });
+        .unwrap_or_else(|| Decision::without_candidates(sequence.len()));
         Routed {
             prompt,
             decision,
@@ -387,7 +380,7 @@ impl Gateway {
             .increment((chosen.overlap_blocks * self.inner.config.block_size as usize) as u64);
         let candidates = decision.table.iter().filter_map(|row| {
             let position = eligible.iter().position(|w| w.worker().id == row.worker)?;
-            Some((eligible.swap_remove(position), row.new_blocks as u64))
+            Some((eligible.swap_remove(position), *row))
         });
         let candidates: Vec<_> = candidates.collect();
         match self
@@ -482,8 +475,18 @@ impl Gateway {
     fn metrics(&self) -> Response<GatewayBody> {
         let stats = self.inner.index.stats();
         metrics::gauge!("kvroute_index_blocks").set(stats.blocks as f64);
+        let workers = self.inner.registry.status(Instant::now());
         metrics::gauge!("kvroute_workers_available")
-            .set(self.inner.registry.eligible(Instant::now()).len() as f64);
+            .set(workers.iter().filter(|w| w.available).count() as f64);
+        for status in &workers {
+            let worker = status.worker.id.to_string();
+            metrics::gauge!("kvroute_worker_active_requests", "worker" => worker.clone())
+                .set(status.active_requests as f64);
+            metrics::gauge!("kvroute_worker_pending_prefill_blocks", "worker" => worker.clone())
+                .set(status.pending_prefill_blocks as f64);
+            metrics::gauge!("kvroute_worker_active_blocks", "worker" => worker)
+                .set(status.active_blocks as f64);
+        }
         let text = self
             .inner
             .config

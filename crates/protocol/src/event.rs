@@ -18,6 +18,9 @@ pub enum ProtocolError {
     /// out-of-range number.
     #[error("malformed KV event: {0}")]
     Json(#[source] serde_json::Error),
+    /// The bytes are not a valid [`WorkerRecord`](crate::WorkerRecord).
+    #[error("malformed worker record: {0}")]
+    WorkerRecord(#[source] serde_json::Error),
 }
 
 /// A KV cache event of one worker: what the router's index is built from.

@@ -2,7 +2,8 @@
 //!
 //! It owns the vocabulary: newtypes for workers, data-parallel ranks, block and sequence
 //! hashes and media ids, the KV event model that reads and writes NVIDIA Dynamo's
-//! `RouterEvent` JSON exactly, and OpenAI's error body. It does no I/O and no hashing.
+//! `RouterEvent` JSON exactly, the record a worker registers itself with, and OpenAI's error
+//! body. It does no I/O and no hashing.
 //!
 //! ```
 //! use kvroute_protocol::{RouterEvent, WorkerId};
@@ -17,7 +18,9 @@
 mod event;
 mod ids;
 mod openai;
+mod worker;
 
 pub use event::*;
 pub use ids::{BlockHash, DpRank, MediaId, MediaSpan, SequenceHash, WorkerId};
 pub use openai::{ErrorBody, ErrorDetail};
+pub use worker::WorkerRecord;

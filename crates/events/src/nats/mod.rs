@@ -2,9 +2,13 @@
 //! submodules.
 
 mod consume;
+mod membership;
 mod publish;
 
 pub use consume::{NatsSource, NatsSourceConfig, SnapshotSettings, StreamWire};
+pub use membership::{
+    ensure_bucket, watch_members, LeftReason, MembershipChange, MembershipSettings, Registration,
+};
 pub(crate) use publish::NatsSender;
 pub use publish::{NatsPublishConfig, NatsPublisher};
 
@@ -35,6 +39,15 @@ pub enum NatsError {
         stream: String,
         /// What does not fit.
         problem: String,
+    },
+    /// The worker registration bucket could not be opened, created or written.
+    #[error("JetStream KV bucket {bucket}: {source}")]
+    Bucket {
+        /// The bucket's name.
+        bucket: String,
+        /// What failed.
+        #[source]
+        source: async_nats::Error,
     },
     /// Subscribing to the control subject failed.
     #[error("subscribing to {subject}: {source}")]

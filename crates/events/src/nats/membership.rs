@@ -1,0 +1,461 @@
+//! Worker registration in a NATS KV bucket: each worker keeps its [`WorkerRecord`] fresh under
+//! its own key (a heartbeat), routers watch the bucket and learn who joined, who left cleanly
+//! and who stopped heartbeating.
+//!
+//! Expiry is decided by the watcher, not by the server: nats-server 2.9 sends no marker when a
+//! value ages out, so a router drops a worker whose record was not refreshed within the TTL. Time
+//! spent disconnected from NATS does not count, so a NATS restart does not empty the registry.
+
+use super::{backoff, NatsError};
+use async_nats::jetstream::{self, kv};
+use futures_util::StreamExt;
+use kvroute_protocol::{WorkerId, WorkerRecord};
+use metrics::{counter, gauge};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+/// Where workers register and how long a registration lives without a heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MembershipSettings {
+    /// The KV bucket (shared by every namespace and component).
+    pub bucket: String,
+    /// Keys are `{key_prefix}.{worker_id}`; routers watch `{key_prefix}.>`.
+    pub key_prefix: String,
+    /// A worker not heard from for this long is dropped. Workers refresh their record every
+    /// third of it; the bucket keeps values this long.
+    pub ttl: Duration,
+    /// Replicas of the bucket in a NATS cluster.
+    pub replicas: usize,
+}
+
+impl Default for MembershipSettings {
+    fn default() -> Self {
+        Self {
+            bucket: "kvroute-workers".into(),
+            key_prefix: "default.backend".into(),
+            ttl: Duration::from_secs(10),
+            replicas: 1,
+        }
+    }
+}
+
+impl MembershipSettings {
+    /// Keys for the workers of `component` in `namespace` (any strings: bytes KV keys cannot
+    /// hold are escaped).
+    pub fn for_component(mut self, namespace: &str, component: &str) -> Self {
+        self.key_prefix = format!("{}.{}", key_token(namespace), key_token(component));
+        self
+    }
+
+    /// Sets the registration TTL (at least one second).
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl.max(Duration::from_secs(1));
+        self
+    }
+
+    /// The key of `worker_id`'s record.
+    pub fn key(&self, worker_id: WorkerId) -> String {
+        format!("{}.{}", self.key_prefix, worker_id.get())
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        self.ttl / 3
+    }
+}
+
+/// One KV key token from any string: bytes outside `[A-Za-z0-9_-]` become `=XX`.
+fn key_token(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("={byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Opens the registration bucket, creating it when absent (an existing bucket is used as is).
+pub async fn ensure_bucket(
+    js: &jetstream::Context,
+    settings: &MembershipSettings,
+) -> Result<kv::Store, NatsError> {
+    let error = |source: async_nats::Error| NatsError::Bucket {
+        bucket: settings.bucket.clone(),
+        source,
+    };
+    if let Ok(store) = js.get_key_value(&settings.bucket).await {
+        return Ok(store);
+    }
+    // The bucket's stream, by the KV conventions. `Context::create_key_value` would build the
+    // same, but it first reads the account info, which async-nats 0.49 cannot parse from
+    // nats-server 2.9.
+    let config = jetstream::stream::Config {
+        name: format!("KV_{}", settings.bucket),
+        description: Some("kvroute worker registrations".into()),
+        subjects: vec![format!("$KV.{}.>", settings.bucket)],
+        max_messages_per_subject: 1,
+        max_age: settings.ttl,
+        num_replicas: settings.replicas.max(1),
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    if let Err(create_error) = js.create_stream(config).await {
+        // Another process may have created it between our lookup and our create.
+        return js
+            .get_key_value(&settings.bucket)
+            .await
+            .map_err(|_| error(create_error.into()));
+    }
+    js.get_key_value(&settings.bucket)
+        .await
+        .map_err(|e| error(e.into()))
+}
+
+/// A worker's registration, refreshed in the background until [`Registration::deregister`].
+///
+/// Dropping it without deregistering stops the heartbeat and leaves the record to expire, as
+/// a crash would.
+#[derive(Debug)]
+pub struct Registration {
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Registration {
+    /// Writes `record` under its key, then keeps it fresh every third of the TTL. Fails when
+    /// the first write does (routers would never see the worker).
+    pub async fn start(
+        store: kv::Store,
+        settings: &MembershipSettings,
+        record: &WorkerRecord,
+    ) -> Result<Self, NatsError> {
+        let key = settings.key(record.worker_id);
+        let value = bytes::Bytes::from(record.to_json());
+        store
+            .put(&key, value.clone())
+            .await
+            .map_err(|source| NatsError::Bucket {
+                bucket: settings.bucket.clone(),
+                source: source.into(),
+            })?;
+        let (stop, mut stopped) = watch::channel(false);
+        let interval = settings.heartbeat_interval();
+        let task = tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    () = tokio::time::sleep(interval) => {}
+                }
+                match store.put(&key, value.clone()).await {
+                    Ok(_) => failing = false,
+                    Err(error) => {
+                        counter!("kvroute_registration_heartbeat_failures_total").increment(1);
+                        if !failing {
+                            tracing::warn!(%key, %error, "registration heartbeat failed; retrying");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+            if let Err(error) = store.delete(&key).await {
+                tracing::warn!(%key, %error, "deregistering failed; the record will expire");
+            }
+        });
+        Ok(Self {
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// Deletes the record so routers drop the worker at once, and stops the heartbeat.
+    pub async fn deregister(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A change in the set of registered workers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MembershipChange {
+    /// A worker registered, or changed its record (a new URL after a restart).
+    Joined(WorkerRecord),
+    /// A worker left.
+    Left {
+        /// The worker.
+        worker_id: WorkerId,
+        /// Why.
+        reason: LeftReason,
+    },
+}
+
+/// Why a worker left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeftReason {
+    /// It deleted its record (clean shutdown).
+    Deregistered,
+    /// Its record was not refreshed within the TTL (crash, hang, partition).
+    Expired,
+}
+
+impl LeftReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Deregistered => "deregistered",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// Watches the registrations under `settings.key_prefix` and sends every change, starting with
+/// one [`MembershipChange::Joined`] per worker registered now. The task survives NATS restarts
+/// (it re-creates its watch) and ends when the receiver is dropped.
+pub fn watch_members(
+    client: async_nats::Client,
+    store: kv::Store,
+    settings: &MembershipSettings,
+) -> mpsc::Receiver<MembershipChange> {
+    let (tx, rx) = mpsc::channel(256);
+    let members = Members {
+        filter: format!("{}.>", settings.key_prefix),
+        ttl: settings.ttl,
+        known: HashMap::new(),
+        keys: HashMap::new(),
+        malformed_logged: false,
+    };
+    tokio::spawn(members.run(client, store, tx));
+    rx
+}
+
+struct Members {
+    filter: String,
+    ttl: Duration,
+    known: HashMap<WorkerId, (WorkerRecord, Instant)>,
+    keys: HashMap<String, WorkerId>,
+    malformed_logged: bool,
+}
+
+impl Members {
+    async fn run(
+        mut self,
+        client: async_nats::Client,
+        store: kv::Store,
+        tx: mpsc::Sender<MembershipChange>,
+    ) {
+        let mut delay = Duration::from_millis(100);
+        let mut sweep = tokio::time::interval(self.ttl / 4);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let mut watch = tokio::select! {
+                () = tx.closed() => return,
+                watch = store.watch_with_history(&self.filter) => match watch {
+                    Ok(watch) => watch,
+                    Err(error) => {
+                        tracing::warn!(filter = %self.filter, %error, "watching registrations failed; retrying");
+                        delay = backoff(delay, Duration::from_secs(2)).await;
+                        continue;
+                    }
+                },
+            };
+            delay = Duration::from_millis(100);
+            loop {
+                let changes = tokio::select! {
+                    () = tx.closed() => return,
+                    entry = watch.next() => match entry {
+                        Some(Ok(entry)) => self.apply(&entry, Instant::now()),
+                        Some(Err(error)) => {
+                            tracing::warn!(%error, "registration watch failed; re-creating it");
+                            break;
+                        }
+                        None => break,
+                    },
+                    _ = sweep.tick() => {
+                        let connected = client.connection_state() == async_nats::connection::State::Connected;
+                        self.sweep(Instant::now(), connected)
+                    }
+                };
+                for change in changes {
+                    if tx.send(change).await.is_err() {
+                        return;
+                    }
+                }
+                gauge!("kvroute_workers_registered").set(self.known.len() as f64);
+            }
+        }
+    }
+
+    fn apply(&mut self, entry: &kv::Entry, now: Instant) -> Vec<MembershipChange> {
+        match entry.operation {
+            kv::Operation::Put => {
+                let record = match WorkerRecord::from_json(&entry.value) {
+                    Ok(record) => record,
+                    Err(error) => {
+                        counter!("kvroute_registration_malformed_total").increment(1);
+                        if !std::mem::replace(&mut self.malformed_logged, true) {
+                            tracing::warn!(key = %entry.key, %error, "ignoring a malformed worker record (logged once)");
+                        }
+                        return Vec::new();
+                    }
+                };
+                let id = record.worker_id;
+                self.keys.insert(entry.key.clone(), id);
+                let changed = self
+                    .known
+                    .get(&id)
+                    .is_none_or(|(known, _)| *known != record);
+                self.known.insert(id, (record.clone(), now));
+                if changed {
+                    counter!("kvroute_membership_changes_total", "change" => "joined").increment(1);
+                    vec![MembershipChange::Joined(record)]
+                } else {
+                    Vec::new()
+                }
+            }
+            kv::Operation::Delete | kv::Operation::Purge => self
+                .keys
+                .remove(&entry.key)
+                .and_then(|id| self.leave(id, LeftReason::Deregistered))
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    /// Workers whose record is older than the TTL leave. While disconnected from NATS no
+    /// heartbeat can arrive, so the clock is held: every record counts as fresh.
+    fn sweep(&mut self, now: Instant, connected: bool) -> Vec<MembershipChange> {
+        if !connected {
+            for (_, seen) in self.known.values_mut() {
+                *seen = now;
+            }
+            return Vec::new();
+        }
+        let expired: Vec<WorkerId> = self
+            .known
+            .iter()
+            .filter(|(_, (_, seen))| now.duration_since(*seen) > self.ttl)
+            .map(|(id, _)| *id)
+            .collect();
+        self.keys.retain(|_, id| !expired.contains(id));
+        expired
+            .into_iter()
+            .filter_map(|id| self.leave(id, LeftReason::Expired))
+            .collect()
+    }
+
+    fn leave(&mut self, worker_id: WorkerId, reason: LeftReason) -> Option<MembershipChange> {
+        self.known.remove(&worker_id)?;
+        counter!("kvroute_membership_changes_total", "change" => reason.as_str()).increment(1);
+        Some(MembershipChange::Left { worker_id, reason })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_escape_what_kv_keys_cannot_hold() {
+        let settings = MembershipSettings::default().for_component("prod.eu", "vl m");
+        assert_eq!(settings.key(WorkerId(7)), "prod=2Eeu.vl=20m.7");
+    }
+
+    fn members() -> Members {
+        Members {
+            filter: "a.b.>".into(),
+            ttl: Duration::from_secs(3),
+            known: HashMap::new(),
+            keys: HashMap::new(),
+            malformed_logged: false,
+        }
+    }
+
+    fn entry(key: &str, value: &str, operation: kv::Operation) -> kv::Entry {
+        kv::Entry {
+            bucket: "b".into(),
+            key: key.into(),
+            value: bytes::Bytes::copy_from_slice(value.as_bytes()),
+            revision: 1,
+            delta: 0,
+            created: time::OffsetDateTime::UNIX_EPOCH,
+            operation,
+            seen_current: true,
+        }
+    }
+
+    #[test]
+    fn heartbeats_are_silent_changes_and_leaves_are_reported() {
+        let mut members = members();
+        let t0 = Instant::now();
+        let put = |url: &str| {
+            entry(
+                "a.b.1",
+                &WorkerRecord::new(WorkerId(1), url).to_json(),
+                kv::Operation::Put,
+            )
+        };
+        assert!(matches!(
+            members.apply(&put("http://x:1"), t0)[..],
+            [MembershipChange::Joined(_)]
+        ));
+        assert!(members.apply(&put("http://x:1"), t0).is_empty());
+        assert!(matches!(
+            members.apply(&put("http://x:2"), t0)[..],
+            [MembershipChange::Joined(_)]
+        ));
+        assert!(members
+            .apply(&entry("a.b.9", "not json", kv::Operation::Put), t0)
+            .is_empty());
+        assert_eq!(
+            members.apply(&entry("a.b.1", "", kv::Operation::Delete), t0),
+            [MembershipChange::Left {
+                worker_id: WorkerId(1),
+                reason: LeftReason::Deregistered
+            }]
+        );
+        assert!(members
+            .apply(&entry("a.b.1", "", kv::Operation::Delete), t0)
+            .is_empty());
+    }
+
+    #[test]
+    fn silence_expires_but_not_while_disconnected() {
+        let mut members = members();
+        let t0 = Instant::now();
+        let record = WorkerRecord::new(WorkerId(2), "http://y:1").to_json();
+        members.apply(&entry("a.b.2", &record, kv::Operation::Put), t0);
+        let late = t0 + Duration::from_secs(5);
+        assert!(members.sweep(late, false).is_empty());
+        assert!(members
+            .sweep(late + Duration::from_secs(2), true)
+            .is_empty());
+        assert_eq!(
+            members.sweep(late + Duration::from_secs(4), true),
+            [MembershipChange::Left {
+                worker_id: WorkerId(2),
+                reason: LeftReason::Expired
+            }]
+        );
+        assert!(members.keys.is_empty());
+    }
+}
