@@ -1,6 +1,6 @@
 //! `kvroute demo`: the gateway, an in-process event bus and simulated workers in one process.
 
-use crate::wiring::{self, ModelArgs};
+use crate::wiring::{self, ModelArgs, RoutingArgs};
 use anyhow::Result;
 use clap::Args;
 use kvroute_dispatch::{Registry, Worker};
@@ -23,6 +23,8 @@ pub struct DemoArgs {
     workers: u64,
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    routing: RoutingArgs,
     /// KV pool of each simulated worker, in blocks.
     #[arg(long, default_value_t = 4096)]
     capacity_blocks: usize,
@@ -55,8 +57,10 @@ pub async fn run(args: DemoArgs, metrics: kvroute_gateway::MetricsRender) -> Res
     }
 
     let listener = wiring::bind(args.listen).await?;
-    let config = GatewayConfig::new(model, block_size).with_metrics(metrics);
-    let gateway = wiring::gateway(config, preprocessor, index, registry, &ingestor)?;
+    let config = GatewayConfig::new(model, block_size)
+        .with_metrics(metrics)
+        .with_cost(args.routing.cost()?);
+    let gateway = wiring::gateway(config, preprocessor, index, registry, Some(&ingestor))?;
     print_usage(listener.local_addr()?, model);
     gateway.serve(listener, wiring::shutdown_signal()).await?;
 

@@ -1,7 +1,7 @@
 //! `kvroute serve`: the gateway against a NATS server, with workers that register themselves
 //! there and a static list.
 
-use crate::wiring::{self, ModelArgs, NatsArgs};
+use crate::wiring::{self, ModelArgs, NatsArgs, RoutingArgs};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use kvroute_dispatch::{BreakerConfig, Registry, Worker};
@@ -25,6 +25,8 @@ pub struct ServeArgs {
     endpoint: String,
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    routing: RoutingArgs,
     /// Where the gateway listens [default: 0.0.0.0:$API_PORT].
     #[arg(long, env = "KVROUTE_LISTEN")]
     listen: Option<SocketAddr>,
@@ -45,6 +47,13 @@ pub struct ServeArgs {
     /// Use only the --worker list: do not follow the workers registered in NATS.
     #[arg(long, env = "NO_DISCOVERY")]
     no_discovery: bool,
+    /// The workers publish no KV events: predict their caches from the requests routed to
+    /// them (each request's blocks count as cached there for --approximate-ttl-secs).
+    #[arg(long, env = "NO_KV_EVENTS")]
+    no_kv_events: bool,
+    /// How long a routed request's blocks count as cached with --no-kv-events.
+    #[arg(long, env = "APPROXIMATE_TTL_SECS", default_value_t = 120)]
+    approximate_ttl_secs: u64,
     /// Do not keep index snapshots in the JetStream object store (every start replays the
     /// whole stream).
     #[arg(long)]
@@ -89,7 +98,76 @@ pub async fn run(args: ServeArgs, metrics: kvroute_gateway::MetricsRender) -> Re
     }
     let preprocessor = args.model.preprocessor()?;
     let client = args.nats.connect().await?;
-    let source: EventSource = match args.event_wire {
+    let index = SharedIndex::new(Index::new(
+        IndexConfig::default().with_routed_ttl(Duration::from_secs(args.approximate_ttl_secs)),
+    ));
+    let ingestor = if args.no_kv_events {
+        None
+    } else {
+        let source = event_source(&args, client.clone()).await?;
+        Some(Ingestor::spawn(
+            source,
+            index.clone(),
+            IngestConfig::default(),
+        ))
+    };
+
+    let registry = Registry::new(
+        BreakerConfig::default()
+            .with_failure_threshold(args.breaker_failures)
+            .with_cooldown(Duration::from_secs(args.breaker_cooldown_secs)),
+    );
+    for worker in args.workers {
+        println!("worker {} at {}", worker.id, worker.url);
+        registry.upsert(worker);
+    }
+    if !args.no_discovery {
+        let store = args.nats.registration_bucket(&client).await?;
+        let changes = kvroute_events::watch_members(client.clone(), store, &args.nats.membership());
+        tokio::spawn(kvroute_gateway::follow_membership(
+            changes,
+            registry.clone(),
+            index.clone(),
+            args.model.block_size,
+        ));
+        println!(
+            "following worker registrations ({}/{})",
+            args.nats.namespace, args.nats.component
+        );
+    }
+    let listen = args
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], args.api_port)));
+    let listener = wiring::bind(listen).await?;
+    let config = GatewayConfig::new(&args.model.model, args.model.block_size)
+        .with_metrics(metrics)
+        .with_cost(args.routing.cost()?)
+        .with_approximate(args.no_kv_events);
+    let gateway = wiring::gateway(config, preprocessor, index, registry, ingestor.as_ref())?;
+    let events = if args.no_kv_events {
+        "no KV events: caches predicted from routing".to_owned()
+    } else {
+        format!(
+            "KV events from {} ({}/{})",
+            args.nats.nats_url, args.nats.namespace, args.nats.component
+        )
+    };
+    println!(
+        "kvroute serve: gateway on http://{}, {events}",
+        listener.local_addr()?
+    );
+    gateway.serve(listener, wiring::shutdown_signal()).await?;
+    if let Some(ingestor) = ingestor {
+        // Writes the final snapshot.
+        ingestor.shutdown().await?;
+    }
+    println!("stopped");
+    Ok(())
+}
+
+/// Where KV events come from: kvroute's JetStream stream (with snapshots) or Dynamo's wire.
+async fn event_source(args: &ServeArgs, client: async_nats::Client) -> Result<EventSource> {
+    Ok(match args.event_wire {
         EventWire::Kvroute => {
             let stream = args.nats.stream();
             let js = async_nats::jetstream::new(client.clone());
@@ -119,49 +197,5 @@ pub async fn run(args: ServeArgs, metrics: kvroute_gateway::MetricsRender) -> Re
             Some(&args.endpoint),
         )
         .into(),
-    };
-    let index = SharedIndex::new(Index::new(IndexConfig::default()));
-    let ingestor = Ingestor::spawn(source, index.clone(), IngestConfig::default());
-
-    let registry = Registry::new(
-        BreakerConfig::default()
-            .with_failure_threshold(args.breaker_failures)
-            .with_cooldown(Duration::from_secs(args.breaker_cooldown_secs)),
-    );
-    for worker in args.workers {
-        println!("worker {} at {}", worker.id, worker.url);
-        registry.upsert(worker);
-    }
-    if !args.no_discovery {
-        let store = args.nats.registration_bucket(&client).await?;
-        let changes = kvroute_events::watch_members(client.clone(), store, &args.nats.membership());
-        tokio::spawn(kvroute_gateway::follow_membership(
-            changes,
-            registry.clone(),
-            index.clone(),
-            args.model.block_size,
-        ));
-        println!(
-            "following worker registrations ({}/{})",
-            args.nats.namespace, args.nats.component
-        );
-    }
-    let listen = args
-        .listen
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], args.api_port)));
-    let listener = wiring::bind(listen).await?;
-    let config = GatewayConfig::new(&args.model.model, args.model.block_size).with_metrics(metrics);
-    let gateway = wiring::gateway(config, preprocessor, index, registry, &ingestor)?;
-    println!(
-        "kvroute serve: gateway on http://{}, KV events from {} ({}/{})",
-        listener.local_addr()?,
-        args.nats.nats_url,
-        args.nats.namespace,
-        args.nats.component
-    );
-    gateway.serve(listener, wiring::shutdown_signal()).await?;
-    // Writes the final snapshot.
-    ingestor.shutdown().await?;
-    println!("stopped");
-    Ok(())
+    })
 }

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Args;
-use kvroute_dispatch::Registry;
+use kvroute_dispatch::{CostConfig, Registry};
 use kvroute_events::{Ingestor, MembershipSettings, StreamSettings};
 use kvroute_gateway::{Gateway, GatewayConfig};
 use kvroute_index::SharedIndex;
@@ -41,6 +41,46 @@ impl ModelArgs {
             &files,
             PreprocessConfig::default(),
         )?))
+    }
+}
+
+/// The weights of the routing cost (`kvroute_dispatch::CostConfig`).
+#[derive(Args, Clone, Debug)]
+pub struct RoutingArgs {
+    /// Weight of the blocks a worker would have to prefill.
+    #[arg(long, env = "PREFILL_WEIGHT", default_value_t = 1.0)]
+    pub prefill_weight: f64,
+    /// Blocks-equivalent of one in-flight request.
+    #[arg(long, env = "DECODE_WEIGHT", default_value_t = 1.0)]
+    pub decode_weight: f64,
+    /// Weight of the KV blocks in-flight requests hold (raise it when workers run short of KV
+    /// memory).
+    #[arg(long, env = "ACTIVE_BLOCKS_WEIGHT", default_value_t = 0.0)]
+    pub active_blocks_weight: f64,
+    /// Softmax temperature over costs (0: always the lowest cost, ties at random).
+    #[arg(long, env = "ROUTER_TEMPERATURE", default_value_t = 0.0)]
+    pub temperature: f64,
+}
+
+impl RoutingArgs {
+    /// The cost weights.
+    pub fn cost(&self) -> Result<CostConfig> {
+        let weights = [
+            ("--prefill-weight", self.prefill_weight),
+            ("--decode-weight", self.decode_weight),
+            ("--active-blocks-weight", self.active_blocks_weight),
+            ("--temperature", self.temperature),
+        ];
+        for (flag, value) in weights {
+            if !(value.is_finite() && value >= 0.0) {
+                anyhow::bail!("{flag} must be a finite number >= 0, not {value}");
+            }
+        }
+        Ok(CostConfig::default()
+            .with_prefill_weight(self.prefill_weight)
+            .with_decode_weight(self.decode_weight)
+            .with_active_blocks_weight(self.active_blocks_weight)
+            .with_temperature(self.temperature))
     }
 }
 
@@ -106,21 +146,21 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .with_context(|| format!("binding {addr} (use --listen to pick another address)"))
 }
 
-/// A gateway whose `/ready` follows `ingestor` catching up.
+/// A gateway whose `/ready` follows `ingestor` catching up (always caught up without one).
 pub fn gateway(
     config: GatewayConfig,
     preprocessor: Arc<Preprocessor>,
     index: SharedIndex,
     registry: Registry,
-    ingestor: &Ingestor,
+    ingestor: Option<&Ingestor>,
 ) -> Result<Gateway> {
-    let caught_up = ingestor.readiness();
+    let caught_up = ingestor.map(Ingestor::readiness);
     Ok(Gateway::new(
         config,
         preprocessor,
         index,
         registry,
-        move || *caught_up.borrow(),
+        move || caught_up.as_ref().is_none_or(|ready| *ready.borrow()),
     )?)
 }
 

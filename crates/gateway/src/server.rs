@@ -10,16 +10,16 @@ use kvroute_blockhash::BlockHasher;
 use kvroute_dispatch::{
     decide, CostConfig, Decision, Eligible, ForwardConfig, ForwardError, Forwarder, Registry,
 };
-use kvroute_index::SharedIndex;
+use kvroute_index::{SharedIndex, WorkerKey};
 use kvroute_preprocess::{ChatRequest, CompletionRequest, PreprocessError, Preprocessor, Prompt};
-use kvroute_protocol::{ErrorBody, SequenceHash, WorkerId};
+use kvroute_protocol::{DpRank, ErrorBody, SequenceHash, WorkerId};
 use metrics::{counter, histogram};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
 
 /// Renders the Prometheus text exposition for `/metrics`.
@@ -41,6 +41,10 @@ pub struct GatewayConfig {
     pub forward: ForwardConfig,
     /// `/metrics` output; `None` serves an empty page.
     pub metrics: Option<MetricsRender>,
+    /// Workers publish no KV events: predict their caches from routing instead. Each request's
+    /// blocks count as cached on the worker that answered it for the index's
+    /// [`routed_ttl`](kvroute_index::IndexConfig::routed_ttl) (Dynamo's approximate mode).
+    pub approximate: bool,
 }
 
 impl GatewayConfig {
@@ -53,6 +57,7 @@ impl GatewayConfig {
             cost: CostConfig::default(),
             forward: ForwardConfig::default(),
             metrics: None,
+            approximate: false,
         }
     }
 
@@ -71,6 +76,12 @@ impl GatewayConfig {
     /// Sets the body size limit.
     pub fn with_max_body_bytes(mut self, limit: usize) -> Self {
         self.max_body_bytes = limit;
+        self
+    }
+
+    /// Predicts workers' caches from routing decisions (for workers without KV events).
+    pub fn with_approximate(mut self, approximate: bool) -> Self {
+        self.approximate = approximate;
         self
     }
 
@@ -93,6 +104,7 @@ pub enum GatewayError {
 /// What a prompt looks like to the router: its blocks and each worker's overlap.
 struct Routed {
     prompt: Prompt,
+    sequence: Vec<SequenceHash>,
     decision: Decision,
     eligible: Vec<Eligible>,
 }
@@ -113,6 +125,8 @@ struct Inner {
     forwarder: Forwarder,
     ready: Box<dyn Fn() -> bool + Send + Sync>,
     rng: Mutex<fastrand::Rng>,
+    /// When approximate-mode blocks were last expired.
+    routed_expired_at: Mutex<Instant>,
 }
 
 impl Gateway {
@@ -136,6 +150,7 @@ impl Gateway {
                 forwarder,
                 ready: Box::new(ready),
                 rng: Mutex::new(fastrand::Rng::new()),
+                routed_expired_at: Mutex::new(Instant::now()),
             }),
         })
     }
@@ -308,6 +323,9 @@ impl Gateway {
             prompt.media.as_slice(),
             &mut sequence,
         );
+        if self.inner.config.approximate {
+            self.expire_routed();
+        }
         let overlap = self.inner.index.find_matches(&sequence);
         let mut by_worker: HashMap<WorkerId, usize> = HashMap::with_capacity(overlap.workers.len());
         for matched in &overlap.workers {
@@ -325,9 +343,28 @@ impl Gateway {
         .unwrap_or_else(|| Decision::without_candidates(sequence.len()));
         Routed {
             prompt,
+            sequence,
             decision,
             eligible,
         }
+    }
+
+    /// Drops predicted blocks whose time ran out, at most once a second (it takes the index's
+    /// write lock).
+    fn expire_routed(&self) {
+        let now = Instant::now();
+        {
+            let mut last = self
+                .inner
+                .routed_expired_at
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if now.duration_since(*last) < Duration::from_secs(1) {
+                return;
+            }
+            *last = now;
+        }
+        self.inner.index.expire_routed(now);
     }
 
     fn explain(&self, routed: &Routed) -> Response<GatewayBody> {
@@ -361,6 +398,7 @@ impl Gateway {
     ) -> Response<GatewayBody> {
         let Routed {
             prompt,
+            sequence,
             decision,
             mut eligible,
         } = routed;
@@ -401,6 +439,13 @@ impl Gateway {
                     .unwrap_or(chosen);
                 let (mut parts, upstream) = forwarded.response.into_parts();
                 let worker_id = forwarded.worker.id;
+                if self.inner.config.approximate {
+                    self.inner.index.record_routed(
+                        WorkerKey::new(worker_id, DpRank(0)),
+                        &sequence,
+                        Instant::now(),
+                    );
+                }
                 let registry = self.inner.registry.clone();
                 let on_error = Box::new(move |error: &hyper::Error| {
                     tracing::warn!(worker = %worker_id, %error, "worker failed mid-stream");

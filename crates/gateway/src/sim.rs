@@ -21,6 +21,7 @@ use kvroute_protocol::{
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
@@ -147,6 +148,24 @@ struct SimInner {
     pool: Mutex<Pool>,
     publisher: Publisher,
     killed: tokio::sync::watch::Sender<bool>,
+    running: Arc<AtomicU64>,
+}
+
+/// Counts a request as running until dropped (with the response body, for a stream: a client
+/// that goes away cancels it).
+struct Running(Arc<AtomicU64>);
+
+impl Running {
+    fn start(counter: &Arc<AtomicU64>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(Arc::clone(counter))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl SimWorker {
@@ -169,6 +188,7 @@ impl SimWorker {
                 pool,
                 publisher,
                 killed: tokio::sync::watch::channel(false).0,
+                running: Arc::default(),
             }),
         })
     }
@@ -177,6 +197,11 @@ impl SimWorker {
     /// no new request is answered (new connections are closed as soon as they are accepted).
     pub fn kill(&self) {
         self.inner.killed.send_replace(true);
+    }
+
+    /// Requests being answered now, streams still generating included.
+    pub fn running_requests(&self) -> u64 {
+        self.inner.running.load(Ordering::Relaxed)
     }
 
     /// Blocks currently in the pool.
@@ -231,6 +256,7 @@ impl SimWorker {
         request: Request<Incoming>,
         chat: bool,
     ) -> Result<Response<GatewayBody>, Response<GatewayBody>> {
+        let running = Running::start(&self.inner.running);
         let bad = |error: kvroute_preprocess::PreprocessError| {
             error_response(StatusCode::BAD_REQUEST, &error.to_error_body())
         };
@@ -287,6 +313,7 @@ impl SimWorker {
                 prefill,
                 per_token,
                 usage: include_usage.then_some(usage),
+                _running: running,
             }))
         } else {
             tokio::time::sleep(prefill + per_token * completion_tokens as u32).await;
@@ -369,6 +396,7 @@ struct Stream {
     prefill: Duration,
     per_token: Duration,
     usage: Option<serde_json::Value>,
+    _running: Running,
 }
 
 fn sse_response(answer: Stream) -> Response<GatewayBody> {

@@ -39,6 +39,7 @@ fn preprocessor() -> Arc<Preprocessor> {
 struct Cluster {
     base: String,
     sims: Vec<SimWorker>,
+    registry: Registry,
     client: Client<HttpConnector, Full<Bytes>>,
     _ingestor: Ingestor,
 }
@@ -56,6 +57,11 @@ impl Reply {
 }
 
 async fn cluster(workers: u64, decode_tokens_per_second: f64) -> Cluster {
+    cluster_with(workers, decode_tokens_per_second, false).await
+}
+
+/// `approximate`: the gateway reads no KV events and predicts caches from its own routing.
+async fn cluster_with(workers: u64, decode_tokens_per_second: f64, approximate: bool) -> Cluster {
     let index = SharedIndex::new(Index::new(IndexConfig::default()));
     let (bus, source) = in_process_bus(1024);
     let ingestor = Ingestor::spawn(source, index.clone(), IngestConfig::default());
@@ -82,12 +88,27 @@ async fn cluster(workers: u64, decode_tokens_per_second: f64) -> Cluster {
     }
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let config = GatewayConfig::new("m", BLOCK_SIZE).with_max_body_bytes(4 << 20);
-    let gateway = Gateway::new(config, preprocessor(), index, registry, || true).unwrap();
+    let config = GatewayConfig::new("m", BLOCK_SIZE)
+        .with_max_body_bytes(4 << 20)
+        .with_approximate(approximate);
+    let routing_index = if approximate {
+        SharedIndex::new(Index::new(IndexConfig::default()))
+    } else {
+        index
+    };
+    let gateway = Gateway::new(
+        config,
+        preprocessor(),
+        routing_index,
+        registry.clone(),
+        || true,
+    )
+    .unwrap();
     tokio::spawn(gateway.serve(listener, std::future::pending()));
     Cluster {
         base,
         sims,
+        registry,
         client: Client::builder(TokioExecutor::new()).build_http(),
         _ingestor: ingestor,
     }
@@ -284,4 +305,66 @@ async fn streaming_follows_the_openai_sse_format() {
         .collect();
     assert_eq!(content, "tok ".repeat(5));
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_cancels_the_upstream_request() {
+    let cluster = cluster(1, 5.0).await;
+    // 50 tokens at 5 tokens/s: 10 s if nobody cancels.
+    let body = json!({"model": "m", "stream": true, "max_tokens": 50, "messages": [{"role": "user", "content": "a long answer"}]});
+    let request = http::Request::post(format!("{}/v1/chat/completions", cluster.base))
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = cluster.client.request(request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert!(first.starts_with(b"data: "));
+    let load = |cluster: &Cluster| {
+        let status = &cluster.registry.status(std::time::Instant::now())[0];
+        (status.active_requests, cluster.sims[0].running_requests())
+    };
+    assert_eq!(load(&cluster), (1, 1));
+
+    drop(body); // the client goes away mid-stream
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while load(&cluster) != (0, 0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still running (gateway, worker): {:?}",
+            load(&cluster)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_kv_events_the_cache_is_predicted_from_routing() {
+    let cluster = cluster_with(3, 1000.0, true).await;
+    let request = image_request("chelsea.png", "What is in this image?");
+    let first = cluster.chat(&request).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.header("x-kvroute-overlap-blocks"), "0");
+    let blocks = first.header("x-kvroute-prompt-blocks");
+    // The second goes where the first went, predicted fully cached, and the worker agrees.
+    let second = cluster.chat(&request).await;
+    assert_eq!(
+        second.header("x-kvroute-worker"),
+        first.header("x-kvroute-worker")
+    );
+    assert_eq!(second.header("x-kvroute-overlap-blocks"), blocks);
+    assert_eq!(
+        second.body["usage"]["prompt_tokens_details"]["cached_tokens"].to_string(),
+        second.header("x-kvroute-predicted-cached-tokens")
+    );
+    // Another image with the same text: no phantom overlap.
+    let other = cluster
+        .post(
+            "/v1/route",
+            image_request("coffee.png", "What is in this image?").to_string(),
+        )
+        .await;
+    for row in other.body["workers"].as_array().unwrap() {
+        assert_eq!(row["overlap_blocks"], 0, "{}", other.body);
+    }
 }
