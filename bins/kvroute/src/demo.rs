@@ -11,6 +11,7 @@ use kvroute_index::{Index, IndexConfig, SharedIndex};
 use kvroute_protocol::WorkerId;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 
 #[derive(Args)]
@@ -25,6 +26,9 @@ pub struct DemoArgs {
     model: ModelArgs,
     #[command(flatten)]
     routing: RoutingArgs,
+    /// Seconds in-flight requests may take to finish after Ctrl-C.
+    #[arg(long, default_value_t = 10)]
+    drain_timeout_secs: u64,
     /// KV pool of each simulated worker, in blocks.
     #[arg(long, default_value_t = 4096)]
     capacity_blocks: usize,
@@ -40,6 +44,7 @@ pub async fn run(args: DemoArgs, metrics: kvroute_gateway::MetricsRender) -> Res
     let registry = Registry::default();
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    let mut sims = Vec::new();
     for n in 1..=args.workers {
         let id = WorkerId(n);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
@@ -51,6 +56,7 @@ pub async fn run(args: DemoArgs, metrics: kvroute_gateway::MetricsRender) -> Res
             Arc::clone(&preprocessor),
             bus.publisher(PublisherConfig::new(id)),
         )?;
+        sims.push(worker.clone());
         tasks.push(tokio::spawn(worker.serve(listener, wait(stopped.clone()))));
         registry.upsert(Worker::new(id, &url)?);
         println!("simulated worker {id} on {url}");
@@ -62,8 +68,17 @@ pub async fn run(args: DemoArgs, metrics: kvroute_gateway::MetricsRender) -> Res
         .with_cost(args.routing.cost()?);
     let gateway = wiring::gateway(config, preprocessor, index, registry, Some(&ingestor))?;
     print_usage(listener.local_addr()?, model);
-    gateway.serve(listener, wiring::shutdown_signal()).await?;
+    wiring::serve_until_signal(
+        gateway,
+        listener,
+        Duration::from_secs(args.drain_timeout_secs),
+    )
+    .await?;
 
+    // The gateway has drained (or given up): whatever the workers still stream has no reader.
+    for sim in &sims {
+        sim.kill();
+    }
     let _ = stop.send(true);
     for task in tasks {
         task.await??;

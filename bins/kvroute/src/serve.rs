@@ -61,6 +61,9 @@ pub struct ServeArgs {
     /// Seconds between index snapshots while events arrive (one is also written on shutdown).
     #[arg(long, default_value_t = 60)]
     snapshot_interval_secs: u64,
+    /// Seconds in-flight requests may take to finish after SIGTERM or Ctrl-C.
+    #[arg(long, env = "DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    drain_timeout_secs: u64,
     /// Consecutive failures that take a worker out of rotation.
     #[arg(long, default_value_t = 3)]
     breaker_failures: u32,
@@ -156,7 +159,12 @@ pub async fn run(args: ServeArgs, metrics: kvroute_gateway::MetricsRender) -> Re
         "kvroute serve: gateway on http://{}, {events}",
         listener.local_addr()?
     );
-    gateway.serve(listener, wiring::shutdown_signal()).await?;
+    wiring::serve_until_signal(
+        gateway,
+        listener,
+        Duration::from_secs(args.drain_timeout_secs),
+    )
+    .await?;
     if let Some(ingestor) = ingestor {
         // Writes the final snapshot.
         ingestor.shutdown().await?;

@@ -27,6 +27,10 @@ pub struct ModelArgs {
     /// Tokens per KV block (router and workers must agree).
     #[arg(long, env = "BLOCK_SIZE", default_value_t = 32)]
     pub block_size: u32,
+    /// Longest prompt accepted, in tokens after image expansion (a body of many small images
+    /// can expand to millions of visual tokens); longer ones get a 400.
+    #[arg(long, env = "MAX_PROMPT_TOKENS", default_value_t = 131_072)]
+    pub max_prompt_tokens: usize,
 }
 
 impl ModelArgs {
@@ -37,10 +41,8 @@ impl ModelArgs {
                 .with_context(|| format!("reading the model directory {}", dir.display()))?,
             None => ModelFiles::bundled_qwen2_vl()?,
         };
-        Ok(Arc::new(Preprocessor::new(
-            &files,
-            PreprocessConfig::default(),
-        )?))
+        let config = PreprocessConfig::default().with_max_prompt_tokens(self.max_prompt_tokens);
+        Ok(Arc::new(Preprocessor::new(&files, config)?))
     }
 }
 
@@ -162,6 +164,31 @@ pub fn gateway(
         registry,
         move || caught_up.as_ref().is_none_or(|ready| *ready.borrow()),
     )?)
+}
+
+/// Serves `gateway` until Ctrl-C or SIGTERM, then drains in-flight requests for at most
+/// `drain_timeout` (streams still open after it are cut).
+pub async fn serve_until_signal(
+    gateway: Gateway,
+    listener: TcpListener,
+    drain_timeout: Duration,
+) -> Result<()> {
+    let (signalled, mut on_signal) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown_signal().await;
+        let _ = signalled.send(true);
+    };
+    let deadline = async move {
+        let _ = on_signal.wait_for(|signalled| *signalled).await;
+        tokio::time::sleep(drain_timeout).await;
+    };
+    tokio::select! {
+        served = gateway.serve(listener, shutdown) => Ok(served?),
+        () = deadline => {
+            eprintln!("kvroute: in-flight requests still open after {drain_timeout:?}; stopping anyway");
+            Ok(())
+        }
+    }
 }
 
 /// Ctrl-C or SIGTERM.
