@@ -6,7 +6,6 @@
 
 mod common;
 
-use common::server::NatsServer;
 use common::{converge, SimWorker};
 use kvroute_events::{
     connect, dynamo_event_subject, encode_dynamo_envelope, DynamoSource, IngestConfig, Ingestor,
@@ -14,6 +13,7 @@ use kvroute_events::{
 };
 use kvroute_index::{Index, IndexConfig, SharedIndex};
 use kvroute_protocol::{DpRank, KvCacheEvent, RouterEvent, WorkerId};
+use kvroute_testsupport::NatsServer;
 
 fn new_index() -> SharedIndex {
     SharedIndex::new(Index::new(IndexConfig::default()))

@@ -4,9 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
-use common::server::NatsServer;
+use kvroute_testsupport::NatsServer;
 use kvroute_events::{
     connect, ensure_bucket, watch_members, LeftReason, MembershipChange, MembershipSettings,
     Registration,

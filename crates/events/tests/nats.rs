@@ -5,7 +5,6 @@
 
 mod common;
 
-use common::server::NatsServer;
 use common::{converge, SimWorker};
 use kvroute_events::{
     connect, EventBatch, IngestConfig, Ingestor, NatsPublishConfig, NatsPublisher, NatsSource,
@@ -13,6 +12,7 @@ use kvroute_events::{
 };
 use kvroute_index::{Index, IndexConfig, SharedIndex};
 use kvroute_protocol::{DpRank, KvCacheEvent, KvCacheEventData, RouterEvent, WorkerId};
+use kvroute_testsupport::NatsServer;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;

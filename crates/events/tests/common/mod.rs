@@ -2,8 +2,6 @@
 
 #![allow(dead_code)] // each test binary uses part of it
 
-pub mod server;
-
 use kvroute_events::Publisher;
 use kvroute_index::{SharedIndex, WorkerKey};
 use kvroute_protocol::{
