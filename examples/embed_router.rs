@@ -22,9 +22,7 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use kvroute_blockhash::BlockHasher;
-use kvroute_dispatch::{
-    decide, CandidateInput, CostConfig, ForwardConfig, Forwarder, Registry, Worker,
-};
+use kvroute_dispatch::{decide, CostConfig, ForwardConfig, Forwarder, Registry, Worker};
 use kvroute_events::{
     connect, IngestConfig, Ingestor, NatsSource, NatsSourceConfig, StreamSettings,
 };
@@ -199,12 +197,9 @@ impl Router {
         };
         // 4. The cheapest worker: blocks to prefill plus load; the rest of the table is the retry order.
         let eligible = self.registry.eligible(Instant::now());
-        let inputs = eligible.iter().map(|w| CandidateInput {
-            worker: w.worker().id,
-            overlap_blocks: overlap_of(w.worker().id),
-            pending_prefill_blocks: w.pending_prefill_blocks(),
-            active_requests: w.active_requests(),
-        });
+        let inputs = eligible
+            .iter()
+            .map(|w| w.candidate(overlap_of(w.worker().id)));
         let decision = decide(
             hashes.len(),
             inputs,
@@ -220,7 +215,7 @@ impl Router {
         let candidates: Vec<_> = (decision.table.iter())
             .filter_map(|row| {
                 let worker = eligible.iter().find(|w| w.worker().id == row.worker)?;
-                Some((worker.clone(), row.new_blocks as u64))
+                Some((worker.clone(), *row))
             })
             .collect();
         // 5. Forward; the response streams through and counts in the worker's load until it ends.

@@ -4,12 +4,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use kvroute_testsupport::NatsServer;
 use kvroute_events::{
     connect, ensure_bucket, watch_members, LeftReason, MembershipChange, MembershipSettings,
     Registration,
 };
 use kvroute_protocol::{WorkerId, WorkerRecord};
+use kvroute_testsupport::NatsServer;
 use std::time::Duration;
 use tokio::sync::mpsc::Receiver;
 
