@@ -456,6 +456,15 @@ async fn serve_and_worker_sims_over_nats() {
         metrics.contains("kvroute_events_applied_total"),
         "{metrics}"
     );
+    // The repeated image request's prediction was checked against what its worker reported.
+    assert!(
+        metrics.contains("kvroute_cache_prediction_checks_total{outcome=\"exact\"}"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("kvroute_cache_prediction_checks_total{outcome=\"over\"}"),
+        "{metrics}"
+    );
 
     // SIGTERM: the gateway drains and exits cleanly (writing its final snapshot).
     let serve = processes.child("serve");

@@ -1,11 +1,13 @@
 //! Response bodies: small JSON bodies, and a worker's streamed body passed through.
 
+use crate::usage::{cached_tokens, PredictionOutcome};
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use kvroute_dispatch::LoadGuard;
 use kvroute_protocol::ErrorBody;
+use metrics::counter;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -54,18 +56,42 @@ pub struct Passthrough {
     first_byte: bool,
     sse: bool,
     on_error: Option<StreamErrorHook>,
+    predicted_cached_tokens: u64,
+    reported_cached_tokens: Option<u64>,
 }
 
 impl Passthrough {
     /// Wraps `inner`; `sse` says whether the client asked for a stream; `on_error` is called
-    /// once if the worker fails mid-body.
-    pub fn new(inner: Incoming, guard: LoadGuard, sse: bool, on_error: StreamErrorHook) -> Self {
+    /// once if the worker fails mid-body. At the end of the body, the cached tokens the worker
+    /// reports (if it does) are compared with `predicted_cached_tokens` in the metrics.
+    pub fn new(
+        inner: Incoming,
+        guard: LoadGuard,
+        sse: bool,
+        on_error: StreamErrorHook,
+        predicted_cached_tokens: u64,
+    ) -> Self {
         Self {
             inner,
             guard: Some(guard),
             first_byte: false,
             sse,
             on_error: Some(on_error),
+            predicted_cached_tokens,
+            reported_cached_tokens: None,
+        }
+    }
+}
+
+impl Drop for Passthrough {
+    /// Compares prediction and report here: hyper stops polling a body that says it has ended,
+    /// so the end is not always seen in `poll_frame`.
+    fn drop(&mut self) {
+        if let Some(reported) = self.reported_cached_tokens {
+            let outcome = PredictionOutcome::of(self.predicted_cached_tokens, reported);
+            counter!("kvroute_reported_cached_tokens_total").increment(reported);
+            counter!("kvroute_cache_prediction_checks_total", "outcome" => outcome.as_str())
+                .increment(1);
         }
     }
 }
@@ -85,10 +111,15 @@ impl Body for Passthrough {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
-                if !this.first_byte && frame.is_data() {
-                    this.first_byte = true;
-                    if let Some(guard) = this.guard.as_mut() {
-                        guard.prefill_done();
+                if let Some(data) = frame.data_ref() {
+                    if !this.first_byte {
+                        this.first_byte = true;
+                        if let Some(guard) = this.guard.as_mut() {
+                            guard.prefill_done();
+                        }
+                    }
+                    if let Some(reported) = cached_tokens(data) {
+                        this.reported_cached_tokens = Some(reported);
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))

@@ -45,6 +45,7 @@ mod membership;
 mod serve;
 mod server;
 pub mod sim;
+mod usage;
 
 pub use body::{BoxError, GatewayBody};
 pub use membership::follow_membership;

@@ -452,7 +452,8 @@ impl Gateway {
                     counter!("kvroute_upstream_stream_errors_total").increment(1);
                     registry.record_failure(worker_id, Instant::now());
                 });
-                let body = Passthrough::new(upstream, forwarded.guard, stream, on_error);
+                let predicted = (row.overlap_blocks * self.inner.config.block_size as usize) as u64;
+                let body = Passthrough::new(upstream, forwarded.guard, stream, on_error, predicted);
                 let headers = &mut parts.headers;
                 insert_header(headers, "x-kvroute-worker", worker_id.to_string());
                 insert_header(
@@ -473,7 +474,7 @@ impl Gateway {
                 insert_header(
                     headers,
                     "x-kvroute-predicted-cached-tokens",
-                    (row.overlap_blocks * self.inner.config.block_size as usize).to_string(),
+                    predicted.to_string(),
                 );
                 Response::from_parts(parts, body.into())
             }
