@@ -2,6 +2,7 @@
 
 mod demo;
 mod hash;
+mod replay;
 mod serve;
 mod wiring;
 mod worker_sim;
@@ -28,6 +29,9 @@ enum Command {
     WorkerSim(worker_sim::WorkerSimArgs),
     /// Print the block and sequence hashes of a token sequence (Dynamo-compatible).
     Hash(hash::HashArgs),
+    /// Measure routing quality: replay a trace (or the multimodal workload) through the index
+    /// and routing policies against simulated workers, in virtual time.
+    Replay(replay::ReplayArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Hash(args) => hash::run(args),
+        Command::Replay(args) => replay::run(args),
         Command::Demo(args) => serve_async(|metrics| demo::run(args, metrics)),
         Command::Serve(args) => serve_async(|metrics| serve::run(args, metrics)),
         Command::WorkerSim(args) => runtime().and_then(|rt| rt.block_on(worker_sim::run(args))),

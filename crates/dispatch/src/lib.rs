@@ -30,10 +30,14 @@
 
 mod cost;
 mod forward;
+mod policy;
 mod registry;
 
 pub use cost::{decide, Candidate, CandidateInput, CostConfig, Decision};
 pub use forward::{ForwardConfig, ForwardError, Forwarded, Forwarder};
+pub use policy::{
+    decision_row, KvAware, LeastLoaded, PrefixKeys, Random, RoundRobin, RoutingPolicy,
+};
 pub use registry::{
     BreakerConfig, Eligible, InvalidWorkerUrl, LoadGuard, Registry, Worker, WorkerStatus,
 };

@@ -1,0 +1,256 @@
+//! `kvroute replay`: routing quality on a request trace or on the multimodal workload, in
+//! virtual time against simulated workers. The work is kvroute-replay's; this parses flags,
+//! shows progress, writes the JSON summary and the plots.
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use flate2::read::MultiGzDecoder;
+use indicatif::{ProgressBar, ProgressStyle};
+use kvroute_dispatch::CostConfig;
+use kvroute_replay::multimodal::{generate, MultimodalConfig};
+use kvroute_replay::plot::{capacity_svg, policies_svg, CapacityPoint};
+use kvroute_replay::{
+    read_jsonl, replay, write_jsonl, PolicyName, ReplayConfig, ReplaySummary, TraceRequest,
+    WorkerModel, Workload,
+};
+use serde_json::json;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct ReplayArgs {
+    #[command(subcommand)]
+    source: Source,
+}
+
+#[derive(Subcommand)]
+enum Source {
+    /// Replay a Mooncake-format JSONL trace (timestamp, input_length, output_length, hash_ids,
+    /// optionally media_ids per block).
+    Trace {
+        /// The JSONL file (gzip-compressed when it ends in .gz).
+        file: PathBuf,
+        /// Tokens per hash id in the trace (Mooncake's traces: 512).
+        #[arg(long, default_value_t = 512)]
+        trace_block_size: u32,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Generate the seeded multimodal workload (multi-turn visual Q&A) and replay it.
+    Multimodal {
+        /// Conversations.
+        #[arg(long, default_value_t = 400)]
+        sessions: usize,
+        /// Tokens per block of the generated trace.
+        #[arg(long, default_value_t = 64)]
+        trace_block_size: u32,
+        /// Also write the generated trace (JSONL with media_ids) to this file.
+        #[arg(long)]
+        write_trace: Option<PathBuf>,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Args)]
+struct Common {
+    /// Simulated workers.
+    #[arg(long, default_value_t = 16)]
+    workers: usize,
+    /// Tokens per KV block (must divide the trace block size; default: the trace block size).
+    #[arg(long)]
+    block_size: Option<u32>,
+    /// KV pool per worker in blocks, least recently used evicted first (default: no eviction).
+    #[arg(long)]
+    capacity_blocks: Option<u64>,
+    /// Policies to compare, comma-separated: kv-aware, round-robin, random, least-loaded,
+    /// text-only (default: all; text-only only when the trace has media).
+    #[arg(long, value_delimiter = ',')]
+    policy: Vec<PolicyName>,
+    /// Arrival speed-up (2: the trace twice as fast).
+    #[arg(long, default_value_t = 1.0)]
+    speedup: f64,
+    /// Seed of the policies' random choices (and of the multimodal workload).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Prefill speed of a worker, uncached tokens per second.
+    #[arg(long, default_value_t = 20_000.0)]
+    prefill_tokens_per_second: f64,
+    /// Decode speed of one request, tokens per second.
+    #[arg(long, default_value_t = 100.0)]
+    decode_tokens_per_second: f64,
+    /// Requests a worker runs at once.
+    #[arg(long, default_value_t = 64)]
+    max_concurrency: usize,
+    /// Routing cost: weight of the blocks a worker would prefill.
+    #[arg(long, default_value_t = 1.0)]
+    prefill_weight: f64,
+    /// Routing cost: blocks-equivalent of one in-flight request.
+    #[arg(long, default_value_t = 1.0)]
+    decode_weight: f64,
+    /// Also replay every policy at each of these capacities (blocks per worker, comma-separated)
+    /// for the hit rate over capacity plot.
+    #[arg(long, value_delimiter = ',')]
+    capacity_sweep: Vec<u64>,
+    /// Write the JSON summary here instead of stdout.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write the plots (policies.svg, and capacity.svg with --capacity-sweep) into this directory.
+    #[arg(long)]
+    plots: Option<PathBuf>,
+}
+
+pub fn run(args: ReplayArgs) -> Result<()> {
+    let (trace, trace_block_size, common, source) = match args.source {
+        Source::Trace {
+            file,
+            trace_block_size,
+            common,
+        } => {
+            let opened =
+                File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+            let trace = if file.extension().is_some_and(|e| e == "gz") {
+                read_jsonl(BufReader::new(MultiGzDecoder::new(opened)))
+            } else {
+                read_jsonl(BufReader::new(opened))
+            }
+            .with_context(|| format!("reading {}", file.display()))?;
+            let source = json!({ "trace": file.display().to_string() });
+            (trace, trace_block_size, common, source)
+        }
+        Source::Multimodal {
+            sessions,
+            trace_block_size,
+            write_trace,
+            common,
+        } => {
+            let config = MultimodalConfig::default()
+                .with_sessions(sessions)
+                .with_seed(common.seed)
+                .with_block_size(trace_block_size);
+            let trace = generate(&config);
+            if let Some(path) = &write_trace {
+                write_trace_file(&trace, path)?;
+            }
+            let source = json!({ "multimodal": config });
+            (trace, trace_block_size, common, source)
+        }
+    };
+    let block_size = common.block_size.unwrap_or(trace_block_size);
+    let workload = Workload::from_trace(&trace, trace_block_size, block_size)?;
+    let policies = if common.policy.is_empty() {
+        PolicyName::ALL
+            .into_iter()
+            .filter(|p| workload.has_media() || *p != PolicyName::TextOnly)
+            .collect()
+    } else {
+        common.policy.clone()
+    };
+    let cost = CostConfig::default()
+        .with_prefill_weight(common.prefill_weight)
+        .with_decode_weight(common.decode_weight);
+    let model = WorkerModel::default()
+        .with_capacity_blocks(common.capacity_blocks)
+        .with_speeds(
+            common.prefill_tokens_per_second,
+            common.decode_tokens_per_second,
+        )
+        .with_max_concurrency(common.max_concurrency);
+    let config = ReplayConfig::default()
+        .with_workers(common.workers)
+        .with_model(model)
+        .with_speedup(common.speedup);
+
+    let runs = policies.len() * (1 + common.capacity_sweep.len());
+    let bar = ProgressBar::new((runs * workload.len()) as u64).with_style(
+        ProgressStyle::with_template("{msg:>14} [{bar:40}] {pos}/{len} requests, {eta} left")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let run_one = |policy: PolicyName, config: &ReplayConfig| -> Result<ReplaySummary> {
+        bar.set_message(policy.as_str());
+        let start = bar.position();
+        let mut chosen = policy.build(cost, common.seed);
+        let report = replay(&workload, config, chosen.as_mut(), &mut |done, _| {
+            bar.set_position(start + done as u64);
+        })?;
+        Ok(report.summary)
+    };
+    let mut results = Vec::with_capacity(policies.len());
+    for &policy in &policies {
+        results.push(run_one(policy, &config)?);
+    }
+    let mut sweep = Vec::new();
+    for &capacity in &common.capacity_sweep {
+        let at = config.with_model(model.with_capacity_blocks(Some(capacity)));
+        for &policy in &policies {
+            let summary = run_one(policy, &at)?;
+            sweep.push(CapacityPoint {
+                policy: summary.policy,
+                capacity_blocks: capacity,
+                hit_rate: summary.hit_rate,
+            });
+        }
+    }
+    bar.finish_and_clear();
+
+    let ideal = workload.ideal();
+    let report = json!({
+        "source": source,
+        "requests": workload.len(),
+        "trace_block_size": trace_block_size,
+        "block_size": block_size,
+        "worker_model": model,
+        "cost": cost,
+        "seed": common.seed,
+        "ideal": {
+            "hit_rate": ideal.hit_rate(),
+            "token_hit_rate": ideal.token_hit_rate(),
+            "prompt_blocks": ideal.prompt_blocks,
+            "reused_blocks": ideal.reused_blocks,
+        },
+        "results": results,
+        "capacity_sweep": sweep.iter().map(|p| json!({
+            "policy": p.policy, "capacity_blocks": p.capacity_blocks, "hit_rate": p.hit_rate,
+        })).collect::<Vec<_>>(),
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    match &common.json {
+        Some(path) => std::fs::write(path, text + "\n")
+            .with_context(|| format!("writing {}", path.display()))?,
+        None => println!("{text}"),
+    }
+    if let Some(dir) = &common.plots {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let title = format!(
+            "{} requests, {} workers, {}-token blocks, capacity {}",
+            workload.len(),
+            common.workers,
+            block_size,
+            common
+                .capacity_blocks
+                .map_or("unbounded".to_owned(), |c| format!("{c} blocks/worker"))
+        );
+        write_file(&dir.join("policies.svg"), &policies_svg(&results, &title)?)?;
+        if !sweep.is_empty() {
+            let title = format!("hit rate over KV capacity ({} workers)", common.workers);
+            write_file(
+                &dir.join("capacity.svg"),
+                &capacity_svg(&sweep, ideal.hit_rate(), &title)?,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn write_trace_file(trace: &[TraceRequest], path: &Path) -> Result<()> {
+    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    write_jsonl(trace, BufWriter::new(file)).with_context(|| format!("writing {}", path.display()))
+}
+
+fn write_file(path: &Path, contents: &str) -> Result<()> {
+    let mut file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,127 @@
+//! Mooncake-format request traces (JSONL), extended with media ids per block.
+
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, Write};
+
+/// One request of a trace: a line of Mooncake's JSONL format.
+///
+/// `hash_ids` name the prompt's blocks of the trace's block size (512 tokens in Mooncake's
+/// traces, the last one usually partial): equal ids at the same position mean the same prefix.
+/// `media_ids`, kvroute's extension, lists for each of those blocks the ids of the images whose
+/// tokens touch it; absent (or empty) for text-only traffic. `hash_ids` are then what a router
+/// that ignores media sees (an image's placeholder tokens are the same whatever the image).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceRequest {
+    /// Arrival time in milliseconds from the start of the trace.
+    pub timestamp: u64,
+    /// Prompt tokens.
+    pub input_length: u64,
+    /// Generated tokens.
+    pub output_length: u64,
+    /// Prefix-block ids, one per trace block of the prompt.
+    pub hash_ids: Vec<u64>,
+    /// Media ids per trace block (parallel to `hash_ids`); empty for text-only traffic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub media_ids: Vec<Vec<u64>>,
+}
+
+/// A trace that cannot be replayed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TraceError {
+    /// Reading failed.
+    #[error("reading the trace: {0}")]
+    Io(#[from] std::io::Error),
+    /// A line is not a trace request.
+    #[error("line {line}: {source}")]
+    Json {
+        /// 1-based line number.
+        line: usize,
+        /// What was wrong.
+        source: serde_json::Error,
+    },
+    /// `media_ids` is present but not one entry per hash id.
+    #[error("line {line}: {media} media_ids entries for {blocks} hash_ids")]
+    MediaLength {
+        /// 1-based line number (0 for requests not read from a file).
+        line: usize,
+        /// Entries in `media_ids`.
+        media: usize,
+        /// Entries in `hash_ids`.
+        blocks: usize,
+    },
+    /// The prompt has more full KV blocks than its hash ids cover.
+    #[error(
+        "line {line}: input_length {input_length} needs {needed} hash_ids, the line has {given}"
+    )]
+    ShortHashIds {
+        /// 1-based line number (0 for requests not read from a file).
+        line: usize,
+        /// Prompt tokens.
+        input_length: u64,
+        /// Hash ids needed to cover every full KV block.
+        needed: usize,
+        /// Hash ids given.
+        given: usize,
+    },
+    /// The KV block size does not divide the trace's block size.
+    #[error("KV block size {kv} must be at least 1 and divide the trace block size {trace}")]
+    BlockSize {
+        /// KV block size in tokens.
+        kv: u32,
+        /// Trace block size in tokens.
+        trace: u32,
+    },
+    /// The trace has no request.
+    #[error("the trace has no request")]
+    Empty,
+}
+
+/// Reads a JSONL trace; blank lines are skipped, unknown fields ignored.
+///
+/// ```
+/// let jsonl = br#"{"timestamp": 0, "input_length": 600, "output_length": 10, "hash_ids": [0, 1]}
+/// {"timestamp": 5, "input_length": 700, "output_length": 10, "hash_ids": [0, 2], "media_ids": [[], [77]]}
+/// "#;
+/// let trace = kvroute_replay::read_jsonl(&jsonl[..])?;
+/// assert_eq!(trace.len(), 2);
+/// assert_eq!(trace[1].media_ids[1], [77]);
+/// # Ok::<(), kvroute_replay::TraceError>(())
+/// ```
+pub fn read_jsonl(reader: impl BufRead) -> Result<Vec<TraceRequest>, TraceError> {
+    let mut requests = Vec::new();
+    for (index, line) in reader.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let request: TraceRequest =
+            serde_json::from_str(&line).map_err(|source| TraceError::Json {
+                line: index + 1,
+                source,
+            })?;
+        check_media(&request, index + 1)?;
+        requests.push(request);
+    }
+    Ok(requests)
+}
+
+/// Writes a trace as JSONL, one request per line.
+pub fn write_jsonl(requests: &[TraceRequest], mut writer: impl Write) -> std::io::Result<()> {
+    for request in requests {
+        serde_json::to_writer(&mut writer, request)?;
+        writer.write_all(b"\n")?;
+    }
+    writer.flush()
+}
+
+pub(crate) fn check_media(request: &TraceRequest, line: usize) -> Result<(), TraceError> {
+    if !request.media_ids.is_empty() && request.media_ids.len() != request.hash_ids.len() {
+        return Err(TraceError::MediaLength {
+            line,
+            media: request.media_ids.len(),
+            blocks: request.hash_ids.len(),
+        });
+    }
+    Ok(())
+}
