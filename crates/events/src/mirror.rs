@@ -4,7 +4,7 @@ use kvroute_protocol::{
     BlockExtraInfo, BlockHash, KvCacheEventData, KvCacheStoreData, KvCacheStoredBlockData,
     SequenceHash,
 };
-use std::collections::{BTreeMap, HashMap, HashSet};
+use rustc_hash::{FxHashMap, FxHashSet};
 
 /// The most blocks one resent store holds, so no event outgrows a message.
 const MAX_CHAIN_BLOCKS: usize = 256;
@@ -14,16 +14,22 @@ struct Block {
     parent: Option<SequenceHash>,
     tokens_hash: BlockHash,
     mm_extra_info: Option<BlockExtraInfo>,
-    order: u64,
+    /// The block's position in [`Mirror::log`].
+    order: usize,
 }
 
 /// The blocks one (worker, dp rank) holds, with the same acceptance rules as the index (a
 /// store under an unknown parent is skipped whole), in the order they were stored.
+///
+/// Every publish goes through [`Mirror::apply`], so it is on the worker's hot path: blocks sit
+/// in one Fx hash map (the keys are hashes already), and the store order is an append-only log
+/// whose entries of removed blocks are skipped (a block's `order` no longer points at them)
+/// and compacted away once they outnumber the live ones.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Mirror {
-    blocks: HashMap<SequenceHash, Block>,
-    order: BTreeMap<u64, SequenceHash>,
-    next_order: u64,
+    blocks: FxHashMap<SequenceHash, Block>,
+    /// Stored blocks in store order, including stale entries of removed or re-stored blocks.
+    log: Vec<SequenceHash>,
 }
 
 impl Mirror {
@@ -40,34 +46,55 @@ impl Mirror {
                 if !known_parent || self_referencing {
                     return;
                 }
+                self.blocks.reserve(store.blocks.len());
                 let mut parent = store.parent_hash;
                 for block in &store.blocks {
-                    if !self.blocks.contains_key(&block.block_hash) {
-                        let order = self.next_order;
-                        self.next_order += 1;
-                        self.order.insert(order, block.block_hash);
-                        self.blocks.insert(
-                            block.block_hash,
-                            Block {
-                                parent,
-                                tokens_hash: block.tokens_hash,
-                                mm_extra_info: block.mm_extra_info.clone(),
-                                order,
-                            },
-                        );
+                    let order = self.log.len();
+                    if let std::collections::hash_map::Entry::Vacant(entry) =
+                        self.blocks.entry(block.block_hash)
+                    {
+                        entry.insert(Block {
+                            parent,
+                            tokens_hash: block.tokens_hash,
+                            mm_extra_info: block.mm_extra_info.clone(),
+                            order,
+                        });
+                        self.log.push(block.block_hash);
                     }
                     parent = Some(block.block_hash);
                 }
             }
             KvCacheEventData::Removed(removed) => {
                 for hash in &removed.block_hashes {
-                    if let Some(block) = self.blocks.remove(hash) {
-                        self.order.remove(&block.order);
-                    }
+                    self.blocks.remove(hash);
+                }
+                if self.log.len() > 2 * self.blocks.len() + 1024 {
+                    self.compact();
                 }
             }
             KvCacheEventData::Cleared => *self = Self::default(),
         }
+    }
+
+    /// The blocks held, in the order they were stored.
+    fn held(&self) -> impl Iterator<Item = SequenceHash> + '_ {
+        self.log
+            .iter()
+            .enumerate()
+            .filter(|&(order, hash)| self.blocks.get(hash).is_some_and(|b| b.order == order))
+            .map(|(_, &hash)| hash)
+    }
+
+    /// Drops the log's stale entries.
+    fn compact(&mut self) {
+        let mut log = Vec::with_capacity(self.blocks.len());
+        for (order, &hash) in self.log.iter().enumerate() {
+            if let Some(block) = self.blocks.get_mut(&hash).filter(|b| b.order == order) {
+                block.order = log.len();
+                log.push(hash);
+            }
+        }
+        self.log = log;
     }
 
     /// Number of blocks held.
@@ -79,9 +106,14 @@ impl Mirror {
     /// block after its parent; a block whose parent was evicted starts a chain of its own.
     pub(crate) fn full_state(&self) -> Vec<KvCacheStoreData> {
         let mut chains: Vec<KvCacheStoreData> = Vec::new();
-        let mut emitted: HashSet<SequenceHash> = HashSet::with_capacity(self.blocks.len());
+        let mut emitted = FxHashSet::default();
+        emitted.reserve(self.blocks.len());
+        // Blocks already in `chains`: a parent not yet written (only possible when a faulty
+        // engine's hashes form a cycle) is not named, so no store names an unstored parent.
+        let mut written = FxHashSet::default();
+        written.reserve(self.blocks.len());
         let mut lineage = Vec::new();
-        for &hash in self.order.values() {
+        for hash in self.held() {
             // Collect the not yet emitted ancestors, then emit them oldest first.
             let mut cursor = Some(hash);
             while let Some(current) = cursor.filter(|h| self.blocks.contains_key(h)) {
@@ -100,7 +132,8 @@ impl Mirror {
                     tokens_hash: block.tokens_hash,
                     mm_extra_info: block.mm_extra_info.clone(),
                 };
-                let parent = block.parent.filter(|p| self.blocks.contains_key(p));
+                let parent = block.parent.filter(|p| written.contains(p));
+                written.insert(current);
                 match chains.last_mut() {
                     Some(chain)
                         if parent.is_some()
@@ -187,5 +220,101 @@ mod tests {
         let lengths: Vec<usize> = chains.iter().map(|c| c.blocks.len()).collect();
         assert_eq!(lengths, vec![256, 256, 88]);
         assert_eq!(chains[1].parent_hash, Some(SequenceHash(355)));
+    }
+
+    /// The mirror as it was first written: every held block in a list in store order.
+    #[derive(Default)]
+    struct Reference {
+        held: Vec<(SequenceHash, Option<SequenceHash>)>,
+    }
+
+    impl Reference {
+        fn holds(&self, hash: SequenceHash) -> bool {
+            self.held.iter().any(|&(h, _)| h == hash)
+        }
+
+        fn apply(&mut self, data: &KvCacheEventData) {
+            match data {
+                KvCacheEventData::Stored(store) => {
+                    let parent_ok = store.parent_hash.is_none_or(|p| self.holds(p))
+                        && !store
+                            .blocks
+                            .iter()
+                            .any(|b| Some(b.block_hash) == store.parent_hash);
+                    if !parent_ok {
+                        return;
+                    }
+                    let mut parent = store.parent_hash;
+                    for block in &store.blocks {
+                        if !self.holds(block.block_hash) {
+                            self.held.push((block.block_hash, parent));
+                        }
+                        parent = Some(block.block_hash);
+                    }
+                }
+                KvCacheEventData::Removed(removed) => self
+                    .held
+                    .retain(|(h, _)| !removed.block_hashes.contains(h)),
+                KvCacheEventData::Cleared => self.held.clear(),
+            }
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Store(Option<u64>, Vec<u64>),
+        Remove(Vec<u64>),
+        Clear,
+        Compact,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let hash = 0..24u64;
+        prop_oneof![
+            8 => (proptest::option::of(hash.clone()), proptest::collection::vec(hash.clone(), 0..6))
+                .prop_map(|(p, b)| Op::Store(p, b)),
+            4 => proptest::collection::vec(hash, 0..4).prop_map(Op::Remove),
+            1 => Just(Op::Clear),
+            2 => Just(Op::Compact),
+        ]
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn matches_the_reference_model(ops in proptest::collection::vec(op(), 0..80)) {
+            let mut mirror = Mirror::default();
+            let mut reference = Reference::default();
+            for op in ops {
+                let data = match op {
+                    Op::Store(parent, blocks) => stored(parent, &blocks),
+                    Op::Remove(blocks) => removed(&blocks),
+                    Op::Clear => KvCacheEventData::Cleared,
+                    Op::Compact => {
+                        mirror.compact();
+                        continue;
+                    }
+                };
+                mirror.apply(&data);
+                reference.apply(&data);
+                let held: Vec<SequenceHash> = mirror.held().collect();
+                let expected: Vec<SequenceHash> = reference.held.iter().map(|&(h, _)| h).collect();
+                prop_assert_eq!(held, expected);
+                for &(hash, parent) in &reference.held {
+                    prop_assert_eq!(mirror.blocks[&hash].parent, parent);
+                }
+            }
+            // The full state rebuilds the same blocks from nothing.
+            let mut rebuilt = Mirror::default();
+            for chain in mirror.full_state() {
+                rebuilt.apply(&KvCacheEventData::Stored(chain));
+            }
+            let mut blocks: Vec<SequenceHash> = mirror.blocks.keys().copied().collect();
+            let mut again: Vec<SequenceHash> = rebuilt.blocks.keys().copied().collect();
+            blocks.sort_unstable();
+            again.sort_unstable();
+            prop_assert_eq!(again, blocks);
+        }
     }
 }
