@@ -62,9 +62,14 @@ impl RouterEvent {
         }
     }
 
-    /// Parses one event from JSON.
+    /// Parses one event from JSON: [`JsonReader`](crate::JsonReader)'s fast path for the
+    /// layout [`RouterEvent::write_json`] writes, serde for anything else (same result).
     pub fn from_json(bytes: &[u8]) -> Result<Self, ProtocolError> {
-        serde_json::from_slice(bytes).map_err(ProtocolError::Json)
+        let mut reader = crate::JsonReader::new(bytes);
+        match reader.router_event() {
+            Some(event) if reader.is_at_end() => Ok(event),
+            _ => serde_json::from_slice(bytes).map_err(ProtocolError::Json),
+        }
     }
 
     /// Serializes the event as Dynamo's JSON.
