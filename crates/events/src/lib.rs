@@ -100,6 +100,7 @@ mod publisher;
 mod sequencer;
 mod snapshot;
 mod stats;
+mod wire;
 
 pub use bus::{in_process_bus, InProcessBus, InProcessSource};
 pub use dynamo::{

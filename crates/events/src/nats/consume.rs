@@ -422,7 +422,7 @@ impl NatsSource {
             return Item::Malformed(MalformedKind::TooLarge, format!("{} bytes", payload.len()));
         }
         match self.config.wire {
-            StreamWire::Kvroute => match serde_json::from_slice::<EventBatch>(payload) {
+            StreamWire::Kvroute => match EventBatch::from_json(payload) {
                 Ok(batch) => batch.into_item(),
                 Err(error) => Item::Malformed(MalformedKind::Batch, error.to_string()),
             },

@@ -2,11 +2,11 @@
 
 use super::{backoff, ensure_stream, NatsError, StreamSettings};
 use crate::publisher::{Publisher, PublisherConfig, Transport};
+use crate::wire::MessageBuilder;
 use crate::{EventBatch, PublishError, ResyncRequest};
 use async_nats::jetstream::{self, context::PublishAckFuture, message::PublishMessage};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use kvroute_protocol::RouterEvent;
 use std::collections::VecDeque;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -96,7 +96,11 @@ impl NatsPublisher {
             js,
             subject: settings.event_subject(config.worker_id),
             id_prefix: format!("{}.{}", config.worker_id, config.incarnation),
-            messages: MessageBuilder::new(&config, transport.max_message_bytes),
+            messages: MessageBuilder::new(
+                config.worker_id,
+                config.incarnation,
+                transport.max_message_bytes,
+            ),
             next_message: 0,
             in_flight: VecDeque::new(),
             config: transport,
@@ -153,57 +157,6 @@ impl NatsSender {
             .await
             .map_err(|_| PublishError::Closed)?;
         wait.await.map_err(|_| PublishError::Closed)
-    }
-}
-
-/// Builds `EventBatch` JSON messages of bounded size from one publisher's events.
-struct MessageBuilder {
-    /// `{"worker_id":..,"incarnation":..,"events":[`: every message starts with it.
-    prefix: String,
-    /// Events so far, comma-separated.
-    body: Vec<u8>,
-    limit: usize,
-}
-
-impl MessageBuilder {
-    fn new(config: &PublisherConfig, limit: usize) -> Self {
-        Self {
-            prefix: format!(
-                r#"{{"worker_id":{},"incarnation":{},"events":["#,
-                config.worker_id, config.incarnation
-            ),
-            body: Vec::new(),
-            limit,
-        }
-    }
-
-    /// Adds `event`; returns the message built so far if the event did not fit in it.
-    fn push(&mut self, event: &RouterEvent) -> Option<Vec<u8>> {
-        // Serializing an event cannot fail: string keys, no failing serializer.
-        let json = serde_json::to_vec(event).unwrap_or_default();
-        let size = self.prefix.len() + self.body.len() + json.len() + 3;
-        let full = if !self.body.is_empty() && size > self.limit {
-            self.take()
-        } else {
-            None
-        };
-        if !self.body.is_empty() {
-            self.body.push(b',');
-        }
-        self.body.extend_from_slice(&json);
-        full
-    }
-
-    /// The message built so far, if it holds any event.
-    fn take(&mut self) -> Option<Vec<u8>> {
-        if self.body.is_empty() {
-            return None;
-        }
-        let mut message = Vec::with_capacity(self.prefix.len() + self.body.len() + 2);
-        message.extend_from_slice(self.prefix.as_bytes());
-        message.append(&mut self.body);
-        message.extend_from_slice(b"]}");
-        Some(message)
     }
 }
 
@@ -331,46 +284,5 @@ impl Sender {
         while !self.in_flight.is_empty() {
             self.settle_oldest().await;
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
-
-    use super::*;
-    use kvroute_protocol::{DpRank, KvCacheEvent, KvCacheEventData, WorkerId};
-
-    #[test]
-    fn messages_are_event_batches_under_the_size_limit() {
-        let config = PublisherConfig::new(WorkerId(3)).with_incarnation(u64::MAX);
-        let events: Vec<RouterEvent> = (0..100)
-            .map(|event_id| {
-                RouterEvent::new(
-                    WorkerId(3),
-                    KvCacheEvent {
-                        event_id,
-                        dp_rank: DpRank(1),
-                        data: KvCacheEventData::Cleared,
-                    },
-                )
-            })
-            .collect();
-        let mut builder = MessageBuilder::new(&config, 1000);
-        let mut messages: Vec<Vec<u8>> = events.iter().filter_map(|e| builder.push(e)).collect();
-        messages.extend(builder.take());
-        assert!(messages.len() > 5);
-        let mut decoded = Vec::new();
-        for message in &messages {
-            assert!(message.len() <= 1000);
-            let batch: EventBatch = serde_json::from_slice(message).unwrap();
-            assert_eq!(
-                (batch.worker_id, batch.incarnation),
-                (WorkerId(3), u64::MAX)
-            );
-            decoded.extend(batch.events);
-        }
-        assert_eq!(decoded, events);
-        assert!(builder.take().is_none());
     }
 }
