@@ -53,6 +53,7 @@ pub enum ForwardError {
 
 /// A worker's response, streaming, with the load guard to drop when the stream ends.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Forwarded {
     /// The worker that answered.
     pub worker: Worker,

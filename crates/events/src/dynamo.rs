@@ -18,6 +18,7 @@ use std::time::Duration;
 
 /// Dynamo's `EventEnvelope`, field for field.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct DynamoEnvelope {
     /// The publishing instance (Dynamo's discovery instance id).
     pub publisher_id: u64,
@@ -81,10 +82,26 @@ mod bin {
 pub enum DynamoWireError {
     /// The message is not an envelope.
     #[error("not a Dynamo event envelope: {0}")]
-    Envelope(#[source] rmp_serde::decode::Error),
+    Envelope(#[source] MsgpackError),
     /// The envelope's payload is not a msgpack array of `RouterEvent`s.
     #[error("Dynamo envelope payload is not a list of RouterEvents: {0}")]
-    Payload(#[source] rmp_serde::decode::Error),
+    Payload(#[source] MsgpackError),
+}
+
+/// A msgpack decoding failure. Opaque: which msgpack library decodes is not part of the API.
+#[derive(Debug)]
+pub struct MsgpackError(rmp_serde::decode::Error);
+
+impl std::fmt::Display for MsgpackError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for MsgpackError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
 }
 
 /// Encodes events as a Dynamo worker does (used by relays and tests).
@@ -111,8 +128,9 @@ pub fn decode_dynamo_envelope(
     bytes: &[u8],
 ) -> Result<(DynamoEnvelope, Vec<RouterEvent>), DynamoWireError> {
     let envelope: DynamoEnvelope =
-        rmp_serde::from_slice(bytes).map_err(DynamoWireError::Envelope)?;
-    let events = rmp_serde::from_slice(&envelope.payload).map_err(DynamoWireError::Payload)?;
+        rmp_serde::from_slice(bytes).map_err(|e| DynamoWireError::Envelope(MsgpackError(e)))?;
+    let events = rmp_serde::from_slice(&envelope.payload)
+        .map_err(|e| DynamoWireError::Payload(MsgpackError(e)))?;
     Ok((envelope, events))
 }
 

@@ -105,7 +105,7 @@ mod wire;
 pub use bus::{in_process_bus, InProcessBus, InProcessSource};
 pub use dynamo::{
     decode_dynamo_envelope, dynamo_event_subject, encode_dynamo_envelope, DynamoEnvelope,
-    DynamoSource, DynamoWireError,
+    DynamoSource, DynamoWireError, MsgpackError,
 };
 pub use ingest::{EventSource, IngestConfig, Ingestor};
 pub use nats::{

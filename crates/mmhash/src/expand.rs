@@ -64,6 +64,7 @@ pub struct ImageTokens {
 
 /// The engine's view of a prompt.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Expanded {
     /// Token ids with every placeholder expanded.
     pub tokens: Vec<u32>,

@@ -86,6 +86,7 @@ impl FetchPolicy {
 
 /// A fetched body.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Fetched {
     /// The body, at most the byte cap.
     pub bytes: Vec<u8>,

@@ -7,6 +7,7 @@ use crate::format::{declares_a_type, ImageFormat};
 
 /// What the header of an image says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct ImageInfo {
     /// The format, from the magic bytes.
     pub format: ImageFormat,

@@ -63,6 +63,7 @@ pub fn bytes_media_id(bytes: &[u8]) -> MediaId {
 
 /// The canonical decoded picture's identity ([`IdMode::Pixels`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct PixelDigest {
     /// Width after EXIF orientation.
     pub width: u32,

@@ -83,6 +83,7 @@ impl MediaConfig {
 
 /// One image, ready for routing: what it is, how large it is served, and its id.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PreparedImage {
     /// Format, dimensions after EXIF orientation, orientation.
     pub info: ImageInfo,
@@ -95,6 +96,7 @@ pub struct PreparedImage {
 /// A prepared image with the bytes it was prepared from (decoded from a data URL or fetched),
 /// for a gateway that forwards them.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct LoadedImage {
     /// The encoded image, exactly as received.
     pub bytes: Vec<u8>,

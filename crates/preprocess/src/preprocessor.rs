@@ -55,6 +55,7 @@ impl PreprocessConfig {
 
 /// One image of a prompt.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PromptImage {
     /// The media id hashed into the blocks.
     pub id: MediaId,
@@ -70,6 +71,7 @@ pub struct PromptImage {
 
 /// A request as the engine will see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Prompt {
     /// Token ids, every image placeholder expanded to its visual tokens.
     pub tokens: Vec<u32>,

@@ -38,6 +38,7 @@ impl Role {
 
 /// One image part of a message.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ImagePart {
     /// Index of the message that holds the image.
     pub message: usize,
@@ -61,6 +62,7 @@ impl ImagePart {
 /// The whole body is kept (`body`) so the gateway forwards every field it does not interpret,
 /// unchanged; the typed fields are what routing needs.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ChatRequest {
     /// The request body as received.
     pub body: Map<String, Value>,
@@ -266,6 +268,7 @@ pub enum CompletionPrompt {
 
 /// A validated completion request.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct CompletionRequest {
     /// The request body as received.
     pub body: Map<String, Value>,
