@@ -101,10 +101,9 @@ impl MessageBuilder {
         let mut next = self.fresh();
         next.extend_from_slice(&self.message[event_json]);
         self.message.truncate(start);
-        let mut full = std::mem::replace(&mut self.message, next);
-        full.extend_from_slice(b"]}");
+        let full = std::mem::replace(&mut self.message, next);
         self.events = 1;
-        Some(full)
+        Some(close(full))
     }
 
     /// The message built so far, if it holds any event.
@@ -113,9 +112,7 @@ impl MessageBuilder {
             return None;
         }
         self.events = 0;
-        let mut message = std::mem::take(&mut self.message);
-        message.extend_from_slice(b"]}");
-        Some(message)
+        Some(close(std::mem::take(&mut self.message)))
     }
 
     fn open(&mut self) {
@@ -129,6 +126,16 @@ impl MessageBuilder {
         message.extend_from_slice(&self.prefix);
         message
     }
+}
+
+/// Ends a message; one that filled less than half its buffer (a quiet publisher's) gives the
+/// rest back, as it may wait in flight for an acknowledgement.
+fn close(mut message: Vec<u8>) -> Vec<u8> {
+    message.extend_from_slice(b"]}");
+    if message.capacity() > 2 * message.len() {
+        message.shrink_to_fit();
+    }
+    message
 }
 
 #[cfg(test)]
@@ -214,6 +221,7 @@ mod tests {
                 let reference: EventBatch = serde_json::from_slice(&message).unwrap();
                 prop_assert_eq!(&fast, &reference);
                 prop_assert!(message.len() <= limit || fast.events.len() == 1);
+                prop_assert!(message.capacity() <= 2 * message.len());
                 prop_assert_eq!((fast.worker_id, fast.incarnation), (batch.worker_id, batch.incarnation));
                 let whole = EventBatch { events: fast.events.clone(), ..batch.clone() };
                 prop_assert_eq!(&message, &serde_json::to_vec(&whole).unwrap());
