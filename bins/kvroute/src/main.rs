@@ -11,6 +11,12 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+/// mimalloc instead of the system allocator: tokenizing a prompt makes thousands of small
+/// allocations, and glibc's malloc/free/realloc took over a third of the gateway's time for
+/// a text request (callgrind; figures in docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Multimodal, KV-cache-aware router for LLM inference.
 #[derive(Parser)]
 #[command(name = "kvroute", version, about, long_about = None)]

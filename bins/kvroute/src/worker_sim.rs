@@ -24,11 +24,11 @@ pub struct WorkerSimArgs {
     /// KV pool capacity in blocks (least recently used blocks are evicted past it).
     #[arg(long, default_value_t = 4096)]
     capacity_blocks: usize,
-    /// Prefill speed: uncached prompt tokens per second.
-    #[arg(long, default_value_t = 20_000.0)]
+    /// Prefill speed: uncached prompt tokens per second (`inf`: no prefill time).
+    #[arg(long, default_value_t = 20_000.0, value_parser = positive_speed)]
     prefill_tokens_per_second: f64,
-    /// Decode speed of one request: generated tokens per second.
-    #[arg(long, default_value_t = 100.0)]
+    /// Decode speed of one request: generated tokens per second (`inf`: no decode time).
+    #[arg(long, default_value_t = 100.0, value_parser = positive_speed)]
     decode_tokens_per_second: f64,
     /// The base URL routers reach it at [default: http://LISTEN address].
     #[arg(long, env = "ADVERTISE_URL")]
@@ -39,6 +39,17 @@ pub struct WorkerSimArgs {
     /// Tokens generated when a request sets no max_tokens.
     #[arg(long, default_value_t = 16)]
     default_max_tokens: u64,
+}
+
+/// A speed in tokens per second, at least 0.001 (`inf` allowed): zero, NaN or a tiny speed
+/// would make the simulated durations infinite, NaN or too long to represent.
+fn positive_speed(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(speed) if speed >= 0.001 => Ok(speed),
+        _ => Err(format!(
+            "{value:?} is not a speed of at least 0.001 tokens per second (or inf)"
+        )),
+    }
 }
 
 /// How long a stopping worker waits for its last events to be acknowledged.

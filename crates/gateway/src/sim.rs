@@ -316,7 +316,7 @@ impl SimWorker {
                 _running: running,
             }))
         } else {
-            tokio::time::sleep(prefill + per_token * completion_tokens as u32).await;
+            pause(prefill + per_token * completion_tokens as u32).await;
             let text = words(completion_tokens);
             let choice = if chat {
                 json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
@@ -405,10 +405,10 @@ fn sse_response(answer: Stream) -> Response<GatewayBody> {
             return None;
         }
         let data = if sent == 0 {
-            tokio::time::sleep(answer.prefill).await;
+            pause(answer.prefill).await;
             chunk(&answer, Some("role"), None)
         } else if sent <= answer.tokens {
-            tokio::time::sleep(answer.per_token).await;
+            pause(answer.per_token).await;
             let last = sent == answer.tokens;
             chunk(&answer, Some("content"), last.then_some("length"))
         } else {
@@ -454,6 +454,14 @@ fn chunk(answer: &Stream, kind: Option<&str>, finish: Option<&str>) -> String {
                "model": answer.model, "choices": [{"index": 0, "text": text, "finish_reason": finish}]})
     };
     format!("data: {body}\n\n")
+}
+
+/// Waits `duration`. Zero returns at once: Tokio rounds every timer up to its next millisecond
+/// tick, so a worker configured to take no time would otherwise take up to 1 ms per step.
+async fn pause(duration: Duration) {
+    if !duration.is_zero() {
+        tokio::time::sleep(duration).await;
+    }
 }
 
 fn words(tokens: u64) -> String {

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# kvroute's gateway side by side with SGLang's router (PyPI sglang-router, cache_aware policy)
+# in front of the same simulated workers, all on loopback, in one run:
+#   added latency (p50/p99 versus calling a worker directly) for a text and a ~500 KB image
+#   chat request, streamed and not, at concurrency 1; then throughput at concurrency 64.
+# Prints markdown tables (docs/benchmarks.md has the figures and how to read them).
+#
+# Not part of CI: it installs sglang-router into a virtualenv and takes minutes.
+#
+# Environment (all optional):
+#   SGLANG_VENV      virtualenv with sglang-router (default /work/venv-sglang; created if absent)
+#   SGLANG_ROUTER    sglang-router version pip installs (default 0.3.2)
+#   WORKERS          simulated workers (default 2)
+#   LAT_REQUESTS     measured requests per target, text latency scenarios (default 2000)
+#   IMG_REQUESTS     measured requests per target, image latency scenarios (default 500)
+#   TPUT_REQUESTS    measured requests per target, throughput scenarios (default 6000; image: a quarter)
+#   MAX_TOKENS       max_tokens of every request (default 4)
+#   OUT              also write the tables to this file
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+VENV="${SGLANG_VENV:-/work/venv-sglang}"
+SGLANG_ROUTER="${SGLANG_ROUTER:-0.3.2}"
+WORKERS="${WORKERS:-2}"
+LAT_REQUESTS="${LAT_REQUESTS:-2000}"
+IMG_REQUESTS="${IMG_REQUESTS:-500}"
+TPUT_REQUESTS="${TPUT_REQUESTS:-6000}"
+MAX_TOKENS="${MAX_TOKENS:-4}"
+OUT="${OUT:-}"
+
+if ! "$VENV/bin/python" -c 'import sglang_router' 2>/dev/null; then
+  echo "installing sglang-router $SGLANG_ROUTER into $VENV" >&2
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q "sglang-router==$SGLANG_ROUTER"
+fi
+command -v nats-server >/dev/null || { echo "nats-server is needed (apt-get install nats-server)" >&2; exit 1; }
+
+echo "building kvroute (release)" >&2
+(cd "$ROOT" && cargo build -q --release --locked -p kvroute --bin kvroute --example loadgen)
+KVROUTE="$TARGET_DIR/release/kvroute"
+LOADGEN="$TARGET_DIR/release/examples/loadgen"
+
+TMP="$(mktemp -d)"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
+
+# Waits until GET $1 answers 200 (30 s at most).
+wait_ok() {
+  for _ in $(seq 300); do
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)" = 200 ]; then return 0; fi
+    sleep 0.1
+  done
+  echo "$1 did not become ready; logs in $TMP:" >&2
+  tail -n 20 "$TMP"/*.log >&2
+  exit 1
+}
+
+NATS_PORT="$(free_port)"
+nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$TMP/js" >"$TMP/nats.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break
+  sleep 0.1
+done
+NATS="nats://127.0.0.1:$NATS_PORT"
+
+# Simulated workers whose own time is zero (infinite prefill and decode speed), so what the
+# routers add is not hidden under modelled inference time.
+WORKER_FLAGS=()
+WORKER_URLS=()
+for i in $(seq "$WORKERS"); do
+  port="$(free_port)"
+  RUST_LOG=warn "$KVROUTE" worker-sim --worker-id "$i" --listen "127.0.0.1:$port" --nats-url "$NATS" \
+    --prefill-tokens-per-second inf --decode-tokens-per-second inf >"$TMP/worker$i.log" 2>&1 &
+  PIDS+=($!)
+  WORKER_FLAGS+=(--worker "$i=http://127.0.0.1:$port")
+  WORKER_URLS+=("http://127.0.0.1:$port")
+done
+for url in "${WORKER_URLS[@]}"; do wait_ok "$url/health"; done
+
+GATEWAY_PORT="$(free_port)"
+RUST_LOG=warn "$KVROUTE" serve --listen "127.0.0.1:$GATEWAY_PORT" --nats-url "$NATS" --no-snapshots \
+  "${WORKER_FLAGS[@]}" >"$TMP/kvroute.log" 2>&1 &
+KVROUTE_PID=$!
+PIDS+=($!)
+wait_ok "http://127.0.0.1:$GATEWAY_PORT/ready"
+
+SGLANG_PORT="$(free_port)"
+"$VENV/bin/python" -m sglang_router.launch_router --host 127.0.0.1 --port "$SGLANG_PORT" \
+  --policy cache_aware --worker-urls "${WORKER_URLS[@]}" \
+  --prometheus-host 127.0.0.1 --prometheus-port "$(free_port)" --log-level warn \
+  >"$TMP/sglang.log" 2>&1 &
+SGLANG_PID=$!
+PIDS+=($!)
+wait_ok "http://127.0.0.1:$SGLANG_PORT/health"
+
+DIRECT="direct=${WORKER_URLS[0]}"
+KV="kvroute=http://127.0.0.1:$GATEWAY_PORT"
+SG="sglang-router=http://127.0.0.1:$SGLANG_PORT"
+COMMON=(--max-tokens "$MAX_TOKENS")
+
+report() { if [ -n "$OUT" ]; then tee -a "$OUT"; else cat; fi; }
+[ -n "$OUT" ] && : >"$OUT"
+
+{
+  echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores, load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo "kvroute $(git -C "$ROOT" rev-parse --short HEAD), sglang-router $("$VENV/bin/pip" show sglang-router | sed -n 's/^Version: //p'), $WORKERS simulated workers"
+  echo
+} | report
+
+# CPU seconds (user + system) a process has used.
+cpu_seconds() { awk -v tck="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / tck}' "/proc/$1/stat"; }
+
+# scenario TITLE REQUESTS_PER_TARGET WARMUP LOADGEN_ARGS...: one loadgen run, then the CPU each
+# router process used during it per request it received (its own turns plus, for kvroute, the
+# KV events it ingests while the others run).
+scenario() {
+  local title="$1" requests="$2" warmup="$3"
+  shift 3
+  echo "#### $title"
+  echo
+  local kv0 sg0
+  kv0="$(cpu_seconds "$KVROUTE_PID")"
+  sg0="$(cpu_seconds "$SGLANG_PID")"
+  "$LOADGEN" "${COMMON[@]}" --requests "$requests" --warmup "$warmup" "$@"
+  echo
+  awk -v kv="$(cpu_seconds "$KVROUTE_PID")" -v kv0="$kv0" -v sg="$(cpu_seconds "$SGLANG_PID")" -v sg0="$sg0" \
+    -v n="$((requests + warmup))" 'BEGIN { printf "router CPU per request: kvroute %.0f µs, sglang-router %.0f µs\n", (kv - kv0) / n * 1e6, (sg - sg0) / n * 1e6 }'
+  echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo
+}
+
+{
+  T3=(--target "$DIRECT" --target "$KV" --target "$SG")
+  scenario "Added latency, text" "$LAT_REQUESTS" 50 "${T3[@]}" --kind text --concurrency 1
+  scenario "Added latency, text, streamed" "$LAT_REQUESTS" 50 "${T3[@]}" --kind text --stream --concurrency 1
+  scenario "Added latency, image" "$IMG_REQUESTS" 20 "${T3[@]}" --kind image --concurrency 1
+  scenario "Added latency, image, streamed" "$IMG_REQUESTS" 20 "${T3[@]}" --kind image --stream --concurrency 1
+  scenario "Throughput, text, concurrency 64" "$TPUT_REQUESTS" 256 "${T3[@]}" --kind text --concurrency 64
+  scenario "Throughput, text, streamed, concurrency 64" "$TPUT_REQUESTS" 256 "${T3[@]}" --kind text --stream --concurrency 64
+  scenario "Throughput, image, concurrency 64" "$((TPUT_REQUESTS / 4))" 128 "${T3[@]}" --kind image --concurrency 64
+} | report
