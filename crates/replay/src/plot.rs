@@ -62,7 +62,8 @@ pub fn policies_svg(summaries: &[ReplaySummary], title: &str) -> Result<String, 
         let root = root.titled(title, ("sans-serif", 20)).map_err(err)?;
         let (left, right) = root.split_horizontally(500);
         let names: Vec<&str> = summaries.iter().map(|s| s.policy.as_str()).collect();
-        let n = summaries.len().max(1) as u32;
+        // Segments 0..=last: one per policy.
+        let last = summaries.len().saturating_sub(1) as u32;
         let name_of = |x: &SegmentValue<u32>| match x {
             SegmentValue::CenterOf(i) => names.get(*i as usize).copied().unwrap_or("").to_owned(),
             _ => String::new(),
@@ -92,7 +93,7 @@ pub fn policies_svg(summaries: &[ReplaySummary], title: &str) -> Result<String, 
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(50)
-            .build_cartesian_2d((0..n).into_segmented(), 0.0..top)
+            .build_cartesian_2d((0..last).into_segmented(), 0.0..top)
             .map_err(err)?;
         hits.configure_mesh()
             .disable_x_mesh()
@@ -121,7 +122,7 @@ pub fn policies_svg(summaries: &[ReplaySummary], title: &str) -> Result<String, 
         hits.draw_series(DashedLineSeries::new(
             [
                 (SegmentValue::Exact(0), ideal),
-                (SegmentValue::Exact(n), ideal),
+                (SegmentValue::Exact(last + 1), ideal),
             ],
             6,
             4,
@@ -143,7 +144,7 @@ pub fn policies_svg(summaries: &[ReplaySummary], title: &str) -> Result<String, 
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d((0..n).into_segmented(), 0.0..slowest)
+            .build_cartesian_2d((0..last).into_segmented(), 0.0..slowest)
             .map_err(err)?;
         ttft.configure_mesh()
             .disable_x_mesh()
@@ -232,6 +233,7 @@ pub fn capacity_svg(
         chart
             .configure_mesh()
             .x_desc("KV capacity per worker (blocks)")
+            .light_line_style(TRANSPARENT)
             .y_desc("hit rate")
             .x_label_formatter(&|x| format!("{:.0}", x))
             .y_label_formatter(&|y| format!("{:.0}%", y * 100.0))
@@ -274,7 +276,7 @@ pub fn capacity_svg(
             .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK));
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
+            .position(SeriesLabelPosition::MiddleRight)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK.mix(0.3))
             .draw()
