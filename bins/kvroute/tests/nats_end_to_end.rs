@@ -4,46 +4,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
+use kvroute_testsupport::{free_port, image_chat_request as image_request, nats_server_binary};
 use serde_json::{json, Value};
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 const BLOCK_SIZE: u64 = 32;
 const WORKERS: u64 = 3;
 const REGISTRATION_TTL_SECS: &str = "2";
-
-/// The nats-server binary: `KVROUTE_NATS_SERVER`, else Debian's /usr/sbin, else PATH.
-fn nats_server_binary() -> Option<PathBuf> {
-    if let Ok(binary) = std::env::var("KVROUTE_NATS_SERVER") {
-        return Some(binary.into());
-    }
-    let sbin = Path::new("/usr/sbin/nats-server");
-    if sbin.exists() {
-        return Some(sbin.into());
-    }
-    let found = Command::new("nats-server")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok();
-    found.then(|| "nats-server".into())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Every child process of the test, killed (SIGKILL) and reaped on drop, panics included;
 /// on a panic their logs are printed.
@@ -233,21 +207,6 @@ impl Gateway {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-}
-
-fn image_request(image: &str, text: &str) -> Value {
-    let bytes = std::fs::read(format!(
-        "{}/../../tests/fixtures/images/{image}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    let url = format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    );
-    json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}},
-        {"type": "text", "text": text}]}]})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
