@@ -30,10 +30,10 @@ pub struct TraceRequest {
 #[non_exhaustive]
 pub enum TraceError {
     /// Reading failed.
-    #[error("reading the trace: {0}")]
+    #[error("reading the trace")]
     Io(#[from] std::io::Error),
     /// A line is not a trace request.
-    #[error("line {line}: {source}")]
+    #[error("line {line} is not a trace request")]
     Json {
         /// 1-based line number.
         line: usize,
@@ -124,4 +124,37 @@ pub(crate) fn check_media(request: &TraceRequest, line: usize) -> Result<(), Tra
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_the_line_and_traces_round_trip() {
+        let bad = b"{\"timestamp\": 0, \"input_length\": 4, \"output_length\": 1, \"hash_ids\": [1]}\n\n{\"timestamp\": 1}\n";
+        match read_jsonl(&bad[..]) {
+            Err(TraceError::Json { line: 3, .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let media = b"{\"timestamp\": 0, \"input_length\": 4, \"output_length\": 1, \"hash_ids\": [1], \"media_ids\": [[], [2]]}";
+        assert!(matches!(
+            read_jsonl(&media[..]),
+            Err(TraceError::MediaLength {
+                line: 1,
+                media: 2,
+                blocks: 1
+            })
+        ));
+        let trace = vec![TraceRequest {
+            timestamp: 3,
+            input_length: 9,
+            output_length: 2,
+            hash_ids: vec![u64::MAX, 0],
+            media_ids: vec![vec![], vec![u64::MAX - 1]],
+        }];
+        let mut written = Vec::new();
+        write_jsonl(&trace, &mut written).unwrap();
+        assert_eq!(read_jsonl(&written[..]).unwrap(), trace);
+    }
 }
