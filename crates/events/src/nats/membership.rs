@@ -6,7 +6,7 @@
 //! value ages out, so a router drops a worker whose record was not refreshed within the TTL. Time
 //! spent disconnected from NATS does not count, so a NATS restart does not empty the registry.
 
-use super::{backoff, NatsError};
+use super::{backoff, escape_token, NatsError};
 use async_nats::jetstream::{self, kv};
 use futures_util::StreamExt;
 use kvroute_protocol::{WorkerId, WorkerRecord};
@@ -67,17 +67,10 @@ impl MembershipSettings {
     }
 }
 
-/// One KV key token from any string: bytes outside `[A-Za-z0-9_-]` become `=XX`.
+/// One KV key token from any string: KV keys cannot hold `%`, so bytes outside
+/// `[A-Za-z0-9_-]` become `=XX`.
 fn key_token(name: &str) -> String {
-    let mut out = String::with_capacity(name.len());
-    for byte in name.bytes() {
-        if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
-            out.push(char::from(byte));
-        } else {
-            out.push_str(&format!("={byte:02X}"));
-        }
-    }
-    out
+    escape_token(name, '=')
 }
 
 /// Opens the registration bucket, creating it when absent (an existing bucket is used as is).

@@ -166,12 +166,17 @@ impl StreamSettings {
 /// One subject token from any string, as Dynamo encodes its names: every byte outside
 /// `[A-Za-z0-9_-]` becomes `%XX`.
 pub fn subject_token(name: &str) -> String {
+    escape_token(name, '%')
+}
+
+/// `name` with every byte outside `[A-Za-z0-9_-]` written as `{marker}XX` (hex).
+pub(crate) fn escape_token(name: &str, marker: char) -> String {
     let mut out = String::with_capacity(name.len());
     for byte in name.bytes() {
         if byte.is_ascii_alphanumeric() || byte == b'_' || byte == b'-' {
             out.push(char::from(byte));
         } else {
-            out.push_str(&format!("%{byte:02X}"));
+            out.push_str(&format!("{marker}{byte:02X}"));
         }
     }
     out
