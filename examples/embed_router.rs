@@ -22,7 +22,9 @@ use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full, Limited};
 use hyper::{body::Incoming, server::conn::http1, service::service_fn};
 use hyper_util::rt::TokioIo;
 use kvroute_blockhash::BlockHasher;
-use kvroute_dispatch::{decide, CostConfig, ForwardConfig, Forwarder, Registry, Worker};
+use kvroute_dispatch::{
+    decide, CostConfig, ForwardConfig, Forwarder, Registry, TieBreaker, Worker,
+};
 use kvroute_events::{
     connect, IngestConfig, Ingestor, NatsSource, NatsSourceConfig, StreamSettings,
 };
@@ -82,7 +84,7 @@ pub struct Router {
     _ingestor: Ingestor, // consumes KV events until dropped
     registry: Registry,
     forwarder: Forwarder,
-    rng: Mutex<fastrand::Rng>,
+    ties: Mutex<TieBreaker>,
 }
 
 #[tokio::main]
@@ -118,7 +120,7 @@ impl Router {
             .for_each(|worker| registry.upsert(worker));
         let hasher = BlockHasher::new(args.block_size)?;
         let forwarder = Forwarder::new(ForwardConfig::default());
-        let rng = Mutex::new(fastrand::Rng::new());
+        let ties = Mutex::new(TieBreaker::new());
         Ok(Arc::new(Self {
             preprocessor,
             hasher,
@@ -126,7 +128,7 @@ impl Router {
             _ingestor: ingestor,
             registry,
             forwarder,
-            rng,
+            ties,
         }))
     }
 
@@ -204,7 +206,7 @@ impl Router {
             hashes.len(),
             inputs,
             &CostConfig::default(),
-            &mut self.rng.lock().unwrap_or_else(|e| e.into_inner()),
+            &mut self.ties.lock().unwrap_or_else(|e| e.into_inner()),
         );
         let Some(decision) = decision else {
             return error(

@@ -157,13 +157,36 @@ impl Decision {
     }
 }
 
+/// The random source that breaks ties between equal costs and samples with a temperature.
+/// Seeded, it makes decisions reproducible (replays, tests).
+#[derive(Clone, Debug)]
+pub struct TieBreaker(fastrand::Rng);
+
+impl TieBreaker {
+    /// A tie-breaker seeded from the operating system's randomness.
+    pub fn new() -> Self {
+        Self(fastrand::Rng::new())
+    }
+
+    /// A reproducible tie-breaker.
+    pub fn with_seed(seed: u64) -> Self {
+        Self(fastrand::Rng::with_seed(seed))
+    }
+}
+
+impl Default for TieBreaker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Scores every candidate and orders them, best first. `None` when there is no candidate.
 ///
 /// ```
-/// use kvroute_dispatch::{decide, CandidateInput, CostConfig};
+/// use kvroute_dispatch::{decide, CandidateInput, CostConfig, TieBreaker};
 /// use kvroute_protocol::WorkerId;
 ///
-/// let rng = &mut fastrand::Rng::with_seed(7);
+/// let rng = &mut TieBreaker::with_seed(7);
 /// // An idle cluster routes on the cache.
 /// let idle = [CandidateInput::idle(WorkerId(1), 2), CandidateInput::idle(WorkerId(2), 8)];
 /// let decision = decide(10, idle, &CostConfig::default(), rng).unwrap();
@@ -178,8 +201,9 @@ pub fn decide(
     prompt_blocks: usize,
     candidates: impl IntoIterator<Item = CandidateInput>,
     config: &CostConfig,
-    rng: &mut fastrand::Rng,
+    ties: &mut TieBreaker,
 ) -> Option<Decision> {
+    let rng = &mut ties.0;
     let mut table: Vec<Candidate> = candidates
         .into_iter()
         .map(|c| {
@@ -250,7 +274,7 @@ mod tests {
 
     #[test]
     fn ties_are_broken_at_random_not_by_position() {
-        let mut rng = fastrand::Rng::with_seed(1);
+        let mut rng = TieBreaker::with_seed(1);
         let mut wins = [0usize; 4];
         for _ in 0..4000 {
             let decision = decide(
@@ -270,9 +294,9 @@ mod tests {
     #[test]
     fn load_spreads_a_hot_prefix_continuously() {
         let config = CostConfig::default();
-        let mut rng = fastrand::Rng::with_seed(2);
+        let mut rng = TieBreaker::with_seed(2);
         // 30-block prompts sharing a 10-block prefix that only worker 1 holds.
-        let pick = |active_on_1: u64, rng: &mut fastrand::Rng| {
+        let pick = |active_on_1: u64, rng: &mut TieBreaker| {
             decide(
                 30,
                 [input(1, 10, 0, active_on_1), input(2, 0, 0, 0)],
@@ -295,22 +319,22 @@ mod tests {
             8,
             [input(1, 99, 0, 0), input(2, 4, 0, 0), input(3, 0, 2, 0)],
             &CostConfig::default(),
-            &mut fastrand::Rng::with_seed(3),
+            &mut TieBreaker::with_seed(3),
         )
         .unwrap();
         let order: Vec<u64> = decision.table.iter().map(|c| c.worker.get()).collect();
         assert_eq!(order, [1, 2, 3]);
         assert_eq!(decision.table[0].overlap_blocks, 8);
         assert_eq!(decision.table[2].cost, 10.0);
-        assert!(decide(8, [], &CostConfig::default(), &mut fastrand::Rng::new()).is_none());
+        assert!(decide(8, [], &CostConfig::default(), &mut TieBreaker::new()).is_none());
     }
 
     #[test]
     fn held_blocks_weigh_only_when_asked() {
-        let rng = &mut fastrand::Rng::with_seed(5);
+        let rng = &mut TieBreaker::with_seed(5);
         // Worker 1 holds 4 of 10 blocks but its requests hold 100 blocks of KV memory.
         let inputs = [input(1, 4, 0, 0).with_active_blocks(100), input(2, 0, 0, 0)];
-        let chosen = |config: &CostConfig, rng: &mut fastrand::Rng| {
+        let chosen = |config: &CostConfig, rng: &mut TieBreaker| {
             decide(10, inputs, config, rng)
                 .unwrap()
                 .chosen()
@@ -325,7 +349,7 @@ mod tests {
     #[test]
     fn temperature_sometimes_picks_a_worse_worker() {
         let config = CostConfig::default().with_temperature(1.0);
-        let mut rng = fastrand::Rng::with_seed(4);
+        let mut rng = TieBreaker::with_seed(4);
         let picks: Vec<u64> = (0..200)
             .map(|_| {
                 decide(

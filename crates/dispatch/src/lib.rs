@@ -10,7 +10,7 @@
 //! # Example
 //!
 //! ```
-//! use kvroute_dispatch::{decide, CostConfig, Registry, Worker};
+//! use kvroute_dispatch::{decide, CostConfig, Registry, TieBreaker, Worker};
 //! use kvroute_protocol::WorkerId;
 //! use std::time::Instant;
 //!
@@ -22,7 +22,7 @@
 //! let overlap = |id: WorkerId| if id == WorkerId(2) { 6 } else { 0 };
 //! let eligible = registry.eligible(Instant::now());
 //! let inputs = eligible.iter().map(|w| w.candidate(overlap(w.worker().id)));
-//! let decision = decide(8, inputs, &CostConfig::default(), &mut fastrand::Rng::new()).unwrap();
+//! let decision = decide(8, inputs, &CostConfig::default(), &mut TieBreaker::new()).unwrap();
 //! assert_eq!(decision.chosen().unwrap().worker, WorkerId(2));
 //! assert_eq!(decision.chosen().unwrap().new_blocks, 2);
 //! # Ok::<(), kvroute_dispatch::InvalidWorkerUrl>(())
@@ -33,7 +33,7 @@ mod forward;
 mod policy;
 mod registry;
 
-pub use cost::{decide, Candidate, CandidateInput, CostConfig, Decision};
+pub use cost::{decide, Candidate, CandidateInput, CostConfig, Decision, TieBreaker};
 pub use forward::{ForwardConfig, ForwardError, Forwarded, Forwarder};
 pub use policy::{
     decision_row, KvAware, LeastLoaded, PrefixKeys, Random, RoundRobin, RoutingPolicy,

@@ -4,7 +4,7 @@
 //! [`LeastLoaded`] are the baselines every comparison needs, and [`KvAware::text_only`] is what
 //! a router that ignores media does. Users add their own by implementing [`RoutingPolicy`].
 
-use crate::cost::{decide, Candidate, CandidateInput, CostConfig};
+use crate::cost::{decide, Candidate, CandidateInput, CostConfig, TieBreaker};
 use kvroute_protocol::WorkerId;
 
 /// Which block keys the caller should look prefixes up with for a policy.
@@ -72,7 +72,7 @@ pub fn decision_row(prompt_blocks: usize, candidate: CandidateInput) -> Option<C
         prompt_blocks,
         [candidate],
         &CostConfig::default(),
-        &mut fastrand::Rng::with_seed(0),
+        &mut TieBreaker::with_seed(0),
     )
     .and_then(|mut decision| decision.table.pop())
 }
@@ -94,7 +94,7 @@ pub fn decision_row(prompt_blocks: usize, candidate: CandidateInput) -> Option<C
 pub struct KvAware {
     config: CostConfig,
     keys: PrefixKeys,
-    rng: fastrand::Rng,
+    ties: TieBreaker,
 }
 
 impl KvAware {
@@ -103,7 +103,7 @@ impl KvAware {
         Self {
             config,
             keys: PrefixKeys::WithMedia,
-            rng: fastrand::Rng::with_seed(seed),
+            ties: TieBreaker::with_seed(seed),
         }
     }
 
@@ -133,7 +133,7 @@ impl RoutingPolicy for KvAware {
             prompt_blocks,
             candidates.iter().copied(),
             &self.config,
-            &mut self.rng,
+            &mut self.ties,
         )?;
         decision.chosen().copied()
     }
@@ -208,7 +208,7 @@ impl RoutingPolicy for Random {
 #[derive(Debug)]
 pub struct LeastLoaded {
     config: CostConfig,
-    rng: fastrand::Rng,
+    ties: TieBreaker,
 }
 
 impl LeastLoaded {
@@ -217,7 +217,7 @@ impl LeastLoaded {
     pub fn new(config: CostConfig, seed: u64) -> Self {
         Self {
             config: config.with_prefill_weight(0.0).with_temperature(0.0),
-            rng: fastrand::Rng::with_seed(seed),
+            ties: TieBreaker::with_seed(seed),
         }
     }
 }
@@ -232,7 +232,7 @@ impl RoutingPolicy for LeastLoaded {
             prompt_blocks,
             candidates.iter().copied(),
             &self.config,
-            &mut self.rng,
+            &mut self.ties,
         )?;
         decision.chosen().copied()
     }

@@ -328,7 +328,7 @@ mod tests {
             8,
             [worker.candidate(3)],
             &crate::CostConfig::default(),
-            &mut fastrand::Rng::with_seed(1),
+            &mut crate::TieBreaker::with_seed(1),
         )
         .unwrap()
         .table[0];

@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use kvroute_blockhash::BlockHasher;
 use kvroute_dispatch::{
     decide, CostConfig, Decision, Eligible, ForwardConfig, ForwardError, Forwarder, Registry,
+    TieBreaker,
 };
 use kvroute_index::{SharedIndex, WorkerKey};
 use kvroute_preprocess::{ChatRequest, CompletionRequest, PreprocessError, Preprocessor, Prompt};
@@ -124,7 +125,7 @@ struct Inner {
     registry: Registry,
     forwarder: Forwarder,
     ready: Box<dyn Fn() -> bool + Send + Sync>,
-    rng: Mutex<fastrand::Rng>,
+    ties: Mutex<TieBreaker>,
     /// When approximate-mode blocks were last expired.
     routed_expired_at: Mutex<Instant>,
 }
@@ -149,7 +150,7 @@ impl Gateway {
                 registry,
                 forwarder,
                 ready: Box::new(ready),
-                rng: Mutex::new(fastrand::Rng::new()),
+                ties: Mutex::new(TieBreaker::new()),
                 routed_expired_at: Mutex::new(Instant::now()),
             }),
         })
@@ -337,8 +338,8 @@ impl Gateway {
             .iter()
             .map(|w| w.candidate(by_worker.get(&w.worker().id).copied().unwrap_or(0)));
         let decision = {
-            let mut rng = self.inner.rng.lock().unwrap_or_else(|e| e.into_inner());
-            decide(sequence.len(), inputs, &self.inner.config.cost, &mut rng)
+            let mut ties = self.inner.ties.lock().unwrap_or_else(|e| e.into_inner());
+            decide(sequence.len(), inputs, &self.inner.config.cost, &mut ties)
         }
         .unwrap_or_else(|| Decision::without_candidates(sequence.len()));
         Routed {
