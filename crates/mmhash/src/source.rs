@@ -68,26 +68,34 @@ fn decode_base64(payload: &str, max_bytes: u64) -> Result<Vec<u8>, MediaError> {
             .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
     );
     let is_space = |b: &u8| b.is_ascii_whitespace();
-    let significant = payload.bytes().filter(|b| !is_space(b)).count() as u64;
     // Every 4 characters decode to 3 bytes, less up to 2 for padding.
-    let decoded_at_least = (significant.div_ceil(4) * 3).saturating_sub(2);
-    if decoded_at_least > max_bytes {
-        return Err(ImageError::TooManyBytes {
-            len: decoded_at_least,
-            max_bytes,
+    let decoded_at_least = |chars: u64| (chars.div_ceil(4) * 3).saturating_sub(2);
+    // Whitespace only lengthens the payload, so counting the significant characters (a pass
+    // over a payload of megabytes) is needed only when the raw length is over the limit.
+    if decoded_at_least(payload.len() as u64) > max_bytes {
+        let significant = payload.bytes().filter(|b| !is_space(b)).count() as u64;
+        if decoded_at_least(significant) > max_bytes {
+            return Err(ImageError::TooManyBytes {
+                len: decoded_at_least(significant),
+                max_bytes,
+            }
+            .into());
         }
-        .into());
     }
-    let result = if significant < payload.len() as u64 {
-        ENGINE.decode(
-            payload
-                .bytes()
-                .filter(|b| !is_space(b))
-                .collect::<Vec<u8>>(),
-        )
-    } else {
-        ENGINE.decode(payload)
-    };
+    // Most clients send no whitespace: decode the payload as it is, and only when that fails
+    // because of whitespace, again without it.
+    let result = ENGINE.decode(payload).or_else(|error| {
+        if payload.bytes().any(|b| is_space(&b)) {
+            ENGINE.decode(
+                payload
+                    .bytes()
+                    .filter(|b| !is_space(b))
+                    .collect::<Vec<u8>>(),
+            )
+        } else {
+            Err(error)
+        }
+    });
     let bytes = result.map_err(|error| invalid(&format!("bad base64 in data URL: {error}")))?;
     if bytes.len() as u64 > max_bytes {
         return Err(ImageError::TooManyBytes {
@@ -130,6 +138,22 @@ mod tests {
         ));
         assert!(matches!(
             ImageSource::parse("data:image/gif;base64,R0lG!!!!", 100),
+            Err(MediaError::InvalidSource(_))
+        ));
+        // Whitespace does not count against the limit, nor hide a bad byte.
+        assert_eq!(
+            ImageSource::parse("data:;base64,R0lG\r\n  \tODlh\n\n\n\n\n", 6).unwrap(),
+            ImageSource::Data {
+                mime: None,
+                bytes: b"GIF89a".to_vec()
+            }
+        );
+        assert!(matches!(
+            ImageSource::parse("data:;base64,R0lG\nODlhR0lG", 6),
+            Err(MediaError::Image(ImageError::TooManyBytes { len: 7, .. }))
+        ));
+        assert!(matches!(
+            ImageSource::parse("data:;base64,R0lG\nOD!h", 100),
             Err(MediaError::InvalidSource(_))
         ));
     }
