@@ -149,7 +149,7 @@ struct Bodies {
     run: u64,
 }
 
-/// A paragraph of ordinary English, about 200 tokens once templated.
+/// One paragraph of ordinary English (the request number is appended).
 const PROMPT: &str = "You are reviewing a design document for a distributed cache that sits in \
 front of a fleet of language model servers. Summarize the three most important risks of the \
 proposal, explain how each could show up in production, and suggest one measurement that would \
