@@ -41,6 +41,7 @@
 //! ```
 
 mod body;
+mod forward_body;
 mod membership;
 mod serve;
 mod server;

@@ -1,6 +1,7 @@
 //! The HTTP server: OpenAI endpoints, routing, health, metrics.
 
 use crate::body::{error_response, full, json_response, GatewayBody, Passthrough};
+use crate::forward_body::with_image_uuids;
 use crate::serve::serve_http;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -15,7 +16,7 @@ use kvroute_index::{SharedIndex, WorkerKey};
 use kvroute_preprocess::{ChatRequest, CompletionRequest, PreprocessError, Preprocessor, Prompt};
 use kvroute_protocol::{DpRank, ErrorBody, SequenceHash, WorkerId};
 use metrics::{counter, histogram};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -281,13 +282,7 @@ impl Gateway {
             return self.explain(&routed);
         }
         // Tell the engine the media ids we hashed, so its blocks carry the same identity.
-        let forward_body = if routed.prompt.images.is_empty() {
-            body
-        } else {
-            let mut chat_body = chat.body;
-            set_image_uuids(&mut chat_body, &chat.images, &routed.prompt);
-            Bytes::from(serde_json::to_vec(&chat_body).unwrap_or_default())
-        };
+        let forward_body = with_image_uuids(&body, &chat, &routed.prompt);
         self.forward(
             routed,
             "/v1/chat/completions",
@@ -569,25 +564,6 @@ fn preprocess_error(error: &PreprocessError) -> Response<GatewayBody> {
         StatusCode::INTERNAL_SERVER_ERROR
     };
     error_response(status, &error.to_error_body())
-}
-
-/// Sets each image part's `uuid` to the id the router hashed (a client uuid stays as is).
-fn set_image_uuids(
-    body: &mut serde_json::Map<String, Value>,
-    images: &[kvroute_preprocess::ImagePart],
-    prompt: &Prompt,
-) {
-    for (part, image) in images.iter().zip(&prompt.images) {
-        let slot = body
-            .get_mut("messages")
-            .and_then(|messages| messages.get_mut(part.message))
-            .and_then(|message| message.get_mut("content"))
-            .and_then(|content| content.get_mut(part.part))
-            .and_then(Value::as_object_mut);
-        if let Some(slot) = slot {
-            slot.insert("uuid".to_owned(), Value::String(image.forward_uuid.clone()));
-        }
-    }
 }
 
 fn insert_header(headers: &mut HeaderMap, name: &'static str, value: String) {

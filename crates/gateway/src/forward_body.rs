@@ -1,0 +1,161 @@
+//! The body forwarded to the engine: the client's bytes, with the media id the router hashed
+//! added to each image part as its `uuid` (vLLM's multimodal uuid), so engine and router hash
+//! the same identity.
+
+use bytes::Bytes;
+use kvroute_preprocess::{ChatRequest, ImagePart, Prompt, PromptImage};
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::collections::HashMap;
+
+/// `body` as the engine should get it. The uuids are spliced into the client's bytes (a body
+/// of several MB of base64 is not parsed into values and written again); a body whose image
+/// parts cannot be located that way (escaped keys, a `uuid` key already there) is re-serialized
+/// from the parsed request instead.
+pub(crate) fn with_image_uuids(body: &Bytes, chat: &ChatRequest, prompt: &Prompt) -> Bytes {
+    if prompt.images.is_empty() {
+        return body.clone();
+    }
+    splice(body, &chat.images, &prompt.images).unwrap_or_else(|| reserialize(chat, prompt))
+}
+
+#[derive(Deserialize)]
+struct Body<'a> {
+    #[serde(borrow)]
+    messages: Vec<Message<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    content: Option<&'a RawValue>,
+}
+
+fn splice(original: &[u8], parts: &[ImagePart], images: &[PromptImage]) -> Option<Bytes> {
+    let body: Body = serde_json::from_slice(original).ok()?;
+    let mut inserts: Vec<(usize, &str)> = Vec::with_capacity(parts.len());
+    for (part, image) in parts.iter().zip(images) {
+        // The client named the image: the engine already gets that uuid.
+        if part.uuid.is_some() {
+            continue;
+        }
+        let content = body.messages.get(part.message)?.content?;
+        let items: Vec<&RawValue> = serde_json::from_str(content.get()).ok()?;
+        let raw = items.get(part.part)?.get();
+        let keys: HashMap<&str, IgnoredAny> = serde_json::from_str(raw).ok()?;
+        if keys.contains_key("uuid") {
+            return None;
+        }
+        // The raw values borrow from `original`: their address gives the position.
+        let start = (raw.as_ptr() as usize).checked_sub(original.as_ptr() as usize)?;
+        if original.get(start) != Some(&b'{') {
+            return None;
+        }
+        inserts.push((start + 1, image.forward_uuid.as_str()));
+    }
+    inserts.sort_unstable_by_key(|(at, _)| *at);
+    let extra: usize = inserts.iter().map(|(_, uuid)| uuid.len() + 10).sum();
+    let mut out = Vec::with_capacity(original.len() + extra);
+    let mut from = 0;
+    for (at, uuid) in inserts {
+        out.extend_from_slice(&original[from..at]);
+        out.extend_from_slice(b"\"uuid\":");
+        serde_json::to_writer(&mut out, uuid).ok()?;
+        out.push(b',');
+        from = at;
+    }
+    out.extend_from_slice(&original[from..]);
+    Some(Bytes::from(out))
+}
+
+fn reserialize(chat: &ChatRequest, prompt: &Prompt) -> Bytes {
+    let mut body = chat.body.clone();
+    for (part, image) in chat.images.iter().zip(&prompt.images) {
+        let slot = body
+            .get_mut("messages")
+            .and_then(|messages| messages.get_mut(part.message))
+            .and_then(|message| message.get_mut("content"))
+            .and_then(|content| content.get_mut(part.part))
+            .and_then(serde_json::Value::as_object_mut);
+        if let Some(slot) = slot {
+            slot.insert(
+                "uuid".to_owned(),
+                serde_json::Value::String(image.forward_uuid.clone()),
+            );
+        }
+    }
+    Bytes::from(serde_json::to_vec(&body).unwrap_or_default())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kvroute_preprocess::{ModelFiles, PreprocessConfig, Preprocessor};
+    use serde_json::Value;
+
+    const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
+
+    async fn forwarded(body: &str) -> (Value, Value) {
+        let preprocessor = Preprocessor::new(
+            &ModelFiles::bundled_qwen2_vl().unwrap(),
+            PreprocessConfig::default(),
+        )
+        .unwrap();
+        let chat = ChatRequest::from_json(body.as_bytes()).unwrap();
+        let prompt = preprocessor.chat(&chat).await.unwrap();
+        let bytes = Bytes::copy_from_slice(body.as_bytes());
+        let spliced = with_image_uuids(&bytes, &chat, &prompt);
+        let reference = reserialize(&chat, &prompt);
+        (
+            serde_json::from_slice(&spliced).unwrap(),
+            serde_json::from_slice(&reference).unwrap(),
+        )
+    }
+
+    fn image(extra: &str) -> String {
+        format!(
+            r#"{{"type": "image_url"{extra}, "image_url": {{"url": "data:image/png;base64,{PNG}"}}}}"#
+        )
+    }
+
+    #[tokio::test]
+    async fn spliced_bodies_equal_the_reserialized_ones() {
+        let body = format!(
+            r#"{{"model": "m", "messages": [
+                {{"role": "system", "content": "be brief"}},
+                {{"role": "user", "content": [{}, {{"type": "text", "text": "and"}}, {}]}},
+                {{"role": "user", "content": [ {} ]}}]}}"#,
+            image(""),
+            image(r#", "uuid": "client-id""#),
+            image(""),
+        );
+        let (spliced, reference) = forwarded(&body).await;
+        assert_eq!(spliced, reference);
+        let parts = &spliced["messages"][1]["content"];
+        assert_eq!(parts[2]["uuid"], "client-id");
+        assert_eq!(parts[0]["uuid"].as_str().unwrap().len(), 64);
+        assert_eq!(
+            spliced["messages"][2]["content"][0]["uuid"],
+            parts[0]["uuid"]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_the_splice_cannot_place_is_reserialized() {
+        // An escaped key: the splice cannot borrow it and falls back, with the same result.
+        let body = format!(
+            r#"{{"model": "m", "messages": [{{"role": "user", "content": [{}]}}], "\u0074emperature": 0}}"#,
+            image(r#", "\u0064etail": "low""#)
+        );
+        let (spliced, reference) = forwarded(&body).await;
+        assert_eq!(spliced, reference);
+        assert_eq!(
+            spliced["messages"][0]["content"][0]["uuid"]
+                .as_str()
+                .unwrap()
+                .len(),
+            64
+        );
+    }
+}
