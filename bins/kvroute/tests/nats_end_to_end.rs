@@ -8,7 +8,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use kvroute_testsupport::{free_port, image_chat_request as image_request, nats_server_binary};
+use kvroute_testsupport::{
+    free_port, image_chat_request as image_request, nats_server_binary, HttpClient, Reply,
+};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -117,52 +119,18 @@ async fn wait_for_port(processes: &mut Processes, port: u16, what: &str) {
     }
 }
 
-struct Reply {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Value,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> String {
-        self.headers[name].to_str().unwrap().to_owned()
-    }
-}
-
 struct Gateway {
     base: String,
-    client: Client<HttpConnector, Full<Bytes>>,
+    http: HttpClient,
 }
 
 impl Gateway {
     async fn get(&self, path: &str) -> Reply {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.base).parse().unwrap())
-            .await
-            .unwrap();
-        Self::reply(response).await
+        self.http.get(&format!("{}{path}", self.base)).await
     }
 
     async fn post(&self, path: &str, body: &Value) -> Reply {
-        let request = http::Request::post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
-            .unwrap();
-        Self::reply(self.client.request(request).await.unwrap()).await
-    }
-
-    async fn reply(response: http::Response<hyper::body::Incoming>) -> Reply {
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let body = serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        self.http.post(&format!("{}{path}", self.base), body).await
     }
 
     async fn chat(&self, body: &Value) -> Reply {
@@ -285,7 +253,7 @@ async fn serve_and_worker_sims_over_nats() {
 
     let gateway = Gateway {
         base: format!("http://127.0.0.1:{gateway_port}"),
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        http: HttpClient::new(),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -355,7 +323,9 @@ async fn serve_and_worker_sims_over_nats() {
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();
-    let response = gateway.client.request(request).await.unwrap();
+    let streaming: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let response = streaming.request(request).await.unwrap();
     assert_eq!(response.status(), 200);
     let victim: u64 = response.headers()["x-kvroute-worker"]
         .to_str()

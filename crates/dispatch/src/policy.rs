@@ -207,8 +207,8 @@ impl RoutingPolicy for Random {
 /// plus `decode_weight` per in-flight request), ignoring the cache; random among ties.
 #[derive(Debug)]
 pub struct LeastLoaded {
-    config: CostConfig,
-    ties: TieBreaker,
+    /// kvroute's cost with no credit for cached blocks is exactly the load.
+    load_only: KvAware,
 }
 
 impl LeastLoaded {
@@ -216,8 +216,7 @@ impl LeastLoaded {
     /// seeded with `seed`.
     pub fn new(config: CostConfig, seed: u64) -> Self {
         Self {
-            config: config.with_prefill_weight(0.0).with_temperature(0.0),
-            ties: TieBreaker::with_seed(seed),
+            load_only: KvAware::new(config.with_prefill_weight(0.0).with_temperature(0.0), seed),
         }
     }
 }
@@ -228,13 +227,7 @@ impl RoutingPolicy for LeastLoaded {
     }
 
     fn choose(&mut self, prompt_blocks: usize, candidates: &[CandidateInput]) -> Option<Candidate> {
-        let decision = decide(
-            prompt_blocks,
-            candidates.iter().copied(),
-            &self.config,
-            &mut self.ties,
-        )?;
-        decision.chosen().copied()
+        self.load_only.choose(prompt_blocks, candidates)
     }
 }
 

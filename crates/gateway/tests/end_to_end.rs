@@ -3,7 +3,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
@@ -15,6 +14,7 @@ use kvroute_gateway::{Gateway, GatewayConfig};
 use kvroute_index::{Index, IndexConfig, SharedIndex};
 use kvroute_preprocess::{ModelFiles, PreprocessConfig, Preprocessor};
 use kvroute_protocol::WorkerId;
+use kvroute_testsupport::{image_data_url, HttpClient, Reply};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
@@ -40,20 +40,11 @@ struct Cluster {
     base: String,
     sims: Vec<SimWorker>,
     registry: Registry,
+    /// JSON requests read whole.
+    http: HttpClient,
+    /// Streams read frame by frame.
     client: Client<HttpConnector, Full<Bytes>>,
     _ingestor: Ingestor,
-}
-
-struct Reply {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Value,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> String {
-        self.headers[name].to_str().unwrap().to_owned()
-    }
 }
 
 async fn cluster(workers: u64, decode_tokens_per_second: f64) -> Cluster {
@@ -110,27 +101,16 @@ async fn cluster_with(workers: u64, decode_tokens_per_second: f64, approximate: 
         sims,
         registry,
         client: Client::builder(TokioExecutor::new()).build_http(),
+        http: HttpClient::new(),
         _ingestor: ingestor,
     }
 }
 
 impl Cluster {
     async fn post(&self, path: &str, body: impl Into<Bytes>) -> Reply {
-        let request = http::Request::post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(Full::new(body.into()))
-            .unwrap();
-        let response = self.client.request(request).await.unwrap();
-        let status = response.status().as_u16();
-        let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        let body = serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()));
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        self.http
+            .post_bytes(&format!("{}{path}", self.base), body)
+            .await
     }
 
     async fn chat(&self, body: &Value) -> Reply {
@@ -158,17 +138,8 @@ impl Cluster {
 }
 
 fn image_request(image: &str, text: &str) -> Value {
-    let bytes = std::fs::read(format!(
-        "{}/../../tests/fixtures/images/{image}",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
-    let url = format!(
-        "data:image/png;base64,{}",
-        base64::engine::general_purpose::STANDARD.encode(bytes)
-    );
     json!({"model": "m", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": url}},
+        {"type": "image_url", "image_url": {"url": image_data_url(image)}},
         {"type": "text", "text": text}]}]})
 }
 

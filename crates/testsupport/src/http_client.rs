@@ -58,9 +58,14 @@ impl HttpClient {
 
     /// `POST url` with a JSON body.
     pub async fn post(&self, url: &str, body: &Value) -> Reply {
+        self.post_bytes(url, body.to_string()).await
+    }
+
+    /// `POST url` with these bytes as a JSON body (malformed ones included).
+    pub async fn post_bytes(&self, url: &str, body: impl Into<Bytes>) -> Reply {
         let request = http::Request::post(url)
             .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Full::new(body.into()))
             .unwrap();
         Self::read(self.client.request(request).await.unwrap()).await
     }
