@@ -25,6 +25,14 @@ const PUBLISHERS: u64 = 4;
 const EVENTS_PER_PUBLISHER: u64 = 25_600;
 const BLOCKS_PER_EVENT: u64 = 16;
 
+/// Distinct, full-width 64-bit values (splitmix64's finalizer is a bijection), so messages
+/// carry as many bytes per block as real xxh3 hashes do.
+fn full_width(x: u64) -> u64 {
+    let x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    let x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
 fn store(worker: u64, n: u64) -> KvCacheEventData {
     let base = (worker << 40) | (n * BLOCKS_PER_EVENT);
     KvCacheEventData::Stored(KvCacheStoreData {
@@ -32,8 +40,8 @@ fn store(worker: u64, n: u64) -> KvCacheEventData {
         start_position: None,
         blocks: (0..BLOCKS_PER_EVENT)
             .map(|i| KvCacheStoredBlockData {
-                block_hash: SequenceHash(base + i + 1),
-                tokens_hash: BlockHash(i),
+                block_hash: SequenceHash(full_width(base + i + 1)),
+                tokens_hash: BlockHash(full_width(!(base + i))),
                 mm_extra_info: None,
             })
             .collect(),

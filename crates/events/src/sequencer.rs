@@ -48,8 +48,11 @@ impl<'a> Pending<'a> {
         if self.events.is_empty() {
             return;
         }
-        counters.add(Counter::events_applied, self.events.len() as u64);
+        let applied = self.events.len() as u64;
         let skips = index.apply_events(self.events.drain(..));
+        // Counted once the index holds them, so a reader of the counter that waits for N
+        // events sees all N in the index.
+        counters.add(Counter::events_applied, applied);
         counters.add(Counter::index_skips, skips.len() as u64);
         for skip in skips {
             tracing::debug!(%skip, "index skipped an event");

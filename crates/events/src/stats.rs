@@ -55,7 +55,7 @@ macro_rules! counters {
 counters! {
     /// Batches (messages) received and decoded.
     batches => "kvroute_events_batches_total",
-    /// Events handed to the index in order.
+    /// Events applied to the index, in order (counted after the index holds them).
     events_applied => "kvroute_events_applied_total",
     /// Events whose id was already seen for their (worker, dp rank, incarnation); skipped.
     duplicates => "kvroute_events_duplicates_total",
