@@ -1,5 +1,6 @@
-//! Preprocessing cost: a 2k-token chat with one photo, and the 10th turn of a growing
-//! conversation with and without the segment cache.
+//! Preprocessing cost: a 2k-token chat with one photo, the 10th turn of a growing
+//! conversation with and without the segment cache, and tokenization alone through Hugging
+//! Face's pipeline and through the ASCII fast path that `TextTokenizer` uses.
 //!
 //! ```text
 //! cargo bench -p kvroute-preprocess
@@ -43,6 +44,15 @@ const WORDS: &[&str] = &[
     "model",
     "vision",
 ];
+
+/// One paragraph of ordinary English, as `loadgen` sends it (150 tokens).
+const PARAGRAPH: &str = "You are reviewing a design document for a distributed cache that sits in \
+front of a fleet of language model servers. Summarize the three most important risks of the \
+proposal, explain how each could show up in production, and suggest one measurement that would \
+reveal it early. The document describes routing by prefix overlap, eviction by least recent \
+use, event streams that report stored and removed blocks, and a gateway that forwards each \
+request to the server expected to hold the longest cached prefix. Keep the answer short, use \
+plain words, and say which risk you would address first and why. 1234567";
 
 /// Roughly `tokens` tokens of English-like text, different for every `seed`.
 fn text(tokens: usize, seed: usize) -> String {
@@ -130,6 +140,38 @@ fn bench(c: &mut Criterion) {
                 },
                 BatchSize::SmallInput,
             )
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("tokenize");
+    let tokenizer = uncached.tokenizer();
+    let prompt = format!("<|im_start|>user\n{PARAGRAPH}<|im_end|>\n<|im_start|>assistant\n");
+    for (name, text) in [("paragraph", prompt), ("2k_words", text(2000, 1))] {
+        let mut ids = Vec::new();
+        tokenizer.encode_into(&text, &mut ids).expect("tokens");
+        let pipeline = tokenizer
+            .inner()
+            .encode_fast(text.as_str(), false)
+            .expect("tokens");
+        assert_eq!(ids, pipeline.get_ids(), "the fast path is exact");
+        eprintln!("{name}: {} bytes, {} tokens", text.len(), ids.len());
+        group.bench_function(format!("{name}/hugging_face"), |b| {
+            b.iter(|| {
+                tokenizer
+                    .inner()
+                    .encode_fast(black_box(text.as_str()), false)
+                    .expect("tokens")
+            })
+        });
+        group.bench_function(format!("{name}/ascii_fast_path"), |b| {
+            b.iter(|| {
+                ids.clear();
+                tokenizer
+                    .encode_into(black_box(&text), &mut ids)
+                    .expect("tokens");
+                ids.len()
+            })
         });
     }
     group.finish();

@@ -30,6 +30,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod ascii_bpe;
 mod error;
 mod model;
 mod preprocessor;

@@ -9,6 +9,7 @@
 //! The cut token is only used when its definition guarantees this (a special token that is not
 //! normalized and strips no whitespace); otherwise the cache stays off.
 
+use crate::ascii_bpe::AsciiFastPath;
 use crate::error::PreprocessError;
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
@@ -71,6 +72,8 @@ struct SegmentCache {
 /// A Hugging Face tokenizer plus the segment cache for chat prompts.
 pub struct TextTokenizer {
     tokenizer: Tokenizer,
+    /// Present when the tokenizer's pipeline is one the ASCII fast path reproduces exactly.
+    ascii_fast_path: Option<AsciiFastPath>,
     /// Present when configured and the tokenizer allows exact cuts.
     segments: Option<SegmentCache>,
 }
@@ -79,6 +82,7 @@ impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TextTokenizer")
             .field("cut_after", &self.segments.as_ref().map(|s| &s.cut_after))
+            .field("ascii_fast_path", &self.ascii_fast_path.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -109,6 +113,7 @@ impl TextTokenizer {
             _ => None,
         };
         Ok(Self {
+            ascii_fast_path: AsciiFastPath::detect(&tokenizer),
             tokenizer,
             segments,
         })
@@ -126,6 +131,9 @@ impl TextTokenizer {
 
     /// Tokenizes `text` as is (no special tokens added), appending the ids to `out`.
     pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), PreprocessError> {
+        if let Some(fast_path) = &self.ascii_fast_path {
+            return fast_path.encode_into(&self.tokenizer, text, out);
+        }
         let encoding = self
             .tokenizer
             .encode_fast(text, false)
@@ -137,6 +145,12 @@ impl TextTokenizer {
     /// Tokenizes `text` with the tokenizer's special tokens (a BOS where the model has one),
     /// as engines tokenize plain completion prompts.
     pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>, PreprocessError> {
+        if let Some(fast_path) = &self.ascii_fast_path {
+            // The fast path applies only where the post-processor adds no token.
+            let mut ids = Vec::with_capacity(text.len() / 3);
+            fast_path.encode_into(&self.tokenizer, text, &mut ids)?;
+            return Ok(ids);
+        }
         self.tokenizer
             .encode_fast(text, true)
             .map(|encoding| encoding.get_ids().to_vec())
