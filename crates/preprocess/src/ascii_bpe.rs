@@ -14,20 +14,33 @@
 //! - the byte-level step maps each byte to one fixed character.
 //!
 //! The BPE model itself is the tokenizer's own, called on the same strings the pipeline would
-//! give it, so merges, vocabulary and its word cache are shared. A piece that is not ASCII goes
+//! give it, so merges and vocabulary are shared; the ids of each pre-token are cached (the
+//! model returns owned token strings, whose allocation costs more than looking up a word seen
+//! before: natural text repeats its words). A piece that is not ASCII goes
 //! through the full Hugging Face pipeline. [`AsciiFastPath::detect`] enables the path only for a
 //! configuration it reproduces exactly; the property tests compare it with Hugging Face's
 //! output on random text.
 
 use crate::error::PreprocessError;
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use quick_cache::sync::Cache;
 use serde_json::{json, Value};
+use smallvec::SmallVec;
 use tokenizers::{Model, Tokenizer};
 
 /// Qwen2's split pattern (one digit per piece).
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Llama 3's (and tiktoken cl100k's) split pattern: up to three digits per piece.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Pre-tokens whose ids are kept (a few MB at most). English prose uses a few thousand
+/// distinct words; code and number-heavy text more.
+const CACHED_WORDS: usize = 65_536;
+/// Longer pre-tokens (runs of spaces, long identifiers) rarely repeat: not cached.
+const MAX_CACHED_WORD_BYTES: usize = 32;
+
+/// The ids of one pre-token: almost always one or two.
+type WordIds = SmallVec<[u32; 4]>;
 
 /// Tokenizes ASCII text exactly as the wrapped Hugging Face tokenizer does, faster.
 pub(crate) struct AsciiFastPath {
@@ -37,6 +50,8 @@ pub(crate) struct AsciiFastPath {
     added_ids: Vec<u32>,
     /// Digits per piece: 1 (Qwen2) or 3 (Llama 3).
     max_digits: usize,
+    /// Ids of pre-tokens seen before, by their ASCII bytes.
+    words: Cache<Box<[u8]>, WordIds>,
 }
 
 impl AsciiFastPath {
@@ -89,6 +104,7 @@ impl AsciiFastPath {
             added_tokens,
             added_ids,
             max_digits,
+            words: Cache::new(CACHED_WORDS),
         })
     }
 
@@ -130,15 +146,20 @@ impl AsciiFastPath {
         let mut start = 0;
         while start < bytes.len() {
             let end = next_piece(bytes, start, self.max_digits);
-            word.clear();
-            word.extend(
-                bytes[start..end]
-                    .iter()
-                    .map(|&b| BYTE_LEVEL[usize::from(b)]),
-            );
-            let tokens = tokenizer.get_model().tokenize(word).map_err(model_error)?;
-            out.extend(tokens.iter().map(|token| token.id));
+            let raw = &bytes[start..end];
             start = end;
+            if let Some(ids) = self.words.get(raw) {
+                out.extend_from_slice(&ids);
+                continue;
+            }
+            word.clear();
+            word.extend(raw.iter().map(|&b| BYTE_LEVEL[usize::from(b)]));
+            let tokens = tokenizer.get_model().tokenize(word).map_err(model_error)?;
+            let ids: WordIds = tokens.iter().map(|token| token.id).collect();
+            out.extend_from_slice(&ids);
+            if raw.len() <= MAX_CACHED_WORD_BYTES {
+                self.words.insert(raw.into(), ids);
+            }
         }
         Ok(())
     }
@@ -314,8 +335,17 @@ mod tests {
             .to_vec()
     }
 
-    fn fast(tokenizer: &Tokenizer, text: &str) -> Vec<u32> {
-        let path = AsciiFastPath::detect(tokenizer).expect("the fast path applies");
+    /// Through one path per tokenizer, so its word cache fills up across cases as in service.
+    fn fast(tokenizer: &'static Tokenizer, text: &str) -> Vec<u32> {
+        static PATHS: OnceLock<[AsciiFastPath; 2]> = OnceLock::new();
+        let paths = PATHS.get_or_init(|| {
+            [qwen(), qwen_with_llama3_split()].map(|t| AsciiFastPath::detect(t).expect("applies"))
+        });
+        let path = if std::ptr::eq(tokenizer, qwen()) {
+            &paths[0]
+        } else {
+            &paths[1]
+        };
         let mut ids = Vec::new();
         path.encode_into(tokenizer, text, &mut ids).unwrap();
         ids
