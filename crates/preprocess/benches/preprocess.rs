@@ -1,6 +1,6 @@
 //! Preprocessing cost: a 2k-token chat with one photo, the 10th turn of a growing
 //! conversation with and without the segment cache, and tokenization alone through Hugging
-//! Face's pipeline and through the ASCII fast path that `TextTokenizer` uses.
+//! Face's pipeline and through the fast path that `TextTokenizer` uses.
 //!
 //! ```text
 //! cargo bench -p kvroute-preprocess
@@ -53,6 +53,13 @@ reveal it early. The document describes routing by prefix overlap, eviction by l
 use, event streams that report stored and removed blocks, and a gateway that forwards each \
 request to the server expected to hold the longest cached prefix. Keep the answer short, use \
 plain words, and say which risk you would address first and why. 1234567";
+
+/// The same paragraph in Chinese (non-ASCII text takes the normalizer and Unicode classes).
+const PARAGRAPH_ZH: &str = "你正在审阅一份分布式缓存的设计文档，该缓存位于一组语言模型服务器之前。\
+请总结该方案最重要的三个风险，解释每个风险在生产环境中可能如何出现，并提出一个能及早发现它的测量方法。\
+文档描述了按前缀重叠进行路由、按最近最少使用进行淘汰、报告已存储和已删除块的事件流，\
+以及将每个请求转发到预计持有最长缓存前缀的服务器的网关。回答要简短，用平实的语言，\
+并说明你会先处理哪个风险以及原因。";
 
 /// Roughly `tokens` tokens of English-like text, different for every `seed`.
 fn text(tokens: usize, seed: usize) -> String {
@@ -147,7 +154,12 @@ fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("tokenize");
     let tokenizer = uncached.tokenizer();
     let prompt = format!("<|im_start|>user\n{PARAGRAPH}<|im_end|>\n<|im_start|>assistant\n");
-    for (name, text) in [("paragraph", prompt), ("2k_words", text(2000, 1))] {
+    let chinese = format!("<|im_start|>user\n{}<|im_end|>\n", PARAGRAPH_ZH.repeat(4));
+    for (name, text) in [
+        ("paragraph", prompt),
+        ("2k_words", text(2000, 1)),
+        ("chinese", chinese),
+    ] {
         let mut ids = Vec::new();
         tokenizer.encode_into(&text, &mut ids).expect("tokens");
         let pipeline = tokenizer
@@ -164,7 +176,7 @@ fn bench(c: &mut Criterion) {
                     .expect("tokens")
             })
         });
-        group.bench_function(format!("{name}/ascii_fast_path"), |b| {
+        group.bench_function(format!("{name}/fast_path"), |b| {
             b.iter(|| {
                 ids.clear();
                 tokenizer

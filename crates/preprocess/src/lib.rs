@@ -30,13 +30,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-mod ascii_bpe;
 mod error;
+mod fast_path;
 mod model;
 mod preprocessor;
 mod request;
 mod template;
 mod tokenize;
+mod unicode_classes;
 
 pub use error::PreprocessError;
 pub use model::ModelFiles;

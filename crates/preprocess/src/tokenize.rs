@@ -9,8 +9,8 @@
 //! The cut token is only used when its definition guarantees this (a special token that is not
 //! normalized and strips no whitespace); otherwise the cache stays off.
 
-use crate::ascii_bpe::AsciiFastPath;
 use crate::error::PreprocessError;
+use crate::fast_path::FastPath;
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,7 +73,7 @@ struct SegmentCache {
 pub struct TextTokenizer {
     tokenizer: Tokenizer,
     /// Present when the tokenizer's pipeline is one the ASCII fast path reproduces exactly.
-    ascii_fast_path: Option<AsciiFastPath>,
+    fast_path: Option<FastPath>,
     /// Present when configured and the tokenizer allows exact cuts.
     segments: Option<SegmentCache>,
 }
@@ -82,7 +82,7 @@ impl std::fmt::Debug for TextTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TextTokenizer")
             .field("cut_after", &self.segments.as_ref().map(|s| &s.cut_after))
-            .field("ascii_fast_path", &self.ascii_fast_path.is_some())
+            .field("fast_path", &self.fast_path.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -113,7 +113,7 @@ impl TextTokenizer {
             _ => None,
         };
         Ok(Self {
-            ascii_fast_path: AsciiFastPath::detect(&tokenizer),
+            fast_path: FastPath::detect(&tokenizer),
             tokenizer,
             segments,
         })
@@ -131,7 +131,7 @@ impl TextTokenizer {
 
     /// Tokenizes `text` as is (no special tokens added), appending the ids to `out`.
     pub fn encode_into(&self, text: &str, out: &mut Vec<u32>) -> Result<(), PreprocessError> {
-        if let Some(fast_path) = &self.ascii_fast_path {
+        if let Some(fast_path) = &self.fast_path {
             return fast_path.encode_into(&self.tokenizer, text, out);
         }
         let encoding = self
@@ -145,7 +145,7 @@ impl TextTokenizer {
     /// Tokenizes `text` with the tokenizer's special tokens (a BOS where the model has one),
     /// as engines tokenize plain completion prompts.
     pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>, PreprocessError> {
-        if let Some(fast_path) = &self.ascii_fast_path {
+        if let Some(fast_path) = &self.fast_path {
             // The fast path applies only where the post-processor adds no token.
             let mut ids = Vec::with_capacity(text.len() / 3);
             fast_path.encode_into(&self.tokenizer, text, &mut ids)?;
