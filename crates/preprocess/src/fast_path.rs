@@ -230,21 +230,14 @@ const BYTE_LEVEL: [char; 256] = {
 /// The end of the run of characters of `in_run` classes that starts at `from`, stopping after
 /// `max_chars` of them.
 fn run_end(text: &str, from: usize, in_run: fn(CharClass) -> bool, max_chars: usize) -> usize {
-    text[from..]
-        .char_indices()
-        .take(max_chars)
-        .find(|&(_, c)| !in_run(class(c)))
-        .map_or_else(
-            || {
-                text[from..]
-                    .chars()
-                    .take(max_chars)
-                    .map(char::len_utf8)
-                    .sum::<usize>()
-                    + from
-            },
-            |(length, _)| from + length,
-        )
+    let mut end = from;
+    for c in text[from..].chars().take(max_chars) {
+        if !in_run(class(c)) {
+            break;
+        }
+        end += c.len_utf8();
+    }
+    end
 }
 
 /// `c` as the case-insensitive contractions compare it: ASCII case and the long s (U+017F),
