@@ -16,6 +16,7 @@
 #   TPUT_REQUESTS    measured requests per target, throughput scenarios (default 6000; image: a quarter)
 #   MAX_TOKENS       max_tokens of every request (default 4)
 #   OUT              also write the tables to this file
+#   ONLY             run only the scenarios whose title matches this bash regex (e.g. 'text')
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -127,6 +128,7 @@ cpu_seconds() { awk -v tck="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / t
 scenario() {
   local title="$1" requests="$2" warmup="$3"
   shift 3
+  if [ -n "${ONLY:-}" ] && ! [[ "$title" =~ $ONLY ]]; then return 0; fi
   echo "#### $title"
   echo
   local kv0 sg0
