@@ -131,6 +131,7 @@ pub async fn run(args: ServeArgs, metrics: kvroute_gateway::MetricsRender) -> Re
             changes,
             registry.clone(),
             index.clone(),
+            ingestor.as_ref().map(|ingestor| ingestor.control()),
             args.model.block_size,
         ));
         println!(

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::error::TryRecvError;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 /// How an [`Ingestor`] behaves.
@@ -204,6 +204,17 @@ impl Ingest {
         true
     }
 
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Forget(worker_id) => {
+                tracing::info!(%worker_id, "forgetting a worker that left");
+                self.sequencer.forget(worker_id);
+                self.index.remove_worker(worker_id);
+                self.counters.inc(Counter::workers_forgotten);
+            }
+        }
+    }
+
     fn malformed(&mut self, kind: MalformedKind, detail: &str) {
         self.counters.inc(Counter::malformed);
         if self.logged.insert(kind) {
@@ -235,6 +246,7 @@ impl Ingest {
 #[derive(Debug)]
 pub struct Ingestor {
     counters: Arc<Counters>,
+    control: IngestControl,
     ready: watch::Receiver<bool>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), IngestError>>>,
@@ -247,6 +259,7 @@ impl Ingestor {
         let counters = Arc::new(Counters::default());
         let (ready_tx, ready) = watch::channel(false);
         let (stop, stop_rx) = oneshot::channel();
+        let (commands, commands_rx) = mpsc::unbounded_channel();
         let ingest = Ingest {
             index,
             sequencer: Sequencer::default(),
@@ -254,13 +267,20 @@ impl Ingestor {
             logged: HashSet::new(),
             config,
         };
-        let task = tokio::spawn(run(source.into(), ingest, ready_tx, stop_rx));
+        let task = tokio::spawn(run(source.into(), ingest, ready_tx, stop_rx, commands_rx));
         Self {
             counters,
+            control: IngestControl { commands },
             ready,
             stop: Some(stop),
             task: Some(task),
         }
+    }
+
+    /// A handle that changes what the task knows about workers, for the code that follows
+    /// the fleet's membership.
+    pub fn control(&self) -> IngestControl {
+        self.control.clone()
     }
 
     /// The counters so far.
@@ -300,6 +320,31 @@ impl Ingestor {
     }
 }
 
+/// Changes what a running [`Ingestor`] knows about workers; cheap to clone. Commands are
+/// applied by the ingestion task between two messages, so they take their place in the
+/// stream's order; a command sent after the task ended does nothing.
+#[derive(Clone, Debug)]
+pub struct IngestControl {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+#[derive(Debug)]
+enum Command {
+    Forget(WorkerId),
+}
+
+impl IngestControl {
+    /// For a worker that left the fleet: drops its entries from the index and everything known
+    /// about the order of its events. If it comes back without restarting (a partition, an
+    /// expired heartbeat), its next event is not the start of a cache, so it is asked for its
+    /// full state (counted in `resyncs_requested`) instead of being applied to an index that no
+    /// longer holds what came before; a restarted worker starts a new cache anyway.
+    pub fn forget_worker(&self, worker_id: WorkerId) {
+        // An error means the task ended: there is nothing left to forget.
+        let _ = self.commands.send(Command::Forget(worker_id));
+    }
+}
+
 impl Drop for Ingestor {
     fn drop(&mut self) {
         if let Some(task) = &self.task {
@@ -313,6 +358,7 @@ async fn run(
     mut ingest: Ingest,
     ready: watch::Sender<bool>,
     mut stop: oneshot::Receiver<()>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
 ) -> Result<(), IngestError> {
     source.start(&mut ingest).await;
     // Timers are looked at between items, never by interrupting the source (which may be
@@ -325,6 +371,9 @@ async fn run(
             item = source.next(&ingest) => {
                 if !ingest.handle(&mut source, item, &ready).await {
                     break;
+                }
+                while let Ok(command) = commands.try_recv() {
+                    ingest.command(command);
                 }
             }
         }

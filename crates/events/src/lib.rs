@@ -107,7 +107,7 @@ pub use dynamo::{
     decode_dynamo_envelope, dynamo_event_subject, encode_dynamo_envelope, DynamoEnvelope,
     DynamoSource, DynamoWireError, MsgpackError,
 };
-pub use ingest::{EventSource, IngestConfig, Ingestor};
+pub use ingest::{EventSource, IngestConfig, IngestControl, Ingestor};
 pub use nats::{
     connect, ensure_bucket, ensure_stream, subject_token, watch_members, LeftReason,
     MembershipChange, MembershipSettings, NatsError, NatsPublishConfig, NatsPublisher, NatsSource,

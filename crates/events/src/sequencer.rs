@@ -173,6 +173,11 @@ impl Sequencer {
         requests
     }
 
+    /// Drops everything known about `worker_id`: its next event is judged as a first one.
+    pub(crate) fn forget(&mut self, worker_id: WorkerId) {
+        self.workers.remove(&worker_id);
+    }
+
     fn start_resync(
         ranks: &mut BTreeMap<DpRank, RankState>,
         worker_id: WorkerId,

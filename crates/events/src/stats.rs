@@ -73,6 +73,9 @@ counters! {
     resyncs_completed => "kvroute_events_resyncs_completed_total",
     /// Events the index skipped wholly or partly (unknown parent, unknown removed blocks).
     index_skips => "kvroute_events_index_skips_total",
+    /// Workers forgotten because they left the fleet (`IngestControl::forget_worker`): their
+    /// entries were dropped.
+    workers_forgotten => "kvroute_events_workers_forgotten_total",
     /// Messages that could not be decoded or were inconsistent; skipped.
     malformed => "kvroute_events_malformed_total",
     /// Snapshots written to the object store.

@@ -77,6 +77,37 @@ async fn an_injected_gap_is_healed_by_a_full_state_resend() {
 }
 
 #[tokio::test]
+async fn a_forgotten_worker_that_comes_back_is_asked_for_its_full_state() {
+    let index = new_index();
+    let (bus, source) = in_process_bus(64);
+    let config = IngestConfig::default().with_resync_retry(Duration::from_millis(200));
+    let ingestor = Ingestor::spawn(source, index.clone(), config);
+    let publisher = bus.publisher(PublisherConfig::new(WorkerId(4)).with_incarnation(1));
+    let mut worker = SimWorker::new(WorkerId(4), 3);
+    worker.run(&publisher, 300, 8).await;
+    converge(&index, std::slice::from_ref(&worker), 10).await;
+
+    // Its registration expired (say, a partition): the membership follower forgets it.
+    ingestor.control().forget_worker(WorkerId(4));
+    // Commands are applied between messages: one more batch lets the task see it.
+    worker.run(&publisher, 1, 8).await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while ingestor.stats().workers_forgotten == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the task forgets the worker");
+    // Back with the same cache: its next events are no start of a cache, so instead of
+    // building on an index that lost what came before, it is asked for its full state.
+    worker.run(&publisher, 100, 8).await;
+    converge(&index, std::slice::from_ref(&worker), 10).await;
+    let stats = ingestor.stats();
+    assert!(stats.resyncs_requested >= 1, "{stats:?}");
+    assert_eq!(stats.resyncs_completed, 1, "{stats:?}");
+}
+
+#[tokio::test]
 async fn a_restarted_worker_replaces_its_old_entries_and_stale_events_are_ignored() {
     let index = new_index();
     let (bus, source) = in_process_bus(64);

@@ -1,14 +1,18 @@
 //! Keeping the worker registry in step with the workers that register themselves.
 
 use kvroute_dispatch::{Registry, Worker};
-use kvroute_events::MembershipChange;
+use kvroute_events::{IngestControl, MembershipChange};
 use kvroute_index::SharedIndex;
 use metrics::counter;
 use tokio::sync::mpsc;
 
 /// Applies registration changes until `changes` ends: a worker that joins is added to
 /// `registry` (or updated when its URL changed), one that leaves is removed from it and its
-/// blocks from `index` (nobody will serve them). A worker announcing another block size than
+/// blocks from `index` (nobody will serve them). When `index` is kept by KV events, pass the
+/// ingestor's [`IngestControl`] as `ingest`: the blocks are then dropped by the ingestor, in
+/// the stream's order, which also forgets the worker's event order, so that a worker coming
+/// back with its cache (after a partition) is asked for its full state rather than having its
+/// next events applied on top of nothing. A worker announcing another block size than
 /// `block_size`, or an unusable URL, is refused: its blocks could never match the router's.
 ///
 /// `changes` usually comes from [`kvroute_events::watch_members`].
@@ -29,7 +33,7 @@ use tokio::sync::mpsc;
 ///     WorkerRecord::new(WorkerId(2), "http://10.0.0.2:8000").with_block_size(16),
 /// )).await.unwrap();
 /// drop(tx);
-/// kvroute_gateway::follow_membership(rx, registry.clone(), index, 32).await;
+/// kvroute_gateway::follow_membership(rx, registry.clone(), index, None, 32).await;
 /// assert_eq!(registry.len(), 1); // worker 2 hashes 16-token blocks: refused
 /// # }
 /// ```
@@ -37,6 +41,7 @@ pub async fn follow_membership(
     mut changes: mpsc::Receiver<MembershipChange>,
     registry: Registry,
     index: SharedIndex,
+    ingest: Option<IngestControl>,
     block_size: u32,
 ) {
     while let Some(change) = changes.recv().await {
@@ -68,7 +73,10 @@ pub async fn follow_membership(
             MembershipChange::Left { worker_id, reason } => {
                 tracing::info!(worker = %worker_id, ?reason, "worker left");
                 registry.remove(worker_id);
-                index.remove_worker(worker_id);
+                match &ingest {
+                    Some(ingest) => ingest.forget_worker(worker_id),
+                    None => index.remove_worker(worker_id),
+                }
             }
             _ => {}
         }
