@@ -150,13 +150,7 @@ struct Bodies {
 }
 
 /// One paragraph of ordinary English (the request number is appended).
-const PROMPT: &str = "You are reviewing a design document for a distributed cache that sits in \
-front of a fleet of language model servers. Summarize the three most important risks of the \
-proposal, explain how each could show up in production, and suggest one measurement that would \
-reveal it early. The document describes routing by prefix overlap, eviction by least recent \
-use, event streams that report stored and removed blocks, and a gateway that forwards each \
-request to the server expected to hold the longest cached prefix. Keep the answer short, use \
-plain words, and say which risk you would address first and why.";
+const PROMPT: &str = include_str!("../../../tests/fixtures/text/paragraph_en.txt");
 
 /// A number for this run: the clock's nanoseconds, below 10^10.
 fn run_id() -> u64 {

@@ -45,21 +45,11 @@ const WORDS: &[&str] = &[
     "vision",
 ];
 
-/// One paragraph of ordinary English, as `loadgen` sends it (150 tokens).
-const PARAGRAPH: &str = "You are reviewing a design document for a distributed cache that sits in \
-front of a fleet of language model servers. Summarize the three most important risks of the \
-proposal, explain how each could show up in production, and suggest one measurement that would \
-reveal it early. The document describes routing by prefix overlap, eviction by least recent \
-use, event streams that report stored and removed blocks, and a gateway that forwards each \
-request to the server expected to hold the longest cached prefix. Keep the answer short, use \
-plain words, and say which risk you would address first and why. 1234567";
+/// One paragraph of ordinary English, as `loadgen` sends it (before its request number).
+const PARAGRAPH: &str = include_str!("../../../tests/fixtures/text/paragraph_en.txt");
 
 /// The same paragraph in Chinese (non-ASCII text takes the normalizer and Unicode classes).
-const PARAGRAPH_ZH: &str = "你正在审阅一份分布式缓存的设计文档，该缓存位于一组语言模型服务器之前。\
-请总结该方案最重要的三个风险，解释每个风险在生产环境中可能如何出现，并提出一个能及早发现它的测量方法。\
-文档描述了按前缀重叠进行路由、按最近最少使用进行淘汰、报告已存储和已删除块的事件流，\
-以及将每个请求转发到预计持有最长缓存前缀的服务器的网关。回答要简短，用平实的语言，\
-并说明你会先处理哪个风险以及原因。";
+const PARAGRAPH_ZH: &str = include_str!("../../../tests/fixtures/text/paragraph_zh.txt");
 
 /// Roughly `tokens` tokens of English-like text, different for every `seed`.
 fn text(tokens: usize, seed: usize) -> String {
@@ -153,7 +143,8 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("tokenize");
     let tokenizer = uncached.tokenizer();
-    let prompt = format!("<|im_start|>user\n{PARAGRAPH}<|im_end|>\n<|im_start|>assistant\n");
+    let prompt =
+        format!("<|im_start|>user\n{PARAGRAPH} 1234567<|im_end|>\n<|im_start|>assistant\n");
     let chinese = format!("<|im_start|>user\n{}<|im_end|>\n", PARAGRAPH_ZH.repeat(4));
     for (name, text) in [
         ("paragraph", prompt),
