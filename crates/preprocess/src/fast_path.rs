@@ -28,6 +28,7 @@ use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
 use quick_cache::sync::Cache;
 use serde_json::{json, Value};
 use smallvec::SmallVec;
+use tokenizers::models::ModelWrapper;
 use tokenizers::{Model, NormalizedString, Normalizer, Tokenizer};
 
 /// Qwen2's split pattern (one digit per piece).
@@ -79,7 +80,13 @@ impl FastPath {
                 serde_json::to_value(processor).ok()?.get("type")? == &json!("ByteLevel")
             }
         };
+        // The word cache assumes a word always gets the same ids: no BPE dropout.
+        let deterministic_bpe = matches!(
+            tokenizer.get_model(),
+            ModelWrapper::BPE(bpe) if bpe.dropout.is_none_or(|p| p == 0.0)
+        );
         if !ascii_invariant_normalizer
+            || !deterministic_bpe
             || !ids_only_post_processor
             || tokenizer.get_truncation().is_some()
             || tokenizer.get_padding().is_some()
@@ -434,6 +441,14 @@ mod tests {
         let other = Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap();
         assert!(FastPath::detect(&other).is_none());
         config["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = json!(QWEN2_PATTERN);
+        config["model"]["dropout"] = json!(0.1);
+        let dropping = Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap();
+        assert!(FastPath::detect(&dropping).is_none());
+        config["model"]["dropout"] = json!(null);
+        assert!(FastPath::detect(
+            &Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap()
+        )
+        .is_some());
         config["normalizer"] = json!({"type": "Lowercase"});
         let lowercasing = Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap();
         assert!(FastPath::detect(&lowercasing).is_none());
