@@ -3,74 +3,48 @@
 //! the same identity.
 
 use bytes::Bytes;
-use kvroute_preprocess::{ChatRequest, ImagePart, Prompt, PromptImage};
-use serde::de::IgnoredAny;
-use serde::Deserialize;
-use serde_json::value::RawValue;
-use std::collections::HashMap;
+use kvroute_preprocess::{ChatRequest, Prompt};
 
-/// `body` as the engine should get it. The uuids are spliced into the client's bytes (a body
-/// of several MB of base64 is not parsed into values and written again); a body whose image
-/// parts cannot be located that way (escaped keys, a `uuid` key already there) is re-serialized
-/// from the parsed request instead.
-pub(crate) fn with_image_uuids(body: &Bytes, chat: &ChatRequest, prompt: &Prompt) -> Bytes {
+/// `body` (the bytes `chat` was parsed from) as the engine should get it. The uuids are
+/// spliced into the client's bytes at the places the parse noted (a body of several MB of
+/// base64 is not parsed again nor written again); a body where a part cannot be placed that
+/// way (an escaped first key, a `uuid` member already there) is re-serialized instead.
+pub(crate) fn with_image_uuids(body: &Bytes, chat: &ChatRequest<'_>, prompt: &Prompt) -> Bytes {
     if prompt.images.is_empty() {
         return body.clone();
     }
-    splice(body, &chat.images, &prompt.images).unwrap_or_else(|| reserialize(chat, prompt))
+    splice(chat, prompt).unwrap_or_else(|| reserialize(chat, prompt))
 }
 
-#[derive(Deserialize)]
-struct Body<'a> {
-    #[serde(borrow)]
-    messages: Vec<Message<'a>>,
-}
-
-#[derive(Deserialize)]
-struct Message<'a> {
-    #[serde(borrow, default)]
-    content: Option<&'a RawValue>,
-}
-
-fn splice(original: &[u8], parts: &[ImagePart], images: &[PromptImage]) -> Option<Bytes> {
-    let body: Body = serde_json::from_slice(original).ok()?;
-    let mut inserts: Vec<(usize, &str)> = Vec::with_capacity(parts.len());
-    for (part, image) in parts.iter().zip(images) {
+fn splice(chat: &ChatRequest<'_>, prompt: &Prompt) -> Option<Bytes> {
+    let original = chat.body.as_bytes();
+    let mut inserts: Vec<(usize, &str)> = Vec::with_capacity(chat.images.len());
+    for (part, image) in chat.images.iter().zip(&prompt.images) {
         // The client named the image: the engine already gets that uuid.
         if part.uuid.is_some() {
             continue;
         }
-        let content = body.messages.get(part.message)?.content?;
-        let items: Vec<&RawValue> = serde_json::from_str(content.get()).ok()?;
-        let raw = items.get(part.part)?.get();
-        let keys: HashMap<&str, IgnoredAny> = serde_json::from_str(raw).ok()?;
-        if keys.contains_key("uuid") {
-            return None;
-        }
-        // The raw values borrow from `original`: their address gives the position.
-        let start = (raw.as_ptr() as usize).checked_sub(original.as_ptr() as usize)?;
-        if original.get(start) != Some(&b'{') {
-            return None;
-        }
-        inserts.push((start + 1, image.forward_uuid.as_str()));
+        inserts.push((part.insert_at?, image.forward_uuid.as_str()));
     }
     inserts.sort_unstable_by_key(|(at, _)| *at);
     let extra: usize = inserts.iter().map(|(_, uuid)| uuid.len() + 10).sum();
     let mut out = Vec::with_capacity(original.len() + extra);
     let mut from = 0;
     for (at, uuid) in inserts {
-        out.extend_from_slice(&original[from..at]);
+        out.extend_from_slice(original.get(from..at)?);
         out.extend_from_slice(b"\"uuid\":");
         serde_json::to_writer(&mut out, uuid).ok()?;
         out.push(b',');
         from = at;
     }
-    out.extend_from_slice(&original[from..]);
+    out.extend_from_slice(original.get(from..)?);
     Some(Bytes::from(out))
 }
 
-fn reserialize(chat: &ChatRequest, prompt: &Prompt) -> Bytes {
-    let mut body = chat.body.clone();
+fn reserialize(chat: &ChatRequest<'_>, prompt: &Prompt) -> Bytes {
+    let Ok(mut body) = serde_json::from_str::<serde_json::Value>(chat.body) else {
+        return Bytes::copy_from_slice(chat.body.as_bytes());
+    };
     for (part, image) in chat.images.iter().zip(&prompt.images) {
         let slot = body
             .get_mut("messages")
@@ -142,8 +116,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_body_the_splice_cannot_place_is_reserialized() {
-        // An escaped key: the splice cannot borrow it and falls back, with the same result.
+    async fn an_escaped_key_after_the_first_is_still_spliced() {
         let body = format!(
             r#"{{"model": "m", "messages": [{{"role": "user", "content": [{}]}}], "\u0074emperature": 0}}"#,
             image(r#", "\u0064etail": "low""#)
@@ -157,5 +130,35 @@ mod tests {
                 .len(),
             64
         );
+    }
+
+    #[tokio::test]
+    async fn a_part_the_splice_cannot_place_is_reserialized() {
+        for part in [
+            // An escaped first key: its position in the body is unknown.
+            format!(
+                r#"{{"\u0074ype": "image_url", "image_url": {{"url": "data:image/png;base64,{PNG}"}}}}"#
+            ),
+            // A null uuid: a second `uuid` key would duplicate it.
+            image(r#", "uuid": null"#),
+        ] {
+            let body = format!(
+                r#"{{"model": "m", "messages": [{{"role": "user", "content": [{}, {part}]}}]}}"#,
+                image("")
+            );
+            let preprocessor = Preprocessor::new(
+                &ModelFiles::bundled_qwen2_vl().unwrap(),
+                PreprocessConfig::default(),
+            )
+            .unwrap();
+            let chat = ChatRequest::from_json(body.as_bytes()).unwrap();
+            let prompt = preprocessor.chat(&chat).await.unwrap();
+            assert!(splice(&chat, &prompt).is_none(), "{part}");
+            let (forwarded, reference) = forwarded(&body).await;
+            assert_eq!(forwarded, reference);
+            let parts = &forwarded["messages"][0]["content"];
+            assert_eq!(parts[0]["uuid"], parts[1]["uuid"], "{part}");
+            assert_eq!(parts[1]["uuid"].as_str().unwrap().len(), 64, "{part}");
+        }
     }
 }

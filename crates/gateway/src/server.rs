@@ -6,7 +6,7 @@ use crate::serve::serve_http;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use kvroute_blockhash::BlockHasher;
 use kvroute_dispatch::{
     decide, CostConfig, Decision, Eligible, ForwardConfig, ForwardError, Forwarder, Registry,
@@ -223,7 +223,10 @@ impl Gateway {
     ) -> Result<(HeaderMap, Bytes), Response<GatewayBody>> {
         let limit = self.inner.config.max_body_bytes;
         let (parts, mut body) = request.into_parts();
-        let mut buffer = Vec::new();
+        // Sized once from Content-Length (within the limit): growing by doubling would copy
+        // a large body about once more.
+        let expected = usize::try_from(body.size_hint().lower()).unwrap_or(usize::MAX);
+        let mut buffer = Vec::with_capacity(expected.min(limit));
         let mut total = 0usize;
         while let Some(frame) = body.frame().await {
             let frame = match frame {

@@ -273,8 +273,7 @@ impl SimWorker {
         let (prompt, stream, max_tokens, include_usage) = if chat {
             let request = ChatRequest::from_json(&body).map_err(bad)?;
             let include_usage = request
-                .body
-                .get("stream_options")
+                .field("stream_options")
                 .and_then(|o| o.get("include_usage"))
                 .and_then(serde_json::Value::as_bool)
                 .unwrap_or(false);

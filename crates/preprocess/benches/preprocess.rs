@@ -9,11 +9,11 @@
 #![allow(missing_docs, clippy::expect_used)] // bench harness over fixed inputs
 
 use base64::Engine;
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion};
 use kvroute_preprocess::{ChatRequest, ModelFiles, PreprocessConfig, Preprocessor};
 use serde_json::{json, Value};
 use std::hint::black_box;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const WORDS: &[&str] = &[
     "the",
@@ -116,27 +116,33 @@ fn bench(c: &mut Criterion) {
 
     // Warm the cache with turns 1..=9, as a live conversation would have.
     for turn in 1..10 {
-        let request = ChatRequest::from_json(&conversation(turn, 0)).expect("request");
+        let body = conversation(turn, 0);
+        let request = ChatRequest::from_json(&body).expect("request");
         runtime.block_on(cached.chat(&request)).expect("prompt");
     }
-    let tenth = ChatRequest::from_json(&conversation(10, 0)).expect("request");
+    let tenth = conversation(10, 0);
+    let tenth = ChatRequest::from_json(&tenth).expect("request");
     let prompt = runtime.block_on(uncached.chat(&tenth)).expect("prompt");
     eprintln!("tenth_turn: {} tokens", prompt.tokens.len());
     let mut unique = 0;
     for (name, preprocessor) in [("segment_cache", &cached), ("no_cache", &uncached)] {
         group.bench_function(format!("tenth_turn/{name}"), |b| {
-            b.iter_batched(
-                || {
+            // Only `chat` is timed: each request is new (built and parsed untimed).
+            b.iter_custom(|iters| {
+                let mut timed = Duration::ZERO;
+                for _ in 0..iters {
                     unique += 1;
-                    ChatRequest::from_json(&conversation(10, unique)).expect("request")
-                },
-                |request| {
-                    runtime
+                    let body = conversation(10, unique);
+                    let request = ChatRequest::from_json(&body).expect("request");
+                    let started = Instant::now();
+                    let prompt = runtime
                         .block_on(preprocessor.chat(&request))
-                        .expect("prompt")
-                },
-                BatchSize::SmallInput,
-            )
+                        .expect("prompt");
+                    timed += started.elapsed();
+                    black_box(prompt);
+                }
+                timed
+            })
         });
     }
     group.finish();

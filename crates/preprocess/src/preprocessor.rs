@@ -121,7 +121,7 @@ impl Preprocessor {
     }
 
     /// Renders, tokenizes and expands a chat request.
-    pub async fn chat(&self, request: &ChatRequest) -> Result<Prompt, PreprocessError> {
+    pub async fn chat(&self, request: &ChatRequest<'_>) -> Result<Prompt, PreprocessError> {
         let text = self.template.render(
             &request.template_messages,
             request.add_generation_prompt,
@@ -167,7 +167,7 @@ impl Preprocessor {
     async fn expand_images(
         &self,
         tokens: Vec<u32>,
-        parts: &[ImagePart],
+        parts: &[ImagePart<'_>],
     ) -> Result<Prompt, PreprocessError> {
         let (Some(vision), Some(placeholder)) = (&self.vision, &self.placeholder) else {
             return Err(PreprocessError::InvalidRequest {

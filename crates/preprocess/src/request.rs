@@ -1,8 +1,12 @@
 //! OpenAI request bodies: validated views over the client's JSON, which is kept whole for
-//! forwarding.
+//! forwarding. A chat request borrows its image URLs from the body.
+
+mod shape;
 
 use crate::error::PreprocessError;
 use serde_json::{Map, Value};
+use shape::{RawBody, RawContent, RawImageUrl, RawMessage, RawMessages, RawPart};
+use std::borrow::Cow;
 
 /// A role in a chat conversation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,33 +43,40 @@ impl Role {
 /// One image part of a message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
-pub struct ImagePart {
+pub struct ImagePart<'a> {
     /// Index of the message that holds the image.
     pub message: usize,
     /// Index of the part within the message content.
     pub part: usize,
-    /// `data:` URL or http(s) URL.
-    pub url: String,
+    /// `data:` URL or http(s) URL, borrowed from the body unless it holds a JSON escape.
+    pub url: Cow<'a, str>,
     /// The client's own identity for the image (vLLM's `uuid` on the part), if any.
     pub uuid: Option<String>,
+    /// Where a member can be added to the part's object in [`ChatRequest::body`]: the byte
+    /// offset of the opening quote of the object's first key, so that inserting
+    /// `"uuid":"…",` there keeps the body valid JSON. `None` when that key holds an escape
+    /// (its position is unknown) or when the part already has a `uuid` member (a `null` one:
+    /// a second would duplicate the key).
+    pub insert_at: Option<usize>,
 }
 
-impl ImagePart {
+impl ImagePart<'_> {
     /// The JSON path of the part, for error messages (`messages[1].content[0]`).
     pub fn param(&self) -> String {
         format!("messages[{}].content[{}]", self.message, self.part)
     }
 }
 
-/// A validated chat completion request.
+/// A validated chat completion request, borrowing from the body it was parsed from.
 ///
-/// The whole body is kept (`body`) so the gateway forwards every field it does not interpret,
-/// unchanged; the typed fields are what routing needs.
+/// The body is parsed once: the large strings in it (base64 image URLs) are borrowed, not
+/// copied; the typed fields are what routing needs, and the body itself is kept (`body`) so
+/// that the gateway forwards every field it does not interpret, unchanged.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
-pub struct ChatRequest {
+pub struct ChatRequest<'a> {
     /// The request body as received.
-    pub body: Map<String, Value>,
+    pub body: &'a str,
     /// `model`.
     pub model: String,
     /// `stream`.
@@ -73,17 +84,20 @@ pub struct ChatRequest {
     /// `max_completion_tokens`, or the older `max_tokens`.
     pub max_tokens: Option<u64>,
     /// Every image part, in conversation order.
-    pub images: Vec<ImagePart>,
+    pub images: Vec<ImagePart<'a>>,
     /// The messages as the chat template sees them: image parts become `{"type": "image"}`
-    /// (what HF templates expect), text parts stay, other keys pass through.
+    /// (what HF templates expect), text parts stay, other keys pass through (but for an
+    /// `image_url` member on a part that is not an image).
     pub template_messages: Vec<Value>,
     /// `add_generation_prompt` (a vLLM extension; default true).
     pub add_generation_prompt: bool,
     /// `chat_template_kwargs` (a vLLM extension), e.g. `{"add_vision_id": true}`.
     pub template_kwargs: Map<String, Value>,
+    /// Every top-level member but `messages`.
+    fields: Map<String, Value>,
 }
 
-impl ChatRequest {
+impl<'a> ChatRequest<'a> {
     /// Parses and validates a `/v1/chat/completions` body.
     ///
     /// ```
@@ -95,33 +109,43 @@ impl ChatRequest {
     /// let request = ChatRequest::from_json(body)?;
     /// assert_eq!(request.images.len(), 1);
     /// assert_eq!(request.images[0].param(), "messages[0].content[1]");
+    /// assert_eq!(request.images[0].url, "data:image/png;base64,AAAA");
     /// # Ok::<(), kvroute_preprocess::PreprocessError>(())
     /// ```
-    pub fn from_json(bytes: &[u8]) -> Result<Self, PreprocessError> {
-        let body = parse_object(bytes)?;
-        let model = required_str(&body, "model")?.to_owned();
-        let stream = optional_bool(&body, "stream")?.unwrap_or(false);
-        let max_tokens = match optional_u64(&body, "max_completion_tokens")? {
-            Some(n) => Some(n),
-            None => optional_u64(&body, "max_tokens")?,
+    pub fn from_json(bytes: &'a [u8]) -> Result<Self, PreprocessError> {
+        // One UTF-8 check of the whole body, then a parse that checks no string again.
+        let body = std::str::from_utf8(bytes).map_err(|error| not_json(&error))?;
+        let (fields, messages) = match serde_json::from_str(body) {
+            Ok(RawBody::Object { fields, messages }) => (fields, messages),
+            Ok(RawBody::Other) => return Err(not_an_object()),
+            Err(error) => return Err(not_json(&error)),
         };
-        let add_generation_prompt = optional_bool(&body, "add_generation_prompt")?.unwrap_or(true);
-        let template_kwargs = match body.get("chat_template_kwargs") {
+        let model = required_str(&fields, "model")?.to_owned();
+        let stream = optional_bool(&fields, "stream")?.unwrap_or(false);
+        let max_tokens = match optional_u64(&fields, "max_completion_tokens")? {
+            Some(n) => Some(n),
+            None => optional_u64(&fields, "max_tokens")?,
+        };
+        let add_generation_prompt =
+            optional_bool(&fields, "add_generation_prompt")?.unwrap_or(true);
+        let template_kwargs = match fields.get("chat_template_kwargs") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(kwargs)) => kwargs.clone(),
             Some(_) => return Err(invalid("must be an object", "chat_template_kwargs")),
         };
 
-        let messages = match body.get("messages") {
-            Some(Value::Array(messages)) if !messages.is_empty() => messages,
-            Some(Value::Array(_)) => return Err(invalid("must not be empty", "messages")),
-            Some(_) => return Err(invalid("must be an array of messages", "messages")),
+        let messages = match messages {
+            Some(RawMessages::Array(messages)) if !messages.is_empty() => messages,
+            Some(RawMessages::Array(_)) => return Err(invalid("must not be empty", "messages")),
+            Some(RawMessages::Other) => {
+                return Err(invalid("must be an array of messages", "messages"))
+            }
             None => return Err(invalid("is required", "messages")),
         };
         let mut images = Vec::new();
         let mut template_messages = Vec::with_capacity(messages.len());
-        for (index, message) in messages.iter().enumerate() {
-            template_messages.push(template_message(index, message, &mut images)?);
+        for (index, message) in messages.into_iter().enumerate() {
+            template_messages.push(template_message(body, index, message, &mut images)?);
         }
         Ok(Self {
             body,
@@ -132,20 +156,44 @@ impl ChatRequest {
             template_messages,
             add_generation_prompt,
             template_kwargs,
+            fields,
         })
+    }
+
+    /// A top-level member of the body other than `messages` (those are in
+    /// [`template_messages`](Self::template_messages) and [`images`](Self::images)).
+    ///
+    /// ```
+    /// use kvroute_preprocess::ChatRequest;
+    ///
+    /// let request = ChatRequest::from_json(
+    ///     br#"{"model": "m", "stream_options": {"include_usage": true},
+    ///          "messages": [{"role": "user", "content": "hi"}]}"#,
+    /// )?;
+    /// assert_eq!(request.field("stream_options").unwrap()["include_usage"], true);
+    /// assert_eq!(request.field("temperature"), None);
+    /// # Ok::<(), kvroute_preprocess::PreprocessError>(())
+    /// ```
+    pub fn field(&self, key: &str) -> Option<&Value> {
+        self.fields.get(key)
     }
 }
 
-fn template_message(
+fn template_message<'a>(
+    body: &'a str,
     index: usize,
-    message: &Value,
-    images: &mut Vec<ImagePart>,
+    message: RawMessage<'a>,
+    images: &mut Vec<ImagePart<'a>>,
 ) -> Result<Value, PreprocessError> {
     let path = format!("messages[{index}]");
-    let Value::Object(message) = message else {
+    let RawMessage::Object {
+        mut members,
+        content,
+    } = message
+    else {
         return Err(invalid("must be an object", &path));
     };
-    let role = match message.get("role") {
+    let role = match members.get("role") {
         Some(Value::String(role)) => Role::parse(role).ok_or_else(|| {
             invalid(
                 &format!("has unknown role {role:?} (expected system, developer, user, assistant, tool or function)"),
@@ -155,82 +203,80 @@ fn template_message(
         Some(_) => return Err(invalid("must be a string", &format!("{path}.role"))),
         None => return Err(invalid("is required", &format!("{path}.role"))),
     };
-    let mut template_content = match message.get("content") {
-        Some(Value::String(_)) => None,
-        None | Some(Value::Null) if role == Role::Assistant => None,
-        None | Some(Value::Null) => {
+    let content = match content {
+        Some(RawContent::Text(text)) => Value::String(text),
+        None | Some(RawContent::Null) if role == Role::Assistant => {
+            return Ok(Value::Object(members))
+        }
+        None | Some(RawContent::Null) => {
             return Err(invalid("is required", &format!("{path}.content")));
         }
-        Some(Value::Array(parts)) => {
+        Some(RawContent::Parts(parts)) => {
             let mut template_parts = Vec::with_capacity(parts.len());
-            for (part_index, part) in parts.iter().enumerate() {
+            for (part_index, part) in parts.into_iter().enumerate() {
                 let part_path = format!("{path}.content[{part_index}]");
-                template_parts.push(template_part(index, part_index, &part_path, part, images)?);
+                template_parts.push(template_part(
+                    body, index, part_index, &part_path, part, images,
+                )?);
             }
-            Some(Value::Array(template_parts))
+            Value::Array(template_parts)
         }
-        Some(_) => {
+        Some(RawContent::Other) => {
             return Err(invalid(
                 "must be a string or an array of content parts",
                 &format!("{path}.content"),
             ))
         }
     };
-    // Copy the message field by field: cloning it whole would copy every base64 image in it.
-    let out: Map<String, Value> = message
-        .iter()
-        .map(|(key, value)| {
-            let value = match key.as_str() {
-                "content" => template_content.take().unwrap_or_else(|| value.clone()),
-                _ => value.clone(),
-            };
-            (key.clone(), value)
-        })
-        .collect();
-    Ok(Value::Object(out))
+    // `content` is already a member (null until now): this keeps its place.
+    members.insert("content".to_owned(), content);
+    Ok(Value::Object(members))
 }
 
-fn template_part(
+fn template_part<'a>(
+    body: &'a str,
     message: usize,
     part_index: usize,
     path: &str,
-    part: &Value,
-    images: &mut Vec<ImagePart>,
+    part: RawPart<'a>,
+    images: &mut Vec<ImagePart<'a>>,
 ) -> Result<Value, PreprocessError> {
-    let Value::Object(part) = part else {
+    let RawPart::Object {
+        members,
+        image_url,
+        first_key,
+    } = part
+    else {
         return Err(invalid("must be an object", path));
     };
-    let kind = match part.get("type") {
+    let kind = match members.get("type") {
         Some(Value::String(kind)) => kind.as_str(),
         Some(_) => return Err(invalid("must be a string", &format!("{path}.type"))),
         None => return Err(invalid("is required", &format!("{path}.type"))),
     };
     match kind {
-        "text" => match part.get("text") {
-            Some(Value::String(_)) => Ok(Value::Object(part.clone())),
+        "text" => match members.get("text") {
+            Some(Value::String(_)) => Ok(Value::Object(members)),
             _ => Err(invalid("must be a string", &format!("{path}.text"))),
         },
         "image_url" => {
-            let url = match part.get("image_url") {
-                Some(Value::Object(image)) => match image.get("url") {
-                    Some(Value::String(url)) => url.clone(),
-                    _ => {
-                        return Err(invalid(
-                            "must be a string",
-                            &format!("{path}.image_url.url"),
-                        ))
-                    }
-                },
-                // Some clients send the URL directly.
-                Some(Value::String(url)) => url.clone(),
-                _ => {
+            let url = match image_url {
+                Some(RawImageUrl::Url(url)) => url,
+                Some(RawImageUrl::NoUrl) => {
+                    return Err(invalid(
+                        "must be a string",
+                        &format!("{path}.image_url.url"),
+                    ))
+                }
+                // Some clients send the URL directly, as a string (`Url` above).
+                Some(RawImageUrl::Other) | None => {
                     return Err(invalid(
                         "must be an object with a url",
                         &format!("{path}.image_url"),
                     ))
                 }
             };
-            let uuid = match part.get("uuid") {
+            let uuid = match members.get("uuid") {
                 None | Some(Value::Null) => None,
                 Some(Value::String(uuid)) if !uuid.is_empty() => Some(uuid.clone()),
                 Some(_) => {
@@ -240,11 +286,17 @@ fn template_part(
                     ))
                 }
             };
+            let insert_at = if members.contains_key("uuid") {
+                None
+            } else {
+                first_key.and_then(|key| quote_before(body, key))
+            };
             images.push(ImagePart {
                 message,
                 part: part_index,
                 url,
                 uuid,
+                insert_at,
             });
             let mut placeholder = Map::new();
             placeholder.insert("type".to_owned(), Value::String("image".to_owned()));
@@ -255,6 +307,14 @@ fn template_part(
             &format!("{path}.type"),
         )),
     }
+}
+
+/// The offset in `body` of the quote that opens `key`, a string borrowed from `body`.
+fn quote_before(body: &str, key: &str) -> Option<usize> {
+    let at = (key.as_ptr() as usize)
+        .checked_sub(body.as_ptr() as usize)?
+        .checked_sub(1)?;
+    (body.as_bytes().get(at) == Some(&b'"')).then_some(at)
 }
 
 /// What a `/v1/completions` prompt is.
@@ -338,14 +398,22 @@ fn parse_prompt(
 fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, PreprocessError> {
     match serde_json::from_slice(bytes) {
         Ok(Value::Object(body)) => Ok(body),
-        Ok(_) => Err(PreprocessError::InvalidRequest {
-            message: "the request body must be a JSON object".to_owned(),
-            param: None,
-        }),
-        Err(error) => Err(PreprocessError::InvalidRequest {
-            message: format!("the request body is not valid JSON: {error}"),
-            param: None,
-        }),
+        Ok(_) => Err(not_an_object()),
+        Err(error) => Err(not_json(&error)),
+    }
+}
+
+fn not_an_object() -> PreprocessError {
+    PreprocessError::InvalidRequest {
+        message: "the request body must be a JSON object".to_owned(),
+        param: None,
+    }
+}
+
+fn not_json(error: &dyn std::fmt::Display) -> PreprocessError {
+    PreprocessError::InvalidRequest {
+        message: format!("the request body is not valid JSON: {error}"),
+        param: None,
     }
 }
 
@@ -462,8 +530,8 @@ mod tests {
             {"role":"assistant","content":null,"tool_calls":[]},
             {"role":"tool","content":"42","tool_call_id":"c1"}]}"#;
         let request = ChatRequest::from_json(body.as_bytes()).unwrap();
-        assert_eq!(request.body["temperature"], 0.2);
-        assert_eq!(request.body["x_custom"]["a"], 1);
+        assert_eq!(request.field("temperature").unwrap(), 0.2);
+        assert_eq!(request.field("x_custom").unwrap()["a"], 1);
         assert_eq!(request.template_messages[2]["tool_call_id"], "c1");
         assert!(request.add_generation_prompt);
     }

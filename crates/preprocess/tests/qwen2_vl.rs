@@ -66,7 +66,8 @@ fn expected_images() -> Value {
 }
 
 fn chat(body: Value) -> Result<Prompt, PreprocessError> {
-    let request = ChatRequest::from_json(body.to_string().as_bytes())?;
+    let body = body.to_string();
+    let request = ChatRequest::from_json(body.as_bytes())?;
     block_on(shared().chat(&request))
 }
 
@@ -101,8 +102,9 @@ fn template_renders_the_reference_prompt() {
     assert_eq!(case["name"], "chat_single_image");
     let body = json!({"model": "q", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "unused"}},
-        {"type": "text", "text": "What is in this image?"}]}]});
-    let request = ChatRequest::from_json(body.to_string().as_bytes()).unwrap();
+        {"type": "text", "text": "What is in this image?"}]}]})
+    .to_string();
+    let request = ChatRequest::from_json(body.as_bytes()).unwrap();
     let template =
         ChatTemplate::new(&model().chat_template, model().special_tokens.clone()).unwrap();
     let text = template
@@ -117,8 +119,9 @@ fn template_renders_the_reference_prompt() {
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "a"}},
             {"type": "image_url", "image_url": {"url": "b"}},
-            {"type": "text", "text": "Compare them."}]}]});
-    let request = ChatRequest::from_json(body.to_string().as_bytes()).unwrap();
+            {"type": "text", "text": "Compare them."}]}]})
+    .to_string();
+    let request = ChatRequest::from_json(body.as_bytes()).unwrap();
     let text = template
         .render(&request.template_messages, false, &request.template_kwargs)
         .unwrap();
@@ -249,7 +252,8 @@ fn bad_requests_are_typed_errors_with_openai_bodies() {
     }
 
     let limited = preprocessor(PreprocessConfig::default().with_max_prompt_tokens(10));
-    let request = ChatRequest::from_json(user(json!("hello")).to_string().as_bytes()).unwrap();
+    let body = user(json!("hello")).to_string();
+    let request = ChatRequest::from_json(body.as_bytes()).unwrap();
     let error = block_on(limited.chat(&request)).unwrap_err();
     assert!(
         matches!(error, PreprocessError::PromptTooLong { limit: 10, .. }),
@@ -323,12 +327,8 @@ fn the_cache_serves_earlier_turns() {
     let mut messages = vec![json!({"role": "system", "content": "You are a helpful assistant."})];
     for turn in 0..5 {
         messages.push(json!({"role": "user", "content": format!("Question {turn}?")}));
-        let request = ChatRequest::from_json(
-            json!({"model": "q", "messages": messages})
-                .to_string()
-                .as_bytes(),
-        )
-        .unwrap();
+        let body = json!({"model": "q", "messages": messages}).to_string();
+        let request = ChatRequest::from_json(body.as_bytes()).unwrap();
         block_on(preprocessor.chat(&request)).unwrap();
         messages.push(json!({"role": "assistant", "content": format!("Answer {turn}.")}));
     }
