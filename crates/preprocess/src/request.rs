@@ -1,6 +1,8 @@
 //! OpenAI request bodies: validated views over the client's JSON, which is kept whole for
 //! forwarding. A chat request borrows its image URLs from the body.
 
+#[cfg(test)]
+mod reference;
 mod shape;
 
 use crate::error::PreprocessError;
