@@ -117,7 +117,7 @@ impl<'a> ChatRequest<'a> {
     pub fn from_json(bytes: &'a [u8]) -> Result<Self, PreprocessError> {
         // One UTF-8 check of the whole body, then a parse that checks no string again.
         let body = std::str::from_utf8(bytes).map_err(|error| not_json(&error))?;
-        let (fields, messages) = match serde_json::from_str(body) {
+        let (fields, messages) = match shape::parse(body) {
             Ok(RawBody::Object { fields, messages }) => (fields, messages),
             Ok(RawBody::Other) => return Err(not_an_object()),
             Err(error) => return Err(not_json(&error)),
@@ -264,6 +264,9 @@ fn template_part<'a>(
         "image_url" => {
             let url = match image_url {
                 Some(RawImageUrl::Url(url)) => url,
+                Some(RawImageUrl::Raw(url)) => Cow::Borrowed(
+                    str_in(body, url).ok_or_else(|| not_json(&"a string outside the body"))?,
+                ),
                 Some(RawImageUrl::NoUrl) => {
                     return Err(invalid(
                         "must be a string",
@@ -309,6 +312,12 @@ fn template_part<'a>(
             &format!("{path}.type"),
         )),
     }
+}
+
+/// `bytes`, a slice of `body`, as the `str` it is.
+fn str_in<'a>(body: &'a str, bytes: &[u8]) -> Option<&'a str> {
+    let start = (bytes.as_ptr() as usize).checked_sub(body.as_ptr() as usize)?;
+    body.get(start..start.checked_add(bytes.len())?)
 }
 
 /// The offset in `body` of the quote that opens `key`, a string borrowed from `body`.
@@ -518,11 +527,51 @@ mod tests {
                 r#"{"model":"m","max_tokens":-1,"messages":[{"role":"user","content":"hi"}]}"#,
                 Some("max_tokens"),
             ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":5}}]}]}"#,
+                Some("messages[0].content[0].image_url.url"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":null}}]}]}"#,
+                Some("messages[0].content[0].image_url.url"),
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":["a"]}}]}]}"#,
+                Some("messages[0].content[0].image_url.url"),
+            ),
+            // A raw control character in a string is not JSON.
+            (
+                "{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\",\"image_url\":{\"url\":\"data:a\nb\"}}]}]}",
+                None,
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:,a"}}]}]} x"#,
+                None,
+            ),
             ("[1,2]", None),
             ("{", None),
         ] {
             assert_eq!(error(body).1.as_deref(), param, "{body}");
         }
+    }
+
+    #[test]
+    fn image_urls_are_borrowed_unless_escaped() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":[
+            {"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA","detail":"low"}},
+            {"type":"image_url","image_url":{"url":"data:image\/png;base64,AAAA"}},
+            {"type":"image_url","image_url":"data:image/png;base64,AAAA"}]}]}"#;
+        let request = ChatRequest::from_json(body.as_bytes()).unwrap();
+        let urls: Vec<_> = request.images.iter().map(|image| &image.url).collect();
+        assert!(matches!(
+            urls[0],
+            Cow::Borrowed("data:image/png;base64,AAAA")
+        ));
+        assert!(matches!(urls[1], Cow::Owned(url) if url == "data:image/png;base64,AAAA"));
+        assert!(matches!(
+            urls[2],
+            Cow::Borrowed("data:image/png;base64,AAAA")
+        ));
     }
 
     #[test]
