@@ -5,11 +5,13 @@ use crate::registry::{Eligible, LoadGuard, Registry, Worker};
 use crate::Candidate;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Forwarding settings.
@@ -65,13 +67,86 @@ pub struct Forwarded {
     pub attempts: usize,
 }
 
+/// A request body for [`Forwarder::post`]: bytes in chunks, sent in order and never joined,
+/// so a large body with a few bytes inserted goes out without being copied. Cheap to clone
+/// (each retry sends a clone).
+///
+/// ```
+/// use bytes::Bytes;
+/// use kvroute_dispatch::ForwardBody;
+///
+/// let client = Bytes::from_static(br#"{"a":1}"#);
+/// let body = ForwardBody::from_chunks([client.slice(..1), Bytes::from_static(br#""b":2,"#), client.slice(1..)]);
+/// assert_eq!(body.len(), 13);
+/// assert_eq!(ForwardBody::from(client).len(), 7);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct ForwardBody {
+    /// The chunks not yet sent, in order.
+    chunks: Vec<Bytes>,
+    /// The first chunk not yet sent.
+    next: usize,
+}
+
+impl ForwardBody {
+    /// The chunks sent one after the other (empty ones are skipped).
+    pub fn from_chunks(chunks: impl IntoIterator<Item = Bytes>) -> Self {
+        Self {
+            chunks: chunks
+                .into_iter()
+                .filter(|chunk| !chunk.is_empty())
+                .collect(),
+            next: 0,
+        }
+    }
+
+    /// Bytes not yet sent.
+    pub fn len(&self) -> usize {
+        self.chunks[self.next..].iter().map(Bytes::len).sum()
+    }
+
+    /// Whether every byte was sent (or there were none).
+    pub fn is_empty(&self) -> bool {
+        self.next >= self.chunks.len()
+    }
+}
+
+impl From<Bytes> for ForwardBody {
+    fn from(bytes: Bytes) -> Self {
+        Self::from_chunks([bytes])
+    }
+}
+
+impl Body for ForwardBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = &mut *self;
+        let chunk = this.chunks.get_mut(this.next).map(std::mem::take);
+        this.next += 1;
+        Poll::Ready(chunk.map(|chunk| Ok(Frame::data(chunk))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.len() as u64)
+    }
+}
+
 /// Request headers passed to workers.
 const FORWARDED_HEADERS: [&str; 4] = ["authorization", "accept", "x-request-id", "traceparent"];
 
 /// A pooled HTTP/1 client to the workers. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Forwarder {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpConnector, ForwardBody>,
     config: ForwardConfig,
 }
 
@@ -99,8 +174,9 @@ impl Forwarder {
         candidates: impl IntoIterator<Item = (Eligible, Candidate)>,
         path: &str,
         client_headers: &HeaderMap,
-        body: Bytes,
+        body: impl Into<ForwardBody>,
     ) -> Result<Forwarded, ForwardError> {
+        let body = body.into();
         let mut attempts = 0;
         let mut last = None;
         for (candidate, row) in candidates.into_iter().take(self.config.max_attempts) {
@@ -151,9 +227,9 @@ fn build_request(
     worker: &Worker,
     path: &str,
     client_headers: &HeaderMap,
-    body: Bytes,
-) -> Request<Full<Bytes>> {
-    let mut request = Request::new(Full::new(body));
+    body: ForwardBody,
+) -> Request<ForwardBody> {
+    let mut request = Request::new(body);
     *request.method_mut() = Method::POST;
     *request.uri_mut() = match format!("{}{path}", worker.url).parse() {
         Ok(uri) => uri,
@@ -172,4 +248,41 @@ fn build_request(
         }
     }
     request
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every frame of `body`, polled to the end.
+    fn frames(mut body: ForwardBody) -> Vec<Bytes> {
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        let mut frames = Vec::new();
+        while let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut body).poll_frame(&mut context) {
+            if let Ok(data) = frame.into_data() {
+                frames.push(data);
+            }
+        }
+        assert!(body.is_end_stream());
+        frames
+    }
+
+    #[test]
+    fn a_chunked_body_sends_its_chunks_in_order() {
+        let client = Bytes::from_static(b"{\"a\":1}");
+        let body = ForwardBody::from_chunks([
+            client.slice(..1),
+            Bytes::new(),
+            Bytes::from_static(b"\"b\":2,"),
+            client.slice(1..),
+        ]);
+        assert_eq!(body.size_hint().exact(), Some(13));
+        assert!(!body.is_end_stream());
+        let retry = body.clone();
+        let sent: Vec<u8> = frames(body).concat();
+        assert_eq!(sent, b"{\"b\":2,\"a\":1}");
+        assert_eq!(frames(retry).concat(), sent);
+        assert!(ForwardBody::from(Bytes::new()).is_end_stream());
+        assert_eq!(frames(ForwardBody::default()), Vec::<Bytes>::new());
+    }
 }

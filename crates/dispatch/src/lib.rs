@@ -34,7 +34,7 @@ mod policy;
 mod registry;
 
 pub use cost::{decide, Candidate, CandidateInput, CostConfig, Decision, TieBreaker};
-pub use forward::{ForwardConfig, ForwardError, Forwarded, Forwarder};
+pub use forward::{ForwardBody, ForwardConfig, ForwardError, Forwarded, Forwarder};
 pub use policy::{
     decision_row, KvAware, LeastLoaded, PrefixKeys, Random, RoundRobin, RoutingPolicy,
 };

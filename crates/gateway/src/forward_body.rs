@@ -3,21 +3,30 @@
 //! the same identity.
 
 use bytes::Bytes;
+use kvroute_dispatch::ForwardBody;
 use kvroute_preprocess::{ChatRequest, Prompt};
 
 /// `body` (the bytes `chat` was parsed from) as the engine should get it. The uuids are
-/// spliced into the client's bytes at the places the parse noted (a body of several MB of
-/// base64 is not parsed again nor written again); a body where a part cannot be placed that
-/// way (an escaped first key, a `uuid` member already there) is re-serialized instead.
-pub(crate) fn with_image_uuids(body: &Bytes, chat: &ChatRequest<'_>, prompt: &Prompt) -> Bytes {
+/// spliced into the client's bytes at the places the parse noted, as chunks around them (a
+/// body of several MB of base64 is neither parsed again nor copied); a body where a part
+/// cannot be placed that way (an escaped first key, a `uuid` member already there) is
+/// re-serialized instead.
+pub(crate) fn with_image_uuids(
+    body: &Bytes,
+    chat: &ChatRequest<'_>,
+    prompt: &Prompt,
+) -> ForwardBody {
     if prompt.images.is_empty() {
-        return body.clone();
+        return ForwardBody::from(body.clone());
     }
-    splice(chat, prompt).unwrap_or_else(|| reserialize(chat, prompt))
+    splice(body, chat, prompt).unwrap_or_else(|| ForwardBody::from(reserialize(chat, prompt)))
 }
 
-fn splice(chat: &ChatRequest<'_>, prompt: &Prompt) -> Option<Bytes> {
-    let original = chat.body.as_bytes();
+fn splice(body: &Bytes, chat: &ChatRequest<'_>, prompt: &Prompt) -> Option<ForwardBody> {
+    // The offsets are into `chat.body`, which must be these very bytes.
+    if !std::ptr::eq(chat.body.as_bytes(), body.as_ref()) {
+        return None;
+    }
     let mut inserts: Vec<(usize, &str)> = Vec::with_capacity(chat.images.len());
     for (part, image) in chat.images.iter().zip(&prompt.images) {
         // The client named the image: the engine already gets that uuid.
@@ -27,18 +36,21 @@ fn splice(chat: &ChatRequest<'_>, prompt: &Prompt) -> Option<Bytes> {
         inserts.push((part.insert_at?, image.forward_uuid.as_str()));
     }
     inserts.sort_unstable_by_key(|(at, _)| *at);
-    let extra: usize = inserts.iter().map(|(_, uuid)| uuid.len() + 10).sum();
-    let mut out = Vec::with_capacity(original.len() + extra);
+    let mut chunks = Vec::with_capacity(2 * inserts.len() + 1);
     let mut from = 0;
     for (at, uuid) in inserts {
-        out.extend_from_slice(original.get(from..at)?);
-        out.extend_from_slice(b"\"uuid\":");
-        serde_json::to_writer(&mut out, uuid).ok()?;
-        out.push(b',');
+        if at < from || at > body.len() {
+            return None;
+        }
+        chunks.push(body.slice(from..at));
+        let mut member = b"\"uuid\":".to_vec();
+        serde_json::to_writer(&mut member, uuid).ok()?;
+        member.push(b',');
+        chunks.push(Bytes::from(member));
         from = at;
     }
-    out.extend_from_slice(original.get(from..)?);
-    Some(Bytes::from(out))
+    chunks.push(body.slice(from..));
+    Some(ForwardBody::from_chunks(chunks))
 }
 
 fn reserialize(chat: &ChatRequest<'_>, prompt: &Prompt) -> Bytes {
@@ -76,15 +88,23 @@ mod tests {
             PreprocessConfig::default(),
         )
         .unwrap();
-        let chat = ChatRequest::from_json(body.as_bytes()).unwrap();
-        let prompt = preprocessor.chat(&chat).await.unwrap();
         let bytes = Bytes::copy_from_slice(body.as_bytes());
+        let chat = ChatRequest::from_json(&bytes).unwrap();
+        let prompt = preprocessor.chat(&chat).await.unwrap();
         let spliced = with_image_uuids(&bytes, &chat, &prompt);
         let reference = reserialize(&chat, &prompt);
         (
-            serde_json::from_slice(&spliced).unwrap(),
+            serde_json::from_slice(&collect(spliced).await).unwrap(),
             serde_json::from_slice(&reference).unwrap(),
         )
+    }
+
+    async fn collect(body: ForwardBody) -> Bytes {
+        use http_body_util::BodyExt;
+        match body.collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(never) => match never {},
+        }
     }
 
     fn image(extra: &str) -> String {
@@ -112,6 +132,30 @@ mod tests {
         assert_eq!(
             spliced["messages"][2]["content"][0]["uuid"],
             parts[0]["uuid"]
+        );
+    }
+
+    #[tokio::test]
+    async fn offsets_into_other_bytes_are_not_used() {
+        let body = format!(
+            r#"{{"model": "m", "messages": [{{"role": "user", "content": [{}]}}]}}"#,
+            image("")
+        );
+        let preprocessor = Preprocessor::new(
+            &ModelFiles::bundled_qwen2_vl().unwrap(),
+            PreprocessConfig::default(),
+        )
+        .unwrap();
+        let chat = ChatRequest::from_json(body.as_bytes()).unwrap();
+        let prompt = preprocessor.chat(&chat).await.unwrap();
+        let copy = Bytes::copy_from_slice(body.as_bytes());
+        assert!(splice(&copy, &chat, &prompt).is_none());
+        let forwarded: Value =
+            serde_json::from_slice(&collect(with_image_uuids(&copy, &chat, &prompt)).await)
+                .unwrap();
+        assert_eq!(
+            forwarded["messages"][0]["content"][0]["uuid"],
+            prompt.images[0].forward_uuid.as_str()
         );
     }
 
@@ -151,9 +195,10 @@ mod tests {
                 PreprocessConfig::default(),
             )
             .unwrap();
-            let chat = ChatRequest::from_json(body.as_bytes()).unwrap();
+            let bytes = Bytes::copy_from_slice(body.as_bytes());
+            let chat = ChatRequest::from_json(&bytes).unwrap();
             let prompt = preprocessor.chat(&chat).await.unwrap();
-            assert!(splice(&chat, &prompt).is_none(), "{part}");
+            assert!(splice(&bytes, &chat, &prompt).is_none(), "{part}");
             let (forwarded, reference) = forwarded(&body).await;
             assert_eq!(forwarded, reference);
             let parts = &forwarded["messages"][0]["content"];

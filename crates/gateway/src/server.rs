@@ -9,8 +9,8 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use kvroute_blockhash::BlockHasher;
 use kvroute_dispatch::{
-    decide, CostConfig, Decision, Eligible, ForwardConfig, ForwardError, Forwarder, Registry,
-    TieBreaker,
+    decide, CostConfig, Decision, Eligible, ForwardBody, ForwardConfig, ForwardError, Forwarder,
+    Registry, TieBreaker,
 };
 use kvroute_index::{SharedIndex, WorkerKey};
 use kvroute_preprocess::{ChatRequest, CompletionRequest, PreprocessError, Preprocessor, Prompt};
@@ -392,7 +392,7 @@ impl Gateway {
         routed: Routed,
         path: &str,
         headers: &HeaderMap,
-        body: Bytes,
+        body: impl Into<ForwardBody>,
         stream: bool,
     ) -> Response<GatewayBody> {
         let Routed {
