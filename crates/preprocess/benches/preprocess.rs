@@ -1,6 +1,7 @@
-//! Preprocessing cost: a 2k-token chat with one photo, the 10th turn of a growing
-//! conversation with and without the segment cache, and tokenization alone through Hugging
-//! Face's pipeline and through the fast path that `TextTokenizer` uses.
+//! Preprocessing cost: parsing `loadgen`'s 704 KB image request, a 2k-token chat with one
+//! photo, the 10th turn of a growing conversation with and without the segment cache, and
+//! tokenization alone through Hugging Face's pipeline and through the fast path that
+//! `TextTokenizer` uses.
 //!
 //! ```text
 //! cargo bench -p kvroute-preprocess
@@ -9,7 +10,7 @@
 #![allow(missing_docs, clippy::expect_used)] // bench harness over fixed inputs
 
 use base64::Engine;
-use criterion::{criterion_group, criterion_main, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use kvroute_preprocess::{ChatRequest, ModelFiles, PreprocessConfig, Preprocessor};
 use serde_json::{json, Value};
 use std::hint::black_box;
@@ -93,6 +94,20 @@ fn bench(c: &mut Criterion) {
     let cached = Preprocessor::new(&model, PreprocessConfig::default()).expect("preprocessor");
     let uncached = Preprocessor::new(&model, PreprocessConfig::default().with_segment_cache(None))
         .expect("preprocessor");
+
+    // `loadgen`'s image request: the photo as a 704 KB data URL and one short sentence. Parsing
+    // alone (the URL is borrowed, scanned once).
+    let image_request = json!({"model": "qwen2-vl", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": photo_url()}},
+        {"type": "text", "text": "Describe this image in one sentence."}]}],
+        "max_tokens": 4, "temperature": 0});
+    let image_request = image_request.to_string().into_bytes();
+    let mut parse = c.benchmark_group("parse");
+    parse.throughput(Throughput::Bytes(image_request.len() as u64));
+    parse.bench_function("image_request", |b| {
+        b.iter(|| ChatRequest::from_json(black_box(&image_request)).expect("request"))
+    });
+    parse.finish();
 
     let mut group = c.benchmark_group("preprocess");
     let body: Value = json!({"model": "qwen2-vl", "messages": [{"role": "user", "content": [
