@@ -102,7 +102,8 @@ impl ForwardBody {
 
     /// Bytes not yet sent.
     pub fn len(&self) -> usize {
-        self.chunks[self.next..].iter().map(Bytes::len).sum()
+        let unsent = self.chunks.get(self.next..).unwrap_or_default();
+        unsent.iter().map(Bytes::len).sum()
     }
 
     /// Whether every byte was sent (or there were none).
@@ -126,9 +127,11 @@ impl Body for ForwardBody {
         _: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = &mut *self;
-        let chunk = this.chunks.get_mut(this.next).map(std::mem::take);
+        let Some(chunk) = this.chunks.get_mut(this.next).map(std::mem::take) else {
+            return Poll::Ready(None);
+        };
         this.next += 1;
-        Poll::Ready(chunk.map(|chunk| Ok(Frame::data(chunk))))
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -264,6 +267,13 @@ mod tests {
             }
         }
         assert!(body.is_end_stream());
+        // Polled again after its end, it stays ended and empty.
+        assert!(matches!(
+            Pin::new(&mut body).poll_frame(&mut context),
+            Poll::Ready(None)
+        ));
+        assert_eq!(body.size_hint().exact(), Some(0));
+        assert_eq!(body.len(), 0);
         frames
     }
 
