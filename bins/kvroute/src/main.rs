@@ -72,9 +72,24 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
+    let upkeep = handle.clone();
     let render: kvroute_gateway::MetricsRender = Arc::new(move || handle.render());
-    runtime()?.block_on(command(render))
+    runtime()?.block_on(async move {
+        // Histograms buffer every sample until drained: a scrape drains them, and so must this
+        // task, or a gateway nobody scrapes grows by every request's samples.
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(METRICS_UPKEEP);
+            loop {
+                every.tick().await;
+                upkeep.run_upkeep();
+            }
+        });
+        command(render).await
+    })
 }
+
+/// How often histogram samples are folded into their summaries (the exporter's own default).
+const METRICS_UPKEEP: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
