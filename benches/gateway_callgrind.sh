@@ -21,55 +21,13 @@ OUT="${OUT:-$(mktemp -d)}"
 IMG_REQUESTS="${IMG_REQUESTS:-100}"
 TEXT_REQUESTS="${TEXT_REQUESTS:-200}"
 mkdir -p "$OUT"
-for tool in valgrind callgrind_control nats-server; do
+for tool in valgrind callgrind_control; do
   command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 1; }
 done
 
-echo "building kvroute (release)" >&2
-(cd "$ROOT" && cargo build -q --release --locked -p kvroute --bin kvroute --example loadgen)
-KVROUTE="$TARGET_DIR/release/kvroute"
-LOADGEN="$TARGET_DIR/release/examples/loadgen"
-
-TMP="$(mktemp -d)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-wait_ok() {
-  for _ in $(seq 600); do
-    if [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)" = 200 ]; then return 0; fi
-    sleep 0.1
-  done
-  echo "$1 did not become ready; logs in $TMP:" >&2
-  tail -n 20 "$TMP"/*.log >&2
-  exit 1
-}
-
-NATS_PORT="$(free_port)"
-nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$TMP/js" >"$TMP/nats.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break
-  sleep 0.1
-done
-NATS="nats://127.0.0.1:$NATS_PORT"
-
-WORKER_FLAGS=()
-for i in 1 2; do
-  port="$(free_port)"
-  RUST_LOG=warn "$KVROUTE" worker-sim --worker-id "$i" --listen "127.0.0.1:$port" --nats-url "$NATS" \
-    --prefill-tokens-per-second inf --decode-tokens-per-second inf >"$TMP/worker$i.log" 2>&1 &
-  PIDS+=($!)
-  WORKER_FLAGS+=(--worker "$i=http://127.0.0.1:$port")
-  wait_ok "http://127.0.0.1:$port/health"
-done
+# shellcheck source=benches/fleet.sh
+. "$ROOT/benches/fleet.sh"
+start_fleet 2
 
 GATEWAY_PORT="$(free_port)"
 RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out.%p" \

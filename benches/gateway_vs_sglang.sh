@@ -35,59 +35,9 @@ if ! "$VENV/bin/python" -c 'import sglang_router' 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "sglang-router==$SGLANG_ROUTER"
 fi
-command -v nats-server >/dev/null || { echo "nats-server is needed (apt-get install nats-server)" >&2; exit 1; }
-
-echo "building kvroute (release)" >&2
-(cd "$ROOT" && cargo build -q --release --locked -p kvroute --bin kvroute --example loadgen)
-KVROUTE="$TARGET_DIR/release/kvroute"
-LOADGEN="$TARGET_DIR/release/examples/loadgen"
-
-TMP="$(mktemp -d)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
-}
-
-# Waits until GET $1 answers 200 (30 s at most).
-wait_ok() {
-  for _ in $(seq 300); do
-    if [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)" = 200 ]; then return 0; fi
-    sleep 0.1
-  done
-  echo "$1 did not become ready; logs in $TMP:" >&2
-  tail -n 20 "$TMP"/*.log >&2
-  exit 1
-}
-
-NATS_PORT="$(free_port)"
-nats-server -js -a 127.0.0.1 -p "$NATS_PORT" -sd "$TMP/js" >"$TMP/nats.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break
-  sleep 0.1
-done
-NATS="nats://127.0.0.1:$NATS_PORT"
-
-# Simulated workers whose own time is zero (infinite prefill and decode speed), so what the
-# routers add is not hidden under modelled inference time.
-WORKER_FLAGS=()
-WORKER_URLS=()
-for i in $(seq "$WORKERS"); do
-  port="$(free_port)"
-  RUST_LOG=warn "$KVROUTE" worker-sim --worker-id "$i" --listen "127.0.0.1:$port" --nats-url "$NATS" \
-    --prefill-tokens-per-second inf --decode-tokens-per-second inf >"$TMP/worker$i.log" 2>&1 &
-  PIDS+=($!)
-  WORKER_FLAGS+=(--worker "$i=http://127.0.0.1:$port")
-  WORKER_URLS+=("http://127.0.0.1:$port")
-done
-for url in "${WORKER_URLS[@]}"; do wait_ok "$url/health"; done
+# shellcheck source=benches/fleet.sh
+. "$ROOT/benches/fleet.sh"
+start_fleet "$WORKERS"
 
 GATEWAY_PORT="$(free_port)"
 RUST_LOG=warn "$KVROUTE" serve --listen "127.0.0.1:$GATEWAY_PORT" --nats-url "$NATS" --no-snapshots \
