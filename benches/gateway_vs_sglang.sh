@@ -17,6 +17,10 @@
 #   MAX_TOKENS       max_tokens of every request (default 4)
 #   OUT              also write the tables to this file
 #   ONLY             run only the scenarios whose title matches this bash regex (e.g. 'text')
+#
+# If socat is installed, the latency scenarios also measure a plain TCP relay to the same
+# worker (`tcp-relay`): no parsing, no routing, the floor of what any router's extra hop adds
+# on this machine.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -54,6 +58,16 @@ SGLANG_PORT="$(free_port)"
 SGLANG_PID=$!
 PIDS+=($!)
 wait_ok "http://127.0.0.1:$SGLANG_PORT/health"
+
+RELAY=()
+if command -v socat >/dev/null; then
+  RELAY_PORT="$(free_port)"
+  socat "TCP-LISTEN:$RELAY_PORT,bind=127.0.0.1,fork,reuseaddr,nodelay" \
+    "TCP:${WORKER_URLS[0]#http://},nodelay" >"$TMP/socat.log" 2>&1 &
+  PIDS+=($!)
+  wait_ok "http://127.0.0.1:$RELAY_PORT/health"
+  RELAY=(--target "tcp-relay=http://127.0.0.1:$RELAY_PORT")
+fi
 
 DIRECT="direct=${WORKER_URLS[0]}"
 KV="kvroute=http://127.0.0.1:$GATEWAY_PORT"
@@ -94,10 +108,11 @@ scenario() {
 
 {
   T3=(--target "$DIRECT" --target "$KV" --target "$SG")
-  scenario "Added latency, text" "$LAT_REQUESTS" 50 "${T3[@]}" --kind text --concurrency 1
-  scenario "Added latency, text, streamed" "$LAT_REQUESTS" 50 "${T3[@]}" --kind text --stream --concurrency 1
-  scenario "Added latency, image" "$IMG_REQUESTS" 20 "${T3[@]}" --kind image --concurrency 1
-  scenario "Added latency, image, streamed" "$IMG_REQUESTS" 20 "${T3[@]}" --kind image --stream --concurrency 1
+  LAT=("${T3[@]}" "${RELAY[@]}")
+  scenario "Added latency, text" "$LAT_REQUESTS" 50 "${LAT[@]}" --kind text --concurrency 1
+  scenario "Added latency, text, streamed" "$LAT_REQUESTS" 50 "${LAT[@]}" --kind text --stream --concurrency 1
+  scenario "Added latency, image" "$IMG_REQUESTS" 20 "${LAT[@]}" --kind image --concurrency 1
+  scenario "Added latency, image, streamed" "$IMG_REQUESTS" 20 "${LAT[@]}" --kind image --stream --concurrency 1
   scenario "Throughput, text, concurrency 64" "$TPUT_REQUESTS" 256 "${T3[@]}" --kind text --concurrency 64
   scenario "Throughput, text, streamed, concurrency 64" "$TPUT_REQUESTS" 256 "${T3[@]}" --kind text --stream --concurrency 64
   scenario "Throughput, image, concurrency 64" "$((TPUT_REQUESTS / 4))" 128 "${T3[@]}" --kind image --concurrency 64
