@@ -55,6 +55,8 @@ pub(crate) struct FastPath {
     max_digits: usize,
     /// Ids of pre-tokens seen before, by their (normalized) bytes.
     words: Cache<Box<[u8]>, WordIds>,
+    /// Whether the post-processor adds no token even when asked for special tokens.
+    adds_no_special_tokens: bool,
 }
 
 impl FastPath {
@@ -72,9 +74,9 @@ impl FastPath {
                 "NFC" | "NFD" | "NFKC" | "NFKD"
             ),
         };
-        // The post-processor runs with `add_special_tokens` false on chat prompts; ByteLevel's
-        // only changes offsets, others could add tokens, so only ByteLevel or none is accepted.
-        let ids_only_post_processor = match tokenizer.get_post_processor() {
+        // Without special tokens (chat prompts) a post-processor adds nothing; with them, only
+        // ByteLevel's (offsets only) or none is known to add nothing (a template adds a BOS).
+        let adds_no_special_tokens = match tokenizer.get_post_processor() {
             None => true,
             Some(processor) => {
                 serde_json::to_value(processor).ok()?.get("type")? == &json!("ByteLevel")
@@ -87,7 +89,6 @@ impl FastPath {
         );
         if !ascii_invariant_normalizer
             || !deterministic_bpe
-            || !ids_only_post_processor
             || tokenizer.get_truncation().is_some()
             || tokenizer.get_padding().is_some()
             || tokenizer.get_encode_special_tokens()
@@ -114,7 +115,14 @@ impl FastPath {
             added_ids,
             max_digits,
             words: Cache::new(CACHED_WORDS),
+            adds_no_special_tokens,
         })
+    }
+
+    /// Whether [`FastPath::encode_into`] also gives the ids of an encoding *with* special
+    /// tokens (the post-processor adds none).
+    pub(crate) fn adds_no_special_tokens(&self) -> bool {
+        self.adds_no_special_tokens
     }
 
     /// Appends the ids of `text` (no special tokens added) to `out`. `tokenizer` must be the
@@ -449,6 +457,23 @@ mod tests {
             &Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap()
         )
         .is_some());
+        // A template post-processor (a BOS, as Llama 3's): the path serves encodings without
+        // special tokens only.
+        config["post_processor"] = json!({"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [151643], "tokens": ["<|endoftext|>"]}}});
+        let with_bos = Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap();
+        let path = FastPath::detect(&with_bos).unwrap();
+        assert!(!path.adds_no_special_tokens());
+        assert!(FastPath::detect(qwen()).unwrap().adds_no_special_tokens());
+        let text = "Hello <|im_end|> world, 12 'll";
+        let mut ids = Vec::new();
+        path.encode_into(&with_bos, text, &mut ids).unwrap();
+        assert_eq!(ids, reference(&with_bos, text));
+        let bos = with_bos.encode_fast(text, true).unwrap().get_ids().to_vec();
+        assert_eq!(bos[0], 151643);
+        assert_eq!(bos[1..], ids[..]);
         config["normalizer"] = json!({"type": "Lowercase"});
         let lowercasing = Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap();
         assert!(FastPath::detect(&lowercasing).is_none());

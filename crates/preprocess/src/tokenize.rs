@@ -145,8 +145,11 @@ impl TextTokenizer {
     /// Tokenizes `text` with the tokenizer's special tokens (a BOS where the model has one),
     /// as engines tokenize plain completion prompts.
     pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>, PreprocessError> {
-        if let Some(fast_path) = &self.fast_path {
-            // The fast path applies only where the post-processor adds no token.
+        if let Some(fast_path) = self
+            .fast_path
+            .as_ref()
+            .filter(|path| path.adds_no_special_tokens())
+        {
             let mut ids = Vec::with_capacity(text.len() / 3);
             fast_path.encode_into(&self.tokenizer, text, &mut ids)?;
             return Ok(ids);
