@@ -82,12 +82,16 @@ mod tests {
 
     const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
 
-    async fn forwarded(body: &str) -> (Value, Value) {
-        let preprocessor = Preprocessor::new(
+    fn preprocessor() -> Preprocessor {
+        Preprocessor::new(
             &ModelFiles::bundled_qwen2_vl().unwrap(),
             PreprocessConfig::default(),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    async fn forwarded(body: &str) -> (Value, Value) {
+        let preprocessor = preprocessor();
         let bytes = Bytes::copy_from_slice(body.as_bytes());
         let chat = ChatRequest::from_json(&bytes).unwrap();
         let prompt = preprocessor.chat(&chat).await.unwrap();
@@ -141,11 +145,7 @@ mod tests {
             r#"{{"model": "m", "messages": [{{"role": "user", "content": [{}]}}]}}"#,
             image("")
         );
-        let preprocessor = Preprocessor::new(
-            &ModelFiles::bundled_qwen2_vl().unwrap(),
-            PreprocessConfig::default(),
-        )
-        .unwrap();
+        let preprocessor = preprocessor();
         let chat = ChatRequest::from_json(body.as_bytes()).unwrap();
         let prompt = preprocessor.chat(&chat).await.unwrap();
         let copy = Bytes::copy_from_slice(body.as_bytes());
@@ -190,11 +190,7 @@ mod tests {
                 r#"{{"model": "m", "messages": [{{"role": "user", "content": [{}, {part}]}}]}}"#,
                 image("")
             );
-            let preprocessor = Preprocessor::new(
-                &ModelFiles::bundled_qwen2_vl().unwrap(),
-                PreprocessConfig::default(),
-            )
-            .unwrap();
+            let preprocessor = preprocessor();
             let bytes = Bytes::copy_from_slice(body.as_bytes());
             let chat = ChatRequest::from_json(&bytes).unwrap();
             let prompt = preprocessor.chat(&chat).await.unwrap();
