@@ -345,15 +345,22 @@ mod tests {
         })
     }
 
+    /// The Qwen2 tokenizer with `edit` applied to its tokenizer.json.
+    fn qwen_with(edit: impl FnOnce(&mut Value)) -> Tokenizer {
+        let model = ModelFiles::bundled_qwen2_vl().unwrap();
+        let mut config: Value = serde_json::from_slice(&model.tokenizer_json).unwrap();
+        edit(&mut config);
+        Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap()
+    }
+
+    fn set_split_pattern(config: &mut Value, pattern: &str) {
+        config["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = json!(pattern);
+    }
+
     /// The Qwen2 tokenizer with its split pattern replaced by Llama 3's.
     fn qwen_with_llama3_split() -> &'static Tokenizer {
         static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
-        TOKENIZER.get_or_init(|| {
-            let model = ModelFiles::bundled_qwen2_vl().unwrap();
-            let mut config: Value = serde_json::from_slice(&model.tokenizer_json).unwrap();
-            config["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = json!(LLAMA3_PATTERN);
-            Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap()
-        })
+        TOKENIZER.get_or_init(|| qwen_with(|config| set_split_pattern(config, LLAMA3_PATTERN)))
     }
 
     fn reference(tokenizer: &Tokenizer, text: &str) -> Vec<u32> {
@@ -443,27 +450,20 @@ mod tests {
             FastPath::detect(qwen_with_llama3_split()).map(|p| p.max_digits),
             Some(3)
         );
-        let model = ModelFiles::bundled_qwen2_vl().unwrap();
-        let mut config: Value = serde_json::from_slice(&model.tokenizer_json).unwrap();
-        config["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = json!(r"\s+|\S+");
-        let other = Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap();
+        let other = qwen_with(|config| set_split_pattern(config, r"\s+|\S+"));
         assert!(FastPath::detect(&other).is_none());
-        config["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = json!(QWEN2_PATTERN);
-        config["model"]["dropout"] = json!(0.1);
-        let dropping = Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap();
+        let dropping = qwen_with(|config| config["model"]["dropout"] = json!(0.1));
         assert!(FastPath::detect(&dropping).is_none());
-        config["model"]["dropout"] = json!(null);
-        assert!(FastPath::detect(
-            &Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap()
-        )
-        .is_some());
+        let lowercasing = qwen_with(|config| config["normalizer"] = json!({"type": "Lowercase"}));
+        assert!(FastPath::detect(&lowercasing).is_none());
         // A template post-processor (a BOS, as Llama 3's): the path serves encodings without
         // special tokens only.
-        config["post_processor"] = json!({"type": "TemplateProcessing",
+        let with_bos = qwen_with(|config| {
+            config["post_processor"] = json!({"type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
             "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [151643], "tokens": ["<|endoftext|>"]}}});
-        let with_bos = Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap();
+            "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [151643], "tokens": ["<|endoftext|>"]}}})
+        });
         let path = FastPath::detect(&with_bos).unwrap();
         assert!(!path.adds_no_special_tokens());
         assert!(FastPath::detect(qwen()).unwrap().adds_no_special_tokens());
@@ -474,9 +474,6 @@ mod tests {
         let bos = with_bos.encode_fast(text, true).unwrap().get_ids().to_vec();
         assert_eq!(bos[0], 151643);
         assert_eq!(bos[1..], ids[..]);
-        config["normalizer"] = json!({"type": "Lowercase"});
-        let lowercasing = Tokenizer::from_bytes(serde_json::to_vec(&config).unwrap()).unwrap();
-        assert!(FastPath::detect(&lowercasing).is_none());
     }
 
     #[test]

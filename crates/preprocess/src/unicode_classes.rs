@@ -878,22 +878,44 @@ const NON_ASCII: &[(u32, u32, CharClass)] = &[
 mod tests {
     use super::*;
 
-    /// Each code point's class according to Oniguruma, as the tokenizer's pattern uses it.
-    fn oniguruma_classes() -> Vec<(u32, u32, CharClass)> {
-        let letter = onig::Regex::new(r"\A\p{L}\z").unwrap();
-        let number = onig::Regex::new(r"\A\p{N}\z").unwrap();
-        let space = onig::Regex::new(r"\A\s\z").unwrap();
-        let mut ranges: Vec<(u32, u32, CharClass)> = Vec::new();
-        let mut buffer = [0; 4];
-        for c in (0x80..=0x10ffff).filter_map(char::from_u32) {
+    /// The pattern's classes as Oniguruma matches them.
+    struct Oniguruma {
+        letter: onig::Regex,
+        number: onig::Regex,
+        space: onig::Regex,
+    }
+
+    impl Oniguruma {
+        fn new() -> Self {
+            Self {
+                letter: onig::Regex::new(r"\A\p{L}\z").unwrap(),
+                number: onig::Regex::new(r"\A\p{N}\z").unwrap(),
+                space: onig::Regex::new(r"\A\s\z").unwrap(),
+            }
+        }
+
+        /// Letter, number or space (line breaks included); `None` for anything else.
+        fn class(&self, c: char) -> Option<CharClass> {
+            let mut buffer = [0; 4];
             let text = c.encode_utf8(&mut buffer);
-            let class = if letter.is_match(text) {
-                CharClass::Letter
-            } else if number.is_match(text) {
-                CharClass::Number
-            } else if space.is_match(text) {
-                CharClass::Space
+            if self.letter.is_match(text) {
+                Some(CharClass::Letter)
+            } else if self.number.is_match(text) {
+                Some(CharClass::Number)
+            } else if self.space.is_match(text) {
+                Some(CharClass::Space)
             } else {
+                None
+            }
+        }
+    }
+
+    /// Each non-ASCII code point's class according to Oniguruma, as ranges.
+    fn oniguruma_classes() -> Vec<(u32, u32, CharClass)> {
+        let oniguruma = Oniguruma::new();
+        let mut ranges: Vec<(u32, u32, CharClass)> = Vec::new();
+        for c in (0x80..=0x10ffff).filter_map(char::from_u32) {
+            let Some(class) = oniguruma.class(c) else {
                 continue;
             };
             let code = u32::from(c);
@@ -918,21 +940,12 @@ mod tests {
 
     #[test]
     fn ascii_matches_oniguruma() {
-        let letter = onig::Regex::new(r"\A\p{L}\z").unwrap();
-        let number = onig::Regex::new(r"\A\p{N}\z").unwrap();
-        let space = onig::Regex::new(r"\A\s\z").unwrap();
+        let oniguruma = Oniguruma::new();
         for c in (0..0x80u8).map(char::from) {
-            let text = c.to_string();
-            let expected = if letter.is_match(&text) {
-                CharClass::Letter
-            } else if number.is_match(&text) {
-                CharClass::Number
-            } else if c == '\r' || c == '\n' {
-                CharClass::LineBreak
-            } else if space.is_match(&text) {
-                CharClass::Space
-            } else {
-                CharClass::Other
+            let expected = match oniguruma.class(c) {
+                Some(CharClass::Space) if c == '\r' || c == '\n' => CharClass::LineBreak,
+                Some(class) => class,
+                None => CharClass::Other,
             };
             assert_eq!(class(c), expected, "{c:?}");
         }

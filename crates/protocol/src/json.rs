@@ -87,15 +87,9 @@ impl RouterEvent {
 
 fn write_store(out: &mut Vec<u8>, store: &KvCacheStoreData) {
     out.extend_from_slice(b"{\"stored\":{\"parent_hash\":");
-    match store.parent_hash {
-        Some(parent) => write_u64(out, parent.0),
-        None => out.extend_from_slice(b"null"),
-    }
+    write_optional_u64(out, store.parent_hash.map(|parent| parent.0));
     out.extend_from_slice(b",\"start_position\":");
-    match store.start_position {
-        Some(position) => write_u64(out, position.into()),
-        None => out.extend_from_slice(b"null"),
-    }
+    write_optional_u64(out, store.start_position.map(Into::into));
     out.extend_from_slice(b",\"blocks\":[");
     for (i, block) in store.blocks.iter().enumerate() {
         if i > 0 {
@@ -140,6 +134,13 @@ fn write_store(out: &mut Vec<u8>, store: &KvCacheStoreData) {
 #[inline]
 fn write_u64(out: &mut Vec<u8>, value: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+}
+
+fn write_optional_u64(out: &mut Vec<u8>, value: Option<u64>) {
+    match value {
+        Some(value) => write_u64(out, value),
+        None => out.extend_from_slice(b"null"),
+    }
 }
 
 /// Free-form values (strings that may need escaping, Dynamo's opaque `state_source`) go
