@@ -2,7 +2,9 @@
 # kvroute's gateway side by side with SGLang's router (PyPI sglang-router, cache_aware policy)
 # in front of the same simulated workers, all on loopback, in one run:
 #   added latency (p50/p99 versus calling a worker directly) for a text and a ~500 KB image
-#   chat request, streamed and not, at concurrency 1; then throughput at concurrency 64.
+#   chat request, streamed and not, at concurrency 1, the targets alternating request by
+#   request; then throughput at concurrency 64. Each scenario also prints the share of CPU time
+#   the hypervisor stole from this machine meanwhile: latency tails under steal are the host's.
 # Prints markdown tables (docs/benchmarks.md has the figures and how to read them).
 #
 # Not part of CI: it installs sglang-router into a virtualenv and takes minutes.
@@ -12,7 +14,7 @@
 #   SGLANG_ROUTER    sglang-router version pip installs (default 0.3.2)
 #   WORKERS          simulated workers (default 2)
 #   LAT_REQUESTS     measured requests per target, text latency scenarios (default 2000)
-#   IMG_REQUESTS     measured requests per target, image latency scenarios (default 500)
+#   IMG_REQUESTS     measured requests per target, image latency scenarios (default 1000)
 #   TPUT_REQUESTS    measured requests per target, throughput scenarios (default 6000; image: a quarter)
 #   MAX_TOKENS       max_tokens of every request (default 4)
 #   OUT              also write the tables to this file
@@ -29,7 +31,7 @@ VENV="${SGLANG_VENV:-/work/venv-sglang}"
 SGLANG_ROUTER="${SGLANG_ROUTER:-0.3.2}"
 WORKERS="${WORKERS:-2}"
 LAT_REQUESTS="${LAT_REQUESTS:-2000}"
-IMG_REQUESTS="${IMG_REQUESTS:-500}"
+IMG_REQUESTS="${IMG_REQUESTS:-1000}"
 TPUT_REQUESTS="${TPUT_REQUESTS:-6000}"
 MAX_TOKENS="${MAX_TOKENS:-4}"
 OUT="${OUT:-}"
@@ -83,6 +85,10 @@ report() { if [ -n "$OUT" ]; then tee -a "$OUT"; else cat; fi; }
   echo
 } | report
 
+# CPU ticks of the whole machine: "total stolen" (stolen: time the hypervisor ran something
+# else while a vCPU had work; tails measured under steal are the host's, not the routers').
+cpu_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $9 }' /proc/stat; }
+
 # CPU seconds (user + system) a process has used.
 cpu_seconds() { awk -v tck="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / tck}' "/proc/$1/stat"; }
 
@@ -95,11 +101,13 @@ scenario() {
   if [ -n "${ONLY:-}" ] && ! [[ "$title" =~ $ONLY ]]; then return 0; fi
   echo "#### $title"
   echo
-  local kv0 sg0
+  local kv0 sg0 ticks0
   kv0="$(cpu_seconds "$KVROUTE_PID")"
   sg0="$(cpu_seconds "$SGLANG_PID")"
+  ticks0="$(cpu_ticks)"
   "$LOADGEN" "${COMMON[@]}" --requests "$requests" --warmup "$warmup" "$@"
   echo
+  echo "$ticks0 $(cpu_ticks)" | awk '{ printf "CPU time stolen by the hypervisor: %.1f%%\n", ($4 - $2) / ($3 - $1 + 1e-9) * 100 }'
   awk -v kv="$(cpu_seconds "$KVROUTE_PID")" -v kv0="$kv0" -v sg="$(cpu_seconds "$SGLANG_PID")" -v sg0="$sg0" \
     -v n="$((requests + warmup))" 'BEGIN { printf "router CPU per request: kvroute %.0f µs, sglang-router %.0f µs\n", (kv - kv0) / n * 1e6, (sg - sg0) / n * 1e6 }'
   echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -109,10 +117,10 @@ scenario() {
 {
   T3=(--target "$DIRECT" --target "$KV" --target "$SG")
   LAT=("${T3[@]}" "${RELAY[@]}")
-  scenario "Added latency, text" "$LAT_REQUESTS" 50 "${LAT[@]}" --kind text --concurrency 1
-  scenario "Added latency, text, streamed" "$LAT_REQUESTS" 50 "${LAT[@]}" --kind text --stream --concurrency 1
-  scenario "Added latency, image" "$IMG_REQUESTS" 20 "${LAT[@]}" --kind image --concurrency 1
-  scenario "Added latency, image, streamed" "$IMG_REQUESTS" 20 "${LAT[@]}" --kind image --stream --concurrency 1
+  scenario "Added latency, text" "$LAT_REQUESTS" 50 "${LAT[@]}" --kind text --concurrency 1 --rounds "$LAT_REQUESTS"
+  scenario "Added latency, text, streamed" "$LAT_REQUESTS" 50 "${LAT[@]}" --kind text --stream --concurrency 1 --rounds "$LAT_REQUESTS"
+  scenario "Added latency, image" "$IMG_REQUESTS" 20 "${LAT[@]}" --kind image --concurrency 1 --rounds "$IMG_REQUESTS"
+  scenario "Added latency, image, streamed" "$IMG_REQUESTS" 20 "${LAT[@]}" --kind image --stream --concurrency 1 --rounds "$IMG_REQUESTS"
   scenario "Throughput, text, concurrency 64" "$TPUT_REQUESTS" 256 "${T3[@]}" --kind text --concurrency 64
   scenario "Throughput, text, streamed, concurrency 64" "$TPUT_REQUESTS" 256 "${T3[@]}" --kind text --stream --concurrency 64
   scenario "Throughput, image, concurrency 64" "$((TPUT_REQUESTS / 4))" 128 "${T3[@]}" --kind image --concurrency 64

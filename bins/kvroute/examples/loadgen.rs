@@ -1,9 +1,10 @@
 //! A bounded, closed-loop load generator for OpenAI-compatible chat endpoints on this machine.
 //!
-//! Each of `--concurrency` virtual users keeps one HTTP/1.1 connection and sends its next
-//! request as soon as the previous answer's last byte arrived. Every target (`--target
-//! NAME=URL`, the first is the baseline) gets the same requests, in `--rounds` interleaved
-//! rounds so that a noisy machine slows all targets alike. It prints a markdown table:
+//! Each of `--concurrency` virtual users keeps one HTTP/1.1 connection per target for the whole
+//! run and sends its next request as soon as the previous answer's last byte arrived. Every
+//! target (`--target NAME=URL`, the first is the baseline) gets the same requests, in
+//! `--rounds` interleaved rounds so that a noisy machine slows all targets alike (as many
+//! rounds as requests alternates the targets request by request). It prints a markdown table:
 //! requests/s, latency to the last byte (p50/p90/p99/max), time to the first byte for streams,
 //! and the latency each target adds to the baseline (its percentile minus the baseline's).
 //!
@@ -64,7 +65,9 @@ struct Args {
     /// Unmeasured requests per target before the first round.
     #[arg(long, default_value_t = 50)]
     warmup: usize,
-    /// Interleaved rounds: each round runs every target in turn.
+    /// Interleaved rounds: each round runs every target in turn. Up to `--requests`: at
+    /// concurrency 1 that many rounds alternate the targets request by request, so that bursts
+    /// of noise on a shared machine fall on every target alike.
     #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// `max_tokens` of every request.
@@ -272,11 +275,16 @@ impl Samples {
     }
 }
 
+/// One HTTP/1.1 connection of a virtual user, kept open across rounds.
+type Connection = Option<SendRequest<Full<Bytes>>>;
+
 struct Run<'a> {
     target: &'a Target,
     bodies: &'a Arc<Bodies>,
     stream: bool,
-    concurrency: usize,
+    /// One slot per virtual user: connections outlive rounds, so that fine interleaving
+    /// (`--rounds` up to `--requests`) measures requests, not connection setup.
+    connections: Arc<Vec<Mutex<Connection>>>,
     deadline: Instant,
 }
 
@@ -286,16 +294,19 @@ impl Run<'_> {
         let next = Arc::new(AtomicUsize::new(0));
         let collected = Arc::new(Mutex::new(Samples::default()));
         let started = Instant::now();
-        let mut users = Vec::with_capacity(self.concurrency);
-        for _ in 0..self.concurrency.min(count) {
+        let users_needed = self.connections.len().min(count);
+        let mut users = Vec::with_capacity(users_needed);
+        for user in 0..users_needed {
             let next = next.clone();
             let collected = collected.clone();
+            let connections = self.connections.clone();
             let target = self.target.clone();
             let bodies = self.bodies.clone();
             let (stream, deadline) = (self.stream, self.deadline);
             users.push(tokio::spawn(async move {
                 let mut mine = Samples::default();
-                let mut connection: Option<SendRequest<Full<Bytes>>> = None;
+                let slot = &connections[user];
+                let mut connection = slot.lock().unwrap_or_else(|e| e.into_inner()).take();
                 loop {
                     let ticket = next.fetch_add(1, Ordering::Relaxed);
                     if ticket >= count || Instant::now() >= deadline {
@@ -316,6 +327,7 @@ impl Run<'_> {
                         }
                     }
                 }
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = connection;
                 collected
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -335,7 +347,7 @@ impl Run<'_> {
 /// (latency to the last byte, latency to the first body byte).
 async fn one(
     target: &Target,
-    connection: &mut Option<SendRequest<Full<Bytes>>>,
+    connection: &mut Connection,
     body: Bytes,
     stream: bool,
 ) -> Result<(Duration, Duration)> {
@@ -450,7 +462,7 @@ async fn run(args: Args) -> Result<()> {
             target,
             bodies: &bodies,
             stream: args.stream,
-            concurrency: args.concurrency,
+            connections: Arc::new((0..args.concurrency).map(|_| Mutex::new(None)).collect()),
             deadline,
         })
         .collect();
