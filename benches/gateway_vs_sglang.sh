@@ -122,9 +122,9 @@ scenario() {
     echo
     if awk -v s="$steal" -v max="$MAX_STEAL" 'BEGIN { exit !(s <= max) }'; then break; fi
     if [ "$attempt" -lt "$ATTEMPTS" ]; then
-      echo "More than $MAX_STEAL% stolen: the host was busy, measuring again (attempt $((attempt + 1)) of $ATTEMPTS)."
+      echo "More than $MAX_STEAL% stolen: measuring again (attempt $((attempt + 1)) of $ATTEMPTS)."
     else
-      echo "More than $MAX_STEAL% stolen in every attempt: these tails are the host's."
+      echo "More than $MAX_STEAL% stolen in every attempt: these tails include the hypervisor's."
     fi
     echo
   done
