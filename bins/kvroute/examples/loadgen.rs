@@ -445,10 +445,16 @@ fn main() -> Result<()> {
     if args.rounds == 0 || args.rounds > args.requests {
         bail!("--rounds must be 1..=--requests");
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .enable_all()
-        .build()?;
+    // One thread: no hand-offs between the thread that starts a round and the one that sends.
+    let runtime = match args.threads {
+        0 | 1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        threads => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?,
+    };
     runtime.block_on(run(args))
 }
 
