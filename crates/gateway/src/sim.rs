@@ -12,14 +12,14 @@ use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use kvroute_blockhash::{BlockHasher, HashedBlock};
 use kvroute_events::Publisher;
-use kvroute_mmhash::block_media_info;
+use kvroute_index::{BlockPool, PoolChanges};
+use kvroute_mmhash::{block_media_info, BlockExtraInfo};
 use kvroute_preprocess::{ChatRequest, CompletionRequest, Preprocessor, Prompt};
 use kvroute_protocol::{
     DpRank, ErrorBody, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData,
     KvCacheStoredBlockData, SequenceHash, WorkerId,
 };
 use serde_json::json;
-use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -82,59 +82,6 @@ impl SimConfig {
     }
 }
 
-/// A KV block pool: sequence hashes with least-recently-used eviction.
-#[derive(Debug, Default)]
-struct Pool {
-    capacity: usize,
-    clock: u64,
-    blocks: HashMap<SequenceHash, u64>,
-    by_age: BTreeMap<u64, SequenceHash>,
-}
-
-/// What admitting a request did to the pool.
-struct Admission {
-    cached_blocks: usize,
-    stored: usize,
-    evicted: Vec<SequenceHash>,
-}
-
-impl Pool {
-    fn touch(&mut self, hash: SequenceHash) {
-        self.clock += 1;
-        if let Some(old) = self.blocks.insert(hash, self.clock) {
-            self.by_age.remove(&old);
-        }
-        self.by_age.insert(self.clock, hash);
-    }
-
-    /// Serves the leading cached blocks, stores the rest (up to capacity), evicts the least
-    /// recently used blocks of other requests to make room.
-    fn admit(&mut self, blocks: &[HashedBlock]) -> Admission {
-        let cached_blocks = blocks
-            .iter()
-            .take_while(|b| self.blocks.contains_key(&b.sequence))
-            .count();
-        let wanted = blocks.len().min(self.capacity);
-        for block in &blocks[..wanted] {
-            self.touch(block.sequence);
-        }
-        let stored = wanted.saturating_sub(cached_blocks);
-        let mut evicted = Vec::new();
-        while self.blocks.len() > self.capacity {
-            let Some((_, victim)) = self.by_age.pop_first() else {
-                break;
-            };
-            self.blocks.remove(&victim);
-            evicted.push(victim);
-        }
-        Admission {
-            cached_blocks,
-            stored,
-            evicted,
-        }
-    }
-}
-
 /// A simulated worker. Cheap to clone.
 #[derive(Clone)]
 pub struct SimWorker {
@@ -145,7 +92,7 @@ struct SimInner {
     config: SimConfig,
     preprocessor: Arc<Preprocessor>,
     hasher: BlockHasher,
-    pool: Mutex<Pool>,
+    pool: Mutex<BlockPool>,
     publisher: Publisher,
     killed: tokio::sync::watch::Sender<bool>,
     running: Arc<AtomicU64>,
@@ -176,10 +123,7 @@ impl SimWorker {
         publisher: Publisher,
     ) -> Result<Self, kvroute_blockhash::HashError> {
         let hasher = BlockHasher::new(config.block_size)?;
-        let pool = Mutex::new(Pool {
-            capacity: config.capacity_blocks,
-            ..Pool::default()
-        });
+        let pool = Mutex::new(BlockPool::new(Some(config.capacity_blocks)));
         Ok(Self {
             inner: Arc::new(SimInner {
                 config,
@@ -210,7 +154,6 @@ impl SimWorker {
             .pool
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .blocks
             .len()
     }
 
@@ -341,49 +284,67 @@ impl SimWorker {
             .inner
             .hasher
             .hash_sequence(&prompt.tokens, prompt.media.as_slice());
-        let admission = self
-            .inner
-            .pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .admit(&hashed);
-        let mut events = Vec::new();
-        if !admission.evicted.is_empty() {
-            events.push(KvCacheEventData::Removed(KvCacheRemoveData {
-                block_hashes: admission.evicted,
-            }));
-        }
-        if admission.stored > 0 {
-            let first = admission.cached_blocks;
+        let keys: Vec<SequenceHash> = hashed.iter().map(|block| block.sequence).collect();
+        let (cached_blocks, changes) = {
+            let mut pool = self.inner.pool.lock().unwrap_or_else(|e| e.into_inner());
+            (pool.lookup(&keys), pool.store(&keys, &keys))
+        };
+        let infos = if changes.stored.is_empty() {
+            Vec::new()
+        } else {
             // Spans come from our own expansion, so they always fit; no info is the safe fallback.
-            let infos = block_media_info(
+            block_media_info(
                 &prompt.media,
                 self.inner.config.block_size as usize,
                 prompt.tokens.len(),
             )
-            .unwrap_or_default();
-            let blocks = hashed[first..first + admission.stored]
-                .iter()
-                .enumerate()
-                .map(|(i, block)| KvCacheStoredBlockData {
-                    block_hash: block.sequence,
-                    tokens_hash: block.block,
-                    mm_extra_info: infos.get(first + i).cloned().flatten(),
-                })
-                .collect();
-            events.push(KvCacheEventData::Stored(KvCacheStoreData {
-                parent_hash: first.checked_sub(1).map(|i| hashed[i].sequence),
-                start_position: None,
-                blocks,
-            }));
-        }
+            .unwrap_or_default()
+        };
+        let events = pool_events(&hashed, &infos, changes);
         if !events.is_empty() {
             if let Err(error) = self.inner.publisher.publish(DpRank(0), events).await {
                 tracing::warn!(%error, worker = %self.inner.config.worker_id, "could not publish KV events");
             }
         }
-        admission.cached_blocks
+        cached_blocks
     }
+}
+
+/// The KV events an engine publishes for what storing a prompt (`hashed`, with each block's
+/// media `infos`) changed in its pool.
+fn pool_events(
+    hashed: &[HashedBlock],
+    infos: &[Option<BlockExtraInfo>],
+    changes: PoolChanges,
+) -> Vec<KvCacheEventData> {
+    let mut events: Vec<KvCacheEventData> = changes
+        .stored
+        .into_iter()
+        .map(|run| {
+            let blocks = run
+                .blocks
+                .filter_map(|i| {
+                    let block = hashed.get(i)?;
+                    Some(KvCacheStoredBlockData {
+                        block_hash: block.sequence,
+                        tokens_hash: block.block,
+                        mm_extra_info: infos.get(i).cloned().flatten(),
+                    })
+                })
+                .collect();
+            KvCacheEventData::Stored(KvCacheStoreData {
+                parent_hash: run.parent,
+                start_position: None,
+                blocks,
+            })
+        })
+        .collect();
+    if !changes.removed.is_empty() {
+        events.push(KvCacheEventData::Removed(KvCacheRemoveData {
+            block_hashes: changes.removed,
+        }));
+    }
+    events
 }
 
 /// A streamed answer in progress.
@@ -483,29 +444,56 @@ mod tests {
         hashes
             .iter()
             .map(|&h| HashedBlock {
-                block: BlockHash(h),
+                block: BlockHash(h + 100),
                 sequence: SequenceHash(h),
             })
             .collect()
     }
 
-    #[test]
-    fn the_pool_serves_prefixes_and_evicts_least_recently_used() {
-        let mut pool = Pool {
-            capacity: 4,
-            ..Pool::default()
+    fn stored(event: &KvCacheEventData) -> (Option<SequenceHash>, Vec<(u64, u64)>) {
+        let KvCacheEventData::Stored(data) = event else {
+            panic!("not a store: {event:?}");
         };
-        let first = pool.admit(&blocks(&[1, 2, 3]));
-        assert_eq!((first.cached_blocks, first.stored), (0, 3));
-        let again = pool.admit(&blocks(&[1, 2, 9]));
-        assert_eq!((again.cached_blocks, again.stored), (2, 1));
-        assert_eq!(again.evicted, []);
-        // 3 is now the least recently used block.
-        let other = pool.admit(&blocks(&[5]));
-        assert_eq!(other.evicted, [SequenceHash(3)]);
-        // A request larger than the pool keeps only what fits.
-        let big = pool.admit(&blocks(&[10, 11, 12, 13, 14, 15]));
-        assert_eq!(big.stored, 4);
-        assert_eq!(pool.blocks.len(), 4);
+        let blocks = data
+            .blocks
+            .iter()
+            .map(|b| (b.block_hash.get(), b.tokens_hash.get()))
+            .collect();
+        (data.parent_hash, blocks)
+    }
+
+    /// The events describe the pool's changes in the engine's terms: each new run of blocks
+    /// under its parent with both hashes, then the evicted blocks.
+    #[test]
+    fn events_follow_the_pool() {
+        let mut pool = BlockPool::new(Some(4));
+        let first = blocks(&[1, 2, 3]);
+        let keys: Vec<SequenceHash> = first.iter().map(|b| b.sequence).collect();
+        let events = pool_events(&first, &[], pool.store(&keys, &keys));
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            stored(&events[0]),
+            (None, vec![(1, 101), (2, 102), (3, 103)])
+        );
+
+        // 1 and 2 are held, 9 is new; 4 blocks fit, so nothing leaves yet.
+        let second = blocks(&[1, 2, 9]);
+        let keys: Vec<SequenceHash> = second.iter().map(|b| b.sequence).collect();
+        assert_eq!(pool.lookup(&keys), 2);
+        let events = pool_events(&second, &[], pool.store(&keys, &keys));
+        assert_eq!(events.len(), 1);
+        assert_eq!(stored(&events[0]), (Some(SequenceHash(2)), vec![(9, 109)]));
+
+        // A fifth block evicts the least recently used one: 3, the other continuation.
+        let third = blocks(&[5]);
+        let keys: Vec<SequenceHash> = third.iter().map(|b| b.sequence).collect();
+        let events = pool_events(&third, &[], pool.store(&keys, &keys));
+        assert_eq!(stored(&events[0]), (None, vec![(5, 105)]));
+        assert_eq!(
+            events[1],
+            KvCacheEventData::Removed(KvCacheRemoveData {
+                block_hashes: vec![SequenceHash(3)],
+            })
+        );
     }
 }

@@ -34,7 +34,6 @@
 
 pub mod multimodal;
 pub mod plot;
-mod pool;
 mod report;
 mod sim;
 mod trace;

@@ -1,11 +1,10 @@
 //! The replay engine: requests routed by the real index and routing code to simulated
 //! workers, in virtual time.
 
-use crate::pool::Pool;
 use crate::report::{summarize, ReplayReport, RequestRecord};
 use crate::workload::Workload;
 use kvroute_dispatch::{CandidateInput, LoadGuard, Registry, RoutingPolicy, Worker};
-use kvroute_index::{Index, IndexConfig};
+use kvroute_index::{BlockPool, Index, IndexConfig};
 use kvroute_protocol::{
     BlockHash, DpRank, KvCacheEvent, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData,
     KvCacheStoredBlockData, RouterEvent, SequenceHash, WorkerId,
@@ -148,7 +147,7 @@ struct InFlight {
 
 #[derive(Default)]
 struct SimWorker {
-    pool: Pool,
+    pool: BlockPool,
     running: usize,
     waiting: VecDeque<usize>,
     prefill_queue: VecDeque<usize>,
@@ -224,7 +223,7 @@ pub fn replay(
         registry,
         workers: (0..config.workers)
             .map(|_| SimWorker {
-                pool: Pool::new(capacity),
+                pool: BlockPool::new(capacity),
                 ..SimWorker::default()
             })
             .collect(),
@@ -400,21 +399,26 @@ impl Engine<'_> {
         let keyed = &workload.requests[request];
         let record = &mut self.records[request];
         record.ttft_us = self.now - (keyed.arrival_us as f64 / self.config.speedup) as u64;
-        let outcome = self.workers[worker]
+        let router_keys = keyed.keys(self.keys);
+        let changes = self.workers[worker]
             .pool
-            .store(&keyed.media_keys, keyed.keys(self.keys));
+            .store(&keyed.media_keys, router_keys);
         let worker_id = WorkerId(worker as u64 + 1);
-        for (parent, blocks) in outcome.stored {
+        for run in changes.stored {
             let data = KvCacheEventData::Stored(KvCacheStoreData {
-                parent_hash: parent,
+                parent_hash: run.parent,
                 start_position: None,
-                blocks: blocks.into_iter().map(stored_block).collect(),
+                blocks: router_keys[run.blocks]
+                    .iter()
+                    .copied()
+                    .map(stored_block)
+                    .collect(),
             });
             self.publish(worker, worker_id, data);
         }
-        if !outcome.removed.is_empty() {
+        if !changes.removed.is_empty() {
             let data = KvCacheEventData::Removed(KvCacheRemoveData {
-                block_hashes: outcome.removed,
+                block_hashes: changes.removed,
             });
             self.publish(worker, worker_id, data);
         }
