@@ -1,16 +1,15 @@
 //! Sending a request to the chosen worker, with retries on another worker before the first
 //! byte, circuit breaking, and a streamed response.
 
+use crate::pool::{Pool, WorkerBody};
 use crate::registry::{Eligible, LoadGuard, Registry, Worker};
 use crate::Candidate;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri};
+use hyper::body::{Body, Frame, SizeHint};
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -60,7 +59,7 @@ pub struct Forwarded {
     /// The worker that answered.
     pub worker: Worker,
     /// Its response; the body streams as the worker writes it.
-    pub response: Response<Incoming>,
+    pub response: Response<WorkerBody>,
     /// Counts the request in the worker's load until dropped.
     pub guard: LoadGuard,
     /// Workers tried (1 when the first choice answered).
@@ -149,7 +148,7 @@ const FORWARDED_HEADERS: [&str; 4] = ["authorization", "accept", "x-request-id",
 /// A pooled HTTP/1 client to the workers. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Forwarder {
-    client: Client<HttpConnector, ForwardBody>,
+    pool: Arc<Pool>,
     config: ForwardConfig,
 }
 
@@ -157,14 +156,10 @@ impl Forwarder {
     /// A forwarder with its own connection pool. Creating it does no I/O; sending needs a
     /// Tokio runtime.
     pub fn new(config: ForwardConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        // Without TCP_NODELAY the first streamed chunk can wait for a delayed ACK (~40 ms).
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(connector);
-        Self { client, config }
+        Self {
+            pool: Arc::new(Pool::new(config.connect_timeout)),
+            config,
+        }
     }
 
     /// Posts `body` to `path` on the first candidate that answers, in order. Connection
@@ -186,10 +181,23 @@ impl Forwarder {
             attempts += 1;
             let worker = candidate.worker().clone();
             let guard = candidate.start_request(&row);
-            let request = build_request(&worker, path, client_headers, body.clone());
-            let outcome =
-                tokio::time::timeout(self.config.response_timeout, self.client.request(request))
-                    .await;
+            let Some((address, request)) =
+                build_request(&worker, path, client_headers, body.clone())
+            else {
+                // Registered URLs are validated when workers are added; one that still makes
+                // no request fails the attempt like an unreachable worker.
+                last = Some(format!(
+                    "worker {}: unusable URL {:?}",
+                    worker.id, worker.url
+                ));
+                registry.record_failure(worker.id, Instant::now());
+                continue;
+            };
+            let outcome = tokio::time::timeout(
+                self.config.response_timeout,
+                self.pool.send(&address, request),
+            )
+            .await;
             match outcome {
                 Ok(Ok(response)) if !response.status().is_server_error() => {
                     registry.record_success(worker.id);
@@ -226,21 +234,27 @@ impl Forwarder {
     }
 }
 
+/// The worker's socket address (`host:port`) and the request to send it: origin-form target
+/// under the worker's base path, `Host`, the JSON content type and the forwarded headers.
+/// `None` when the worker's URL makes no request.
 fn build_request(
     worker: &Worker,
     path: &str,
     client_headers: &HeaderMap,
     body: ForwardBody,
-) -> Request<ForwardBody> {
+) -> Option<(Arc<str>, Request<ForwardBody>)> {
+    let url: Uri = format!("{}{path}", worker.url).parse().ok()?;
+    let host = url.host()?;
+    let port = url.port_u16().unwrap_or(80);
+    let address: Arc<str> = format!("{host}:{port}").into();
     let mut request = Request::new(body);
     *request.method_mut() = Method::POST;
-    *request.uri_mut() = match format!("{}{path}", worker.url).parse() {
-        Ok(uri) => uri,
-        // Registered URLs are validated when workers are added; an unparsable one fails the
-        // attempt like an unreachable worker.
-        Err(_) => http::Uri::from_static("http://invalid.invalid/"),
-    };
+    *request.uri_mut() = Uri::from(url.path_and_query()?.clone());
     let headers = request.headers_mut();
+    headers.insert(
+        http::header::HOST,
+        HeaderValue::from_str(url.authority()?.as_str()).ok()?,
+    );
     headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -250,7 +264,7 @@ fn build_request(
             headers.insert(name, value.clone());
         }
     }
-    request
+    Some((address, request))
 }
 
 #[cfg(test)]
@@ -275,6 +289,43 @@ mod tests {
         assert_eq!(body.size_hint().exact(), Some(0));
         assert_eq!(body.len(), 0);
         frames
+    }
+
+    #[test]
+    fn requests_are_origin_form_with_the_host_of_the_worker() {
+        let headers = HeaderMap::new();
+        for (url, address, target, host) in [
+            (
+                "http://127.0.0.1:8001",
+                "127.0.0.1:8001",
+                "/v1/chat/completions",
+                "127.0.0.1:8001",
+            ),
+            (
+                "http://worker-3",
+                "worker-3:80",
+                "/v1/chat/completions",
+                "worker-3",
+            ),
+            (
+                "http://[::1]:9000/engine",
+                "[::1]:9000",
+                "/engine/v1/chat/completions",
+                "[::1]:9000",
+            ),
+        ] {
+            let worker = Worker::new(kvroute_protocol::WorkerId(1), url).unwrap();
+            let (to, request) = build_request(
+                &worker,
+                "/v1/chat/completions",
+                &headers,
+                ForwardBody::default(),
+            )
+            .unwrap();
+            assert_eq!(&*to, address, "{url}");
+            assert_eq!(request.uri(), target, "{url}");
+            assert_eq!(request.headers()[http::header::HOST], host, "{url}");
+        }
     }
 
     #[test]

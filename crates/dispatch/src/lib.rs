@@ -31,6 +31,7 @@
 mod cost;
 mod forward;
 mod policy;
+mod pool;
 mod registry;
 
 pub use cost::{decide, Candidate, CandidateInput, CostConfig, Decision, TieBreaker};
@@ -38,6 +39,7 @@ pub use forward::{ForwardBody, ForwardConfig, ForwardError, Forwarded, Forwarder
 pub use policy::{
     decision_row, KvAware, LeastLoaded, PrefixKeys, Random, RoundRobin, RoutingPolicy,
 };
+pub use pool::WorkerBody;
 pub use registry::{
     BreakerConfig, Eligible, InvalidWorkerUrl, LoadGuard, Registry, Worker, WorkerStatus,
 };

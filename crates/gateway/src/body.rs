@@ -4,8 +4,8 @@ use crate::usage::{cached_tokens, PredictionOutcome};
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use kvroute_dispatch::LoadGuard;
+use hyper::body::{Body, Frame, SizeHint};
+use kvroute_dispatch::{LoadGuard, WorkerBody};
 use kvroute_protocol::ErrorBody;
 use metrics::counter;
 use std::pin::Pin;
@@ -51,7 +51,7 @@ pub type StreamErrorHook = Box<dyn FnOnce(&hyper::Error) + Send>;
 /// request on the worker), marks the prefill done at the first byte, and, if the worker dies
 /// mid-stream, ends an SSE stream with an OpenAI-style error event instead of a silent cut.
 pub struct Passthrough {
-    inner: Incoming,
+    inner: WorkerBody,
     guard: Option<LoadGuard>,
     first_byte: bool,
     sse: bool,
@@ -65,7 +65,7 @@ impl Passthrough {
     /// once if the worker fails mid-body. At the end of the body, the cached tokens the worker
     /// reports (if it does) are compared with `predicted_cached_tokens` in the metrics.
     pub fn new(
-        inner: Incoming,
+        inner: WorkerBody,
         guard: LoadGuard,
         sse: bool,
         on_error: StreamErrorHook,
