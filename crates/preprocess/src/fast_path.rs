@@ -7,8 +7,9 @@
 //!
 //! - special tokens split the text first (leftmost-longest, as `AddedVocabulary` does), and no
 //!   token straddles such a split, so each piece between them is tokenized on its own;
-//! - the normalizer (NFC, NFD, NFKC or NFKD) leaves ASCII unchanged, so it runs, as the
-//!   tokenizer's own, only on pieces that are not ASCII;
+//! - the normalizer (NFC, NFD, NFKC or NFKD) leaves ASCII unchanged, and text the Unicode
+//!   quick check finds in its form already, so it runs, as the tokenizer's own, only on the
+//!   other pieces;
 //! - the split pattern is a handful of character classes ([`next_piece`] replays its
 //!   alternatives in Oniguruma's leftmost-first, greedy-with-backtracking order; the classes
 //!   beyond ASCII are Oniguruma's own tables, checked code point by code point in
@@ -53,6 +54,8 @@ pub(crate) struct FastPath {
     added_ids: Vec<u32>,
     /// Digits per piece: 1 (Qwen2) or 3 (Llama 3).
     max_digits: usize,
+    /// The tokenizer's normalizer.
+    normalization: Normalization,
     /// Ids of pre-tokens seen before, by their (normalized) bytes.
     words: Cache<Box<[u8]>, WordIds>,
     /// Whether the post-processor adds no token even when asked for special tokens.
@@ -64,15 +67,20 @@ impl FastPath {
     /// not reproduce exactly (it then keeps using the full pipeline).
     pub(crate) fn detect(tokenizer: &Tokenizer) -> Option<Self> {
         let max_digits = split_digits(tokenizer.get_pre_tokenizer()?)?;
-        let ascii_invariant_normalizer = match tokenizer.get_normalizer() {
-            None => true,
-            Some(normalizer) => matches!(
-                serde_json::to_value(normalizer)
-                    .ok()?
-                    .get("type")?
-                    .as_str()?,
-                "NFC" | "NFD" | "NFKC" | "NFKD"
-            ),
+        // Unicode normalizers leave ASCII unchanged; anything else is not modelled.
+        let normalization = match tokenizer.get_normalizer() {
+            None => Some(Normalization::None),
+            Some(normalizer) => match serde_json::to_value(normalizer)
+                .ok()?
+                .get("type")?
+                .as_str()?
+            {
+                "NFC" => Some(Normalization::Nfc),
+                "NFD" => Some(Normalization::Nfd),
+                "NFKC" => Some(Normalization::Nfkc),
+                "NFKD" => Some(Normalization::Nfkd),
+                _ => None,
+            },
         };
         // Without special tokens (chat prompts) a post-processor adds nothing; with them, only
         // ByteLevel's (offsets only) or none is known to add nothing (a template adds a BOS).
@@ -87,8 +95,8 @@ impl FastPath {
             tokenizer.get_model(),
             ModelWrapper::BPE(bpe) if bpe.dropout.is_none_or(|p| p == 0.0)
         );
-        if !ascii_invariant_normalizer
-            || !deterministic_bpe
+        let normalization = normalization?;
+        if !deterministic_bpe
             || tokenizer.get_truncation().is_some()
             || tokenizer.get_padding().is_some()
             || tokenizer.get_encode_special_tokens()
@@ -114,6 +122,7 @@ impl FastPath {
             added_tokens,
             added_ids,
             max_digits,
+            normalization,
             words: Cache::new(CACHED_WORDS),
             adds_no_special_tokens,
         })
@@ -153,7 +162,7 @@ impl FastPath {
     ) -> Result<(), PreprocessError> {
         let normalized;
         let text = match tokenizer.get_normalizer() {
-            Some(normalizer) if !piece.is_ascii() => {
+            Some(normalizer) if !piece.is_ascii() && !self.normalization.leaves(piece) => {
                 let mut string = NormalizedString::from(piece);
                 normalizer.normalize(&mut string).map_err(model_error)?;
                 normalized = string;
@@ -180,6 +189,42 @@ impl FastPath {
             }
         }
         Ok(())
+    }
+}
+
+/// A tokenizer's normalizer, among those the fast path reproduces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Normalization {
+    None,
+    Nfc,
+    Nfd,
+    Nfkc,
+    Nfkd,
+}
+
+impl Normalization {
+    /// Whether `text` is known to be in this form already, so that normalizing would not
+    /// change it: the Unicode quick check says "yes" (it says "maybe" or "no" for text that
+    /// has to be normalized to know). Most text that is not ASCII (CJK, accented letters as
+    /// keyboards produce them) is NFC already; the normalizer then is skipped, not run.
+    ///
+    /// The quick check uses the Unicode data of `unicode-normalization`, newer than that of the
+    /// tokenizer's normalizer (`unicode-normalization-alignments`). Unicode's stability policy
+    /// keeps the normalization of an assigned character from changing between versions, and a
+    /// character the older data does not know is left as it is there: "yes" under the newer
+    /// data still means the normalizer returns the text unchanged.
+    fn leaves(self, text: &str) -> bool {
+        use unicode_normalization::{
+            is_nfc_quick, is_nfd_quick, is_nfkc_quick, is_nfkd_quick, IsNormalized,
+        };
+        let verdict = match self {
+            Self::None => return true,
+            Self::Nfc => is_nfc_quick(text.chars()),
+            Self::Nfd => is_nfd_quick(text.chars()),
+            Self::Nfkc => is_nfkc_quick(text.chars()),
+            Self::Nfkd => is_nfkd_quick(text.chars()),
+        };
+        verdict == IsNormalized::Yes
     }
 }
 
@@ -371,6 +416,36 @@ mod tests {
             .to_vec()
     }
 
+    /// Qwen2 with NFD, NFKC and NFKD normalizers instead of NFC, with their fast paths.
+    fn other_normalizers() -> &'static [(Tokenizer, FastPath); 3] {
+        static TOKENIZERS: OnceLock<[(Tokenizer, FastPath); 3]> = OnceLock::new();
+        TOKENIZERS.get_or_init(|| {
+            ["NFD", "NFKC", "NFKD"].map(|form| {
+                let tokenizer = qwen_with(|config| config["normalizer"] = json!({"type": form}));
+                let path = FastPath::detect(&tokenizer).expect("applies");
+                (tokenizer, path)
+            })
+        })
+    }
+
+    #[test]
+    fn text_already_normalized_skips_the_normalizer() {
+        use Normalization::*;
+        for (form, text, leaves) in [
+            (Nfc, "你好，世界", true),
+            (Nfc, "caf\u{e9}", true),
+            (Nfc, "cafe\u{301}", false),
+            (Nfd, "cafe\u{301}", true),
+            (Nfd, "caf\u{e9}", false),
+            (Nfkc, "caf\u{e9} ½", false),
+            (Nfkc, "你好", true),
+            (Nfkd, "\u{fb05}", false),
+            (None, "\u{fb05}", true),
+        ] {
+            assert_eq!(form.leaves(text), leaves, "{form:?} {text:?}");
+        }
+    }
+
     /// Through one path per tokenizer, so its word cache fills up across cases as in service.
     fn fast(tokenizer: &'static Tokenizer, text: &str) -> Vec<u32> {
         static PATHS: OnceLock<[FastPath; 2]> = OnceLock::new();
@@ -528,6 +603,16 @@ mod tests {
         fn ids_match_hugging_face(text in text()) {
             prop_assert_eq!(fast(qwen(), &text), reference(qwen(), &text));
             prop_assert_eq!(fast(qwen_with_llama3_split(), &text), reference(qwen_with_llama3_split(), &text));
+        }
+
+        /// The normalizers other than Qwen's NFC, each skipped on text already in its form.
+        #[test]
+        fn other_normalizers_match_hugging_face(text in text()) {
+            for (tokenizer, path) in other_normalizers() {
+                let mut ids = Vec::new();
+                path.encode_into(tokenizer, &text, &mut ids).unwrap();
+                prop_assert_eq!(ids, reference(tokenizer, &text));
+            }
         }
 
         #[test]
