@@ -32,6 +32,33 @@ pub(crate) fn class(c: char) -> CharClass {
         };
     }
     let code = u32::from(c);
+    match bmp_classes().get(code as usize) {
+        Some(&class) => class,
+        None => search(code),
+    }
+}
+
+/// The class of every code point of the Basic Multilingual Plane (64 KiB, built once): most
+/// text that is not ASCII (CJK, Cyrillic, Arabic, ...) is looked up in one load instead of a
+/// binary search through the ranges.
+fn bmp_classes() -> &'static [CharClass] {
+    static TABLE: std::sync::OnceLock<Box<[CharClass]>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        let mut table = vec![CharClass::Other; 0x1_0000].into_boxed_slice();
+        for c in (0..0x80u8).map(char::from) {
+            table[c as usize] = class(c);
+        }
+        for &(first, last, class) in NON_ASCII {
+            for code in first..=last.min(0xffff) {
+                table[code as usize] = class;
+            }
+        }
+        table
+    })
+}
+
+/// The class of a non-ASCII code point, from the ranges.
+fn search(code: u32) -> CharClass {
     let after = NON_ASCII.partition_point(|&(first, _, _)| first <= code);
     match after.checked_sub(1).map(|i| NON_ASCII[i]) {
         Some((_, last, class)) if code <= last => class,
@@ -936,6 +963,17 @@ mod tests {
             "the Unicode table is out of date: run `cargo test -p kvroute-preprocess --lib \
              regenerate_table -- --ignored`"
         );
+    }
+
+    #[test]
+    fn the_bmp_table_agrees_with_the_ranges() {
+        for code in 0x80..0x1_0000u32 {
+            if let Some(c) = char::from_u32(code) {
+                assert_eq!(class(c), search(code), "U+{code:04X}");
+            }
+        }
+        assert_eq!(class('\u{20000}'), CharClass::Letter);
+        assert_eq!(class('\u{1F600}'), CharClass::Other);
     }
 
     #[test]
