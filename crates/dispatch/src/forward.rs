@@ -251,10 +251,9 @@ fn build_request(
     *request.method_mut() = Method::POST;
     *request.uri_mut() = Uri::from(url.path_and_query()?.clone());
     let headers = request.headers_mut();
-    headers.insert(
-        http::header::HOST,
-        HeaderValue::from_str(url.authority()?.as_str()).ok()?,
-    );
+    // The authority without any user information.
+    let host_header = url.authority()?.as_str().rsplit('@').next()?;
+    headers.insert(http::header::HOST, HeaderValue::from_str(host_header).ok()?);
     headers.insert(
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -302,7 +301,7 @@ mod tests {
                 "127.0.0.1:8001",
             ),
             (
-                "http://worker-3",
+                "http://user@worker-3",
                 "worker-3:80",
                 "/v1/chat/completions",
                 "worker-3",
