@@ -219,6 +219,7 @@ impl Normalization {
         };
         let verdict = match self {
             Self::None => return true,
+            Self::Nfc if text.chars().all(plainly_nfc) => return true,
             Self::Nfc => is_nfc_quick(text.chars()),
             Self::Nfd => is_nfd_quick(text.chars()),
             Self::Nfkc => is_nfkc_quick(text.chars()),
@@ -226,6 +227,24 @@ impl Normalization {
         };
         verdict == IsNormalized::Yes
     }
+}
+
+/// Characters the NFC quick check answers "yes" for, with canonical combining class 0, so that
+/// text made of them alone is NFC without looking each up: all below U+0300, CJK symbols and
+/// punctuation but the tone marks, kana but the two combining sound marks, CJK unified
+/// ideographs, Hangul syllables, halfwidth and fullwidth forms (the bulk of Chinese, Japanese
+/// and Korean text).
+fn plainly_nfc(c: char) -> bool {
+    matches!(
+        c,
+        '\0'..='\u{2ff}'
+            | '\u{3000}'..='\u{3029}'
+            | '\u{3030}'..='\u{3098}'
+            | '\u{309b}'..='\u{30ff}'
+            | '\u{4e00}'..='\u{9fff}'
+            | '\u{ac00}'..='\u{d7a3}'
+            | '\u{ff00}'..='\u{ffef}'
+    )
 }
 
 fn model_error(error: tokenizers::Error) -> PreprocessError {
@@ -426,6 +445,28 @@ mod tests {
                 (tokenizer, path)
             })
         })
+    }
+
+    #[test]
+    fn plainly_nfc_characters_are_nfc_quick_yes_with_combining_class_0() {
+        use unicode_normalization::char::canonical_combining_class;
+        use unicode_normalization::{is_nfc_quick, IsNormalized};
+        let plain = (0..=0x10ffff)
+            .filter_map(char::from_u32)
+            .filter(|&c| plainly_nfc(c));
+        let mut count = 0;
+        for c in plain {
+            assert_eq!(canonical_combining_class(c), 0, "U+{:04X}", u32::from(c));
+            assert_eq!(
+                is_nfc_quick(std::iter::once(c)),
+                IsNormalized::Yes,
+                "U+{:04X}",
+                u32::from(c)
+            );
+            count += 1;
+        }
+        assert!(count > 30_000, "{count}");
+        assert!(!plainly_nfc('\u{301}') && !plainly_nfc('\u{3099}') && !plainly_nfc('\u{f900}'));
     }
 
     #[test]
