@@ -4,7 +4,8 @@
 # modelled inference time. Everything started is stopped on exit.
 #
 # Expects ROOT and TARGET_DIR. Sets KVROUTE, LOADGEN, TMP (logs), PIDS; after start_fleet N:
-# NATS (its URL), WORKER_FLAGS (--worker id=url ...) and WORKER_URLS.
+# NATS (its URL), WORKER_FLAGS (--worker id=url ...) and WORKER_URLS; after start_gateway:
+# GATEWAY_URL and GATEWAY_PID.
 
 command -v nats-server >/dev/null || { echo "nats-server is needed (apt-get install nats-server)" >&2; exit 1; }
 
@@ -60,3 +61,21 @@ start_fleet() {
   done
   for url in "${WORKER_URLS[@]}"; do wait_ok "$url/health"; done
 }
+
+# start_gateway LOG COMMAND...: `COMMAND serve --no-snapshots` (a kvroute binary, or one behind a
+# wrapper such as valgrind) on a free port in front of the fleet, logging to $TMP/LOG.log; ready
+# when it returns.
+start_gateway() {
+  local log="$1" port
+  shift
+  port="$(free_port)"
+  RUST_LOG=warn "$@" serve --listen "127.0.0.1:$port" --nats-url "$NATS" --no-snapshots \
+    "${WORKER_FLAGS[@]}" >"$TMP/$log.log" 2>&1 &
+  GATEWAY_PID=$!
+  PIDS+=($!)
+  GATEWAY_URL="http://127.0.0.1:$port"
+  wait_ok "$GATEWAY_URL/ready"
+}
+
+# CPU seconds (user + system) process $1 has used.
+cpu_seconds() { awk -v tck="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / tck}' "/proc/$1/stat"; }

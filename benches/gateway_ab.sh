@@ -26,36 +26,27 @@ REPS="${REPS:-2}"
 start_fleet 2
 
 TARGETS=(--target "direct=${WORKER_URLS[0]}")
-declare -A GATEWAY_PID
-start_gateway() {
-  local name="$1" binary="$2" port
-  port="$(free_port)"
-  RUST_LOG=warn "$binary" serve --listen "127.0.0.1:$port" --nats-url "$NATS" --no-snapshots \
-    "${WORKER_FLAGS[@]}" >"$TMP/$name.log" 2>&1 &
-  PIDS+=($!)
-  GATEWAY_PID[$name]=$!
-  wait_ok "http://127.0.0.1:$port/ready"
-  TARGETS+=(--target "$name=http://127.0.0.1:$port")
-}
 start_gateway old "$OLD"
+OLD_PID=$GATEWAY_PID
+TARGETS+=(--target "old=$GATEWAY_URL")
 start_gateway new "$NEW"
-
-cpu_seconds() { awk -v tck="$(getconf CLK_TCK)" '{printf "%.3f", ($14 + $15) / tck}' "/proc/$1/stat"; }
+NEW_PID=$GATEWAY_PID
+TARGETS+=(--target "new=$GATEWAY_URL")
 
 echo "$(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores; old: $OLD, new: $NEW"
 for rep in $(seq "$REPS"); do
   # kind, requests per target, concurrency, rounds
   for scenario in "text 2000 1 2000" "image 1000 1 1000" "text 6000 64 5" "image 1500 64 5"; do
     read -r kind requests concurrency rounds <<<"$scenario"
-    old0="$(cpu_seconds "${GATEWAY_PID[old]}")"
-    new0="$(cpu_seconds "${GATEWAY_PID[new]}")"
+    old0="$(cpu_seconds "$OLD_PID")"
+    new0="$(cpu_seconds "$NEW_PID")"
     echo
     echo "#### $kind, concurrency $concurrency (repetition $rep)"
     echo
     "$LOADGEN" --max-tokens 4 --requests "$requests" --warmup 50 --rounds "$rounds" \
       --kind "$kind" --concurrency "$concurrency" "${TARGETS[@]}"
-    awk -v o="$(cpu_seconds "${GATEWAY_PID[old]}")" -v o0="$old0" \
-      -v n="$(cpu_seconds "${GATEWAY_PID[new]}")" -v n0="$new0" -v r="$requests" \
+    awk -v o="$(cpu_seconds "$OLD_PID")" -v o0="$old0" \
+      -v n="$(cpu_seconds "$NEW_PID")" -v n0="$new0" -v r="$requests" \
       'BEGIN { printf "\ngateway CPU per request: old %.0f µs, new %.0f µs\n", (o - o0) / r * 1e6, (n - n0) / r * 1e6 }'
   done
 done

@@ -29,14 +29,9 @@ done
 . "$ROOT/benches/fleet.sh"
 start_fleet 2
 
-GATEWAY_PORT="$(free_port)"
-RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT/callgrind.out.%p" \
-  "$KVROUTE" serve --listen "127.0.0.1:$GATEWAY_PORT" --nats-url "$NATS" --no-snapshots \
-  "${WORKER_FLAGS[@]}" >"$TMP/kvroute.log" 2>&1 &
-GATEWAY_PID=$!
-PIDS+=($!)
-wait_ok "http://127.0.0.1:$GATEWAY_PORT/ready"
-TARGET=(--target "kvroute=http://127.0.0.1:$GATEWAY_PORT" --warmup 0 --rounds 1 --concurrency 1)
+start_gateway kvroute valgrind --tool=callgrind --instr-atstart=no \
+  --callgrind-out-file="$OUT/callgrind.out.%p" "$KVROUTE"
+TARGET=(--target "kvroute=$GATEWAY_URL" --warmup 0 --rounds 1 --concurrency 1)
 
 "$LOADGEN" "${TARGET[@]}" --kind image --requests 20 >/dev/null
 "$LOADGEN" "${TARGET[@]}" --kind text --requests 50 >/dev/null

@@ -50,12 +50,8 @@ fi
 . "$ROOT/benches/fleet.sh"
 start_fleet "$WORKERS"
 
-GATEWAY_PORT="$(free_port)"
-RUST_LOG=warn "$KVROUTE" serve --listen "127.0.0.1:$GATEWAY_PORT" --nats-url "$NATS" --no-snapshots \
-  "${WORKER_FLAGS[@]}" >"$TMP/kvroute.log" 2>&1 &
-KVROUTE_PID=$!
-PIDS+=($!)
-wait_ok "http://127.0.0.1:$GATEWAY_PORT/ready"
+start_gateway kvroute "$KVROUTE"
+KVROUTE_PID=$GATEWAY_PID
 
 SGLANG_PORT="$(free_port)"
 "$VENV/bin/python" -m sglang_router.launch_router --host 127.0.0.1 --port "$SGLANG_PORT" \
@@ -77,7 +73,7 @@ if command -v socat >/dev/null; then
 fi
 
 DIRECT="direct=${WORKER_URLS[0]}"
-KV="kvroute=http://127.0.0.1:$GATEWAY_PORT"
+KV="kvroute=$GATEWAY_URL"
 SG="sglang-router=http://127.0.0.1:$SGLANG_PORT"
 COMMON=(--max-tokens "$MAX_TOKENS")
 
@@ -94,8 +90,6 @@ report() { if [ -n "$OUT" ]; then tee -a "$OUT"; else cat; fi; }
 # else while a vCPU had work; tails measured under steal are the host's, not the routers').
 cpu_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $9 }' /proc/stat; }
 
-# CPU seconds (user + system) a process has used.
-cpu_seconds() { awk -v tck="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / tck}' "/proc/$1/stat"; }
 
 # scenario TITLE REQUESTS_PER_TARGET WARMUP LOADGEN_ARGS...: one loadgen run, then the share of
 # CPU time the hypervisor stole meanwhile and the CPU each router process used per request it
