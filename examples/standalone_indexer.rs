@@ -26,8 +26,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use kvroute_blockhash::{sequence_hashes_into, BlockHasher, MediaSpan};
 use kvroute_events::{
-    connect, DynamoSource, EventSource, IngestConfig, Ingestor, NatsSource, NatsSourceConfig,
-    StreamSettings,
+    connect, DynamoSource, IngestConfig, Ingestor, NatsSource, NatsSourceConfig, StreamSettings,
 };
 use kvroute_index::{Index, IndexConfig, SharedIndex};
 use kvroute_protocol::{BlockHash, ErrorBody, SequenceHash};
@@ -111,22 +110,26 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), BoxError> {
     let client = connect(&args.nats_url).await?;
-    let source: EventSource = match args.wire {
+    let index = SharedIndex::new(Index::new(IndexConfig::default()));
+    let config = IngestConfig::default();
+    let ingestor = match args.wire {
         // The whole stream from its first message (no snapshots: a restart replays it).
         Wire::Kvroute => {
             let stream = StreamSettings::default().for_component(&args.namespace, &args.component);
-            NatsSource::new(client, NatsSourceConfig::new(stream).with_snapshots(None)).into()
+            let source =
+                NatsSource::new(client, NatsSourceConfig::new(stream).with_snapshots(None));
+            Ingestor::spawn(source, index.clone(), config)
         }
-        Wire::Dynamo => DynamoSource::new(
-            client,
-            &args.namespace,
-            &args.component,
-            args.endpoint.as_deref(),
-        )
-        .into(),
+        Wire::Dynamo => {
+            let source = DynamoSource::new(
+                client,
+                &args.namespace,
+                &args.component,
+                args.endpoint.as_deref(),
+            );
+            Ingestor::spawn(source, index.clone(), config)
+        }
     };
-    let index = SharedIndex::new(Index::new(IndexConfig::default()));
-    let ingestor = Ingestor::spawn(source, index.clone(), IngestConfig::default());
     BlockHasher::new(args.block_size)?; // refuse a block size of 0 at start, not per query
     let indexer = Arc::new(Indexer {
         index,

@@ -6,8 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use kvroute_dispatch::{BreakerConfig, Registry, Worker};
 use kvroute_events::{
-    DynamoSource, EventSource, IngestConfig, Ingestor, NatsSource, NatsSourceConfig,
-    SnapshotSettings,
+    DynamoSource, IngestConfig, Ingestor, NatsSource, NatsSourceConfig, SnapshotSettings,
 };
 use kvroute_gateway::GatewayConfig;
 use kvroute_index::{Index, IndexConfig, SharedIndex};
@@ -107,12 +106,7 @@ pub async fn run(args: ServeArgs, metrics: kvroute_gateway::MetricsRender) -> Re
     let ingestor = if args.no_kv_events {
         None
     } else {
-        let source = event_source(&args, client.clone()).await?;
-        Some(Ingestor::spawn(
-            source,
-            index.clone(),
-            IngestConfig::default(),
-        ))
+        Some(spawn_ingestor(&args, client.clone(), index.clone()).await?)
     };
 
     let registry = Registry::new(
@@ -174,8 +168,13 @@ pub async fn run(args: ServeArgs, metrics: kvroute_gateway::MetricsRender) -> Re
     Ok(())
 }
 
-/// Where KV events come from: kvroute's JetStream stream (with snapshots) or Dynamo's wire.
-async fn event_source(args: &ServeArgs, client: async_nats::Client) -> Result<EventSource> {
+/// Ingests KV events from kvroute's JetStream stream (with snapshots) or Dynamo's wire.
+async fn spawn_ingestor(
+    args: &ServeArgs,
+    client: async_nats::Client,
+    index: SharedIndex,
+) -> Result<Ingestor> {
+    let config = IngestConfig::default();
     Ok(match args.event_wire {
         EventWire::Kvroute => {
             let stream = args.nats.stream();
@@ -196,15 +195,17 @@ async fn event_source(args: &ServeArgs, client: async_nats::Client) -> Result<Ev
                 settings.interval = Duration::from_secs(args.snapshot_interval_secs.max(1));
                 settings
             });
-            let config = NatsSourceConfig::new(stream).with_snapshots(snapshots);
-            NatsSource::new(client.clone(), config).into()
+            let source_config = NatsSourceConfig::new(stream).with_snapshots(snapshots);
+            Ingestor::spawn(NatsSource::new(client, source_config), index, config)
         }
-        EventWire::Dynamo => DynamoSource::new(
-            client.clone(),
-            &args.nats.namespace,
-            &args.nats.component,
-            Some(&args.endpoint),
-        )
-        .into(),
+        EventWire::Dynamo => {
+            let source = DynamoSource::new(
+                client,
+                &args.nats.namespace,
+                &args.nats.component,
+                Some(&args.endpoint),
+            );
+            Ingestor::spawn(source, index, config)
+        }
     })
 }

@@ -2,7 +2,7 @@
 //!
 //! It owns the worker registry (static or registered at run time) with each worker's load
 //! (in-flight requests, blocks still prefilling, KV blocks held) and a circuit breaker ([`Registry`]), the
-//! routing cost of DESIGN.md with random tie-breaks and an optional temperature ([`decide`]),
+//! routing cost (docs/architecture.md) with random tie-breaks and an optional temperature ([`decide`]),
 //! and forwarding over a pooled HTTP client that streams the worker's response through, retrying
 //! on another worker before the first byte ([`Forwarder`]). It does not know about tokens,
 //! hashes or the index: the caller passes each worker's overlap in blocks.
@@ -37,7 +37,7 @@ mod registry;
 pub use cost::{decide, Candidate, CandidateInput, CostConfig, Decision, TieBreaker};
 pub use forward::{ForwardBody, ForwardConfig, ForwardError, Forwarded, Forwarder};
 pub use policy::{
-    decision_row, KvAware, LeastLoaded, PrefixKeys, Random, RoundRobin, RoutingPolicy,
+    decision_row, KvAware, LeastLoaded, PrefixKeys, Random, RoundRobin, RoutingPolicy, SharedPolicy,
 };
 pub use pool::WorkerBody;
 pub use registry::{

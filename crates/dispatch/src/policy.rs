@@ -4,8 +4,9 @@
 //! [`LeastLoaded`] are the baselines every comparison needs, and [`KvAware::text_only`] is what
 //! a router that ignores media does. Users add their own by implementing [`RoutingPolicy`].
 
-use crate::cost::{decide, Candidate, CandidateInput, CostConfig, TieBreaker};
+use crate::cost::{decide, Candidate, CandidateInput, CostConfig, Decision, TieBreaker};
 use kvroute_protocol::WorkerId;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Which block keys the caller should look prefixes up with for a policy.
 ///
@@ -62,6 +63,96 @@ pub trait RoutingPolicy: Send {
 
     /// Picks a worker for a request of `prompt_blocks` full blocks.
     fn choose(&mut self, prompt_blocks: usize, candidates: &[CandidateInput]) -> Option<Candidate>;
+
+    /// The whole decision table: the chosen worker's row first, then every other candidate in
+    /// the order to fall back on (what a dry run shows and the gateway retries in). By default
+    /// the others follow in the order of the default [`CostConfig`]; policies that score every
+    /// candidate return their own order.
+    fn decide(&mut self, prompt_blocks: usize, candidates: &[CandidateInput]) -> Decision {
+        let Some(chosen) = self.choose(prompt_blocks, candidates) else {
+            return Decision::without_candidates(prompt_blocks);
+        };
+        let others = candidates
+            .iter()
+            .copied()
+            .filter(|c| c.worker != chosen.worker);
+        let mut table = std::iter::once(chosen).collect::<Vec<_>>();
+        if let Some(rest) = decide(
+            prompt_blocks,
+            others,
+            &CostConfig::default(),
+            &mut TieBreaker::with_seed(0),
+        ) {
+            table.extend(rest.table);
+        }
+        Decision {
+            prompt_blocks,
+            table,
+        }
+    }
+}
+
+/// A policy that several tasks share and that can be replaced while they use it (a
+/// configuration reload). Cheap to clone; one short lock per decision.
+///
+/// ```
+/// use kvroute_dispatch::{CandidateInput, CostConfig, KvAware, RoundRobin, SharedPolicy};
+/// use kvroute_protocol::WorkerId;
+///
+/// let policy = SharedPolicy::new(KvAware::new(CostConfig::default(), 1));
+/// let candidates = [CandidateInput::idle(WorkerId(1), 0), CandidateInput::idle(WorkerId(2), 5)];
+/// assert_eq!(policy.decide(8, &candidates).chosen().unwrap().worker, WorkerId(2));
+/// policy.replace(Box::new(RoundRobin::new()));
+/// assert_eq!(policy.name(), "round-robin");
+/// assert_eq!(policy.decide(8, &candidates).table.len(), 2);
+/// ```
+#[derive(Clone)]
+pub struct SharedPolicy(Arc<Mutex<Box<dyn RoutingPolicy>>>);
+
+impl SharedPolicy {
+    /// Shares `policy`.
+    pub fn new(policy: impl RoutingPolicy + 'static) -> Self {
+        Self::from_box(Box::new(policy))
+    }
+
+    /// Shares a boxed policy.
+    pub fn from_box(policy: Box<dyn RoutingPolicy>) -> Self {
+        Self(Arc::new(Mutex::new(policy)))
+    }
+
+    /// Puts `policy` in place of the current one for every later decision.
+    pub fn replace(&self, policy: Box<dyn RoutingPolicy>) {
+        *self.lock() = policy;
+    }
+
+    /// The current policy's name.
+    pub fn name(&self) -> String {
+        self.lock().name().to_owned()
+    }
+
+    /// The keys the current policy wants overlaps computed with.
+    pub fn prefix_keys(&self) -> PrefixKeys {
+        self.lock().prefix_keys()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Box<dyn RoutingPolicy>> {
+        // A policy that panicked mid-decision left nothing half-written that later decisions
+        // depend on for correctness.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// [`RoutingPolicy::decide`] with the current policy.
+    pub fn decide(&self, prompt_blocks: usize, candidates: &[CandidateInput]) -> Decision {
+        self.lock().decide(prompt_blocks, candidates)
+    }
+}
+
+impl std::fmt::Debug for SharedPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SharedPolicy").field(&self.name()).finish()
+    }
 }
 
 /// The decision row of one candidate scored alone under the default [`CostConfig`]: its
@@ -107,6 +198,16 @@ impl KvAware {
         }
     }
 
+    /// The policy with `config`, ties broken by a generator seeded from the operating system
+    /// (what a server wants: replicas do not break ties alike).
+    pub fn unseeded(config: CostConfig) -> Self {
+        Self {
+            config,
+            keys: PrefixKeys::WithMedia,
+            ties: TieBreaker::new(),
+        }
+    }
+
     /// The same cost over text-only prefixes: what a KV-aware router that ignores media does.
     pub fn text_only(config: CostConfig, seed: u64) -> Self {
         Self {
@@ -129,13 +230,19 @@ impl RoutingPolicy for KvAware {
     }
 
     fn choose(&mut self, prompt_blocks: usize, candidates: &[CandidateInput]) -> Option<Candidate> {
-        let decision = decide(
+        RoutingPolicy::decide(self, prompt_blocks, candidates)
+            .chosen()
+            .copied()
+    }
+
+    fn decide(&mut self, prompt_blocks: usize, candidates: &[CandidateInput]) -> Decision {
+        decide(
             prompt_blocks,
             candidates.iter().copied(),
             &self.config,
             &mut self.ties,
-        )?;
-        decision.chosen().copied()
+        )
+        .unwrap_or_else(|| Decision::without_candidates(prompt_blocks))
     }
 }
 
@@ -229,6 +336,10 @@ impl RoutingPolicy for LeastLoaded {
     fn choose(&mut self, prompt_blocks: usize, candidates: &[CandidateInput]) -> Option<Candidate> {
         self.load_only.choose(prompt_blocks, candidates)
     }
+
+    fn decide(&mut self, prompt_blocks: usize, candidates: &[CandidateInput]) -> Decision {
+        self.load_only.decide(prompt_blocks, candidates)
+    }
 }
 
 #[cfg(test)]
@@ -284,6 +395,34 @@ mod tests {
             assert!(picks.iter().filter(|w| w.get() == id).count() > 60);
         }
         assert_eq!(Random::new(1).choose(1, &[]), None);
+    }
+
+    #[test]
+    fn every_decision_table_lists_each_candidate_once_with_the_choice_first() {
+        let candidates = [input(1, 0, 0, 0), input(2, 4, 0, 0), input(3, 0, 3, 0)];
+        let policies: [Box<dyn RoutingPolicy>; 4] = [
+            Box::new(KvAware::new(CostConfig::default(), 1)),
+            Box::new(RoundRobin::new()),
+            Box::new(Random::new(1)),
+            Box::new(LeastLoaded::new(CostConfig::default(), 1)),
+        ];
+        for mut policy in policies {
+            let decision = policy.decide(4, &candidates);
+            let mut workers: Vec<u64> = decision.table.iter().map(|c| c.worker.get()).collect();
+            assert_eq!(decision.prompt_blocks, 4);
+            workers.sort_unstable();
+            assert_eq!(workers, [1, 2, 3], "{}", policy.name());
+            assert!(policy.decide(4, &[]).table.is_empty());
+        }
+        let mut round_robin = RoundRobin::new();
+        assert_eq!(
+            round_robin.decide(4, &candidates).table[0].worker,
+            WorkerId(1)
+        );
+        assert_eq!(
+            round_robin.decide(4, &candidates).table[0].worker,
+            WorkerId(2)
+        );
     }
 
     #[test]

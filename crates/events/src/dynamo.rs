@@ -8,7 +8,7 @@
 //! full-state requests: their gaps and duplicates are counted and every event is applied, as
 //! Dynamo's own router does.
 
-use crate::ingest::{Item, MalformedKind};
+use crate::ingest::{EventSource, IngestState, MalformedKind, SourceItem};
 use crate::nats::subject_token;
 use futures_util::StreamExt;
 use kvroute_protocol::RouterEvent;
@@ -146,13 +146,13 @@ pub fn dynamo_event_subject(namespace: &str, component: &str, endpoint: Option<&
 }
 
 /// Splits events into per-worker batches, keeping their order.
-pub(crate) fn per_worker(events: Vec<RouterEvent>, out: &mut VecDeque<Item>) {
+pub(crate) fn per_worker(events: Vec<RouterEvent>, out: &mut VecDeque<SourceItem>) {
     for event in events {
         match out.back_mut() {
-            Some(Item::Batch {
+            Some(SourceItem::Batch {
                 worker_id, events, ..
             }) if *worker_id == event.worker_id => events.push(event),
-            _ => out.push_back(Item::Batch {
+            _ => out.push_back(SourceItem::Batch {
                 worker_id: event.worker_id,
                 incarnation: None,
                 events: vec![event],
@@ -168,7 +168,7 @@ pub struct DynamoSource {
     client: async_nats::Client,
     subject: String,
     subscriber: Option<async_nats::Subscriber>,
-    pending: VecDeque<Item>,
+    pending: VecDeque<SourceItem>,
     announced: bool,
     idle: Duration,
 }
@@ -199,8 +199,10 @@ impl DynamoSource {
             idle: Duration::from_millis(250),
         }
     }
+}
 
-    pub(crate) async fn next(&mut self) -> Item {
+impl EventSource for DynamoSource {
+    async fn next(&mut self, _state: &IngestState) -> SourceItem {
         if let Some(item) = self.pending.pop_front() {
             return item;
         }
@@ -212,24 +214,24 @@ impl DynamoSource {
                     tokio::time::sleep(self.idle).await;
                 }
             }
-            return Item::Idle;
+            return SourceItem::Idle;
         };
         if !self.announced {
             self.announced = true;
-            return Item::CaughtUp;
+            return SourceItem::CaughtUp;
         }
         match tokio::time::timeout(self.idle, subscriber.next()).await {
-            Err(_) => Item::Idle,
+            Err(_) => SourceItem::Idle,
             Ok(None) => {
                 self.subscriber = None;
-                Item::Idle
+                SourceItem::Idle
             }
             Ok(Some(message)) => match decode_dynamo_envelope(&message.payload) {
                 Ok((_, events)) => {
                     per_worker(events, &mut self.pending);
-                    self.pending.pop_front().unwrap_or(Item::Idle)
+                    self.pending.pop_front().unwrap_or(SourceItem::Idle)
                 }
-                Err(error) => Item::Malformed(MalformedKind::Dynamo, error.to_string()),
+                Err(error) => SourceItem::malformed(MalformedKind::Dynamo, error.to_string()),
             },
         }
     }

@@ -2,14 +2,13 @@
 //! index, asks workers for full state after gaps, and (NATS) keeps snapshots.
 
 use crate::bus::InProcessSource;
-use crate::dynamo::DynamoSource;
-use crate::nats::NatsSource;
 use crate::sequencer::Sequencer;
 use crate::stats::{Counter, Counters, IngestStats};
 use crate::{IngestError, ResyncRequest};
 use kvroute_index::SharedIndex;
 use kvroute_protocol::{RouterEvent, WorkerId};
 use std::collections::HashSet;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::error::TryRecvError;
@@ -43,39 +42,85 @@ impl IngestConfig {
     }
 }
 
-/// Where an [`Ingestor`] reads events from.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum EventSource {
-    /// An in-process bus ([`in_process_bus`](crate::in_process_bus)).
-    InProcess(InProcessSource),
-    /// The JetStream stream ([`NatsSource`]).
-    Nats(Box<NatsSource>),
-    /// Dynamo 1.6 workers' own event plane on NATS core ([`DynamoSource`]).
-    Dynamo(Box<DynamoSource>),
-}
+/// Where an [`Ingestor`] reads events from: one implementation per transport and wire.
+///
+/// kvroute ships [`NatsSource`](crate::NatsSource) (its JetStream stream, with snapshots),
+/// [`DynamoSource`](crate::DynamoSource) (Dynamo 1.6 workers' NATS core subjects) and
+/// [`InProcessSource`](crate::InProcessSource) (the in-process bus). A source only delivers;
+/// the ingestor checks order (gaps, duplicates, incarnations), applies events to the index and
+/// asks workers for their full state through [`EventSource::request`].
+///
+/// Methods are called from one task, one at a time: `start` once, then `next` in a loop with
+/// `request` and `checkpoint` in between, and `checkpoint(.., true)` once at the end.
+///
+/// # Example
+///
+/// A source that replays a fixed list of batches:
+///
+/// ```
+/// use kvroute_events::{EventSource, IngestConfig, IngestState, Ingestor, SourceItem};
+/// use kvroute_index::{Index, IndexConfig, SharedIndex};
+/// use kvroute_protocol::{KvCacheEvent, KvCacheEventData, DpRank, RouterEvent, WorkerId};
+///
+/// struct Replay(Vec<RouterEvent>);
+///
+/// impl EventSource for Replay {
+///     async fn next(&mut self, _state: &IngestState) -> SourceItem {
+///         match self.0.pop() {
+///             Some(event) => SourceItem::Batch {
+///                 worker_id: event.worker_id,
+///                 incarnation: None,
+///                 events: vec![event],
+///             },
+///             None => SourceItem::Ended,
+///         }
+///     }
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+/// let clear = RouterEvent::new(
+///     WorkerId(1),
+///     KvCacheEvent { event_id: 0, dp_rank: DpRank(0), data: KvCacheEventData::Cleared },
+/// );
+/// let index = SharedIndex::new(Index::new(IndexConfig::default()));
+/// let ingestor = Ingestor::spawn(Replay(vec![clear]), index, IngestConfig::default());
+/// ingestor.shutdown().await?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # })?;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub trait EventSource: Send + 'static {
+    /// Runs once before the first [`next`](EventSource::next): provision the transport,
+    /// restore a snapshot into `state`. Nothing by default.
+    fn start(&mut self, state: &mut IngestState) -> impl Future<Output = ()> + Send {
+        let _ = state;
+        async {}
+    }
 
-impl From<DynamoSource> for EventSource {
-    fn from(source: DynamoSource) -> Self {
-        Self::Dynamo(Box::new(source))
+    /// The next thing the source produced. Return [`SourceItem::Idle`] when nothing arrived
+    /// for about [`IngestState::tick`], so the ingestor can look at its timers.
+    fn next(&mut self, state: &IngestState) -> impl Future<Output = SourceItem> + Send;
+
+    /// Asks the workers `request` names for their full state. Sources whose workers take no
+    /// requests ignore it (the default); the ingestor repeats unanswered requests.
+    fn request(&mut self, request: &ResyncRequest) -> impl Future<Output = ()> + Send {
+        let _ = request;
+        async {}
+    }
+
+    /// Called on every tick, and once with `last` when ingestion stops: a chance to persist
+    /// `state` (a snapshot). Nothing by default.
+    fn checkpoint(&mut self, state: &IngestState, last: bool) -> impl Future<Output = ()> + Send {
+        let _ = (state, last);
+        async {}
     }
 }
 
-impl From<NatsSource> for EventSource {
-    fn from(source: NatsSource) -> Self {
-        Self::Nats(Box::new(source))
-    }
-}
-
-impl From<InProcessSource> for EventSource {
-    fn from(source: InProcessSource) -> Self {
-        Self::InProcess(source)
-    }
-}
-
-/// Why a message was skipped; each kind is logged once per ingestor, then only counted.
+/// Why a message was skipped; each kind is logged once per ingestor, then only counted (in
+/// `kvroute_events_malformed_total`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(crate) enum MalformedKind {
+#[non_exhaustive]
+pub enum MalformedKind {
     /// Not a batch: bad JSON, wrong types, missing fields.
     Batch,
     /// An event names another worker than its batch.
@@ -88,17 +133,27 @@ pub(crate) enum MalformedKind {
     Dynamo,
 }
 
-/// One thing a source produced.
-pub(crate) enum Item {
+/// One thing an [`EventSource`] produced.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SourceItem {
     /// Events of one worker, in order; `incarnation` is `None` for sources without one.
     Batch {
+        /// The worker every event belongs to.
         worker_id: WorkerId,
+        /// The worker's process start, when the wire carries one.
         incarnation: Option<u64>,
+        /// The events.
         events: Vec<RouterEvent>,
     },
     /// A message that was skipped.
-    Malformed(MalformedKind, String),
-    /// Everything the source held at start has been delivered.
+    Malformed {
+        /// What was wrong.
+        kind: MalformedKind,
+        /// Details for the log.
+        detail: String,
+    },
+    /// Everything the source held at start has been delivered (the ingestor turns ready).
     CaughtUp,
     /// Nothing arrived for a while (time to look at timers).
     Idle,
@@ -106,55 +161,43 @@ pub(crate) enum Item {
     Ended,
 }
 
-impl EventSource {
-    async fn start(&mut self, ingest: &mut Ingest) {
-        match self {
-            Self::InProcess(_) | Self::Dynamo(_) => {}
-            Self::Nats(source) => source.start(ingest).await,
-        }
-    }
-
-    async fn checkpoint(&mut self, ingest: &Ingest, now_anyway: bool) {
-        match self {
-            Self::InProcess(_) | Self::Dynamo(_) => {}
-            Self::Nats(source) => source.checkpoint(ingest, now_anyway).await,
-        }
-    }
-
-    async fn next(&mut self, ingest: &Ingest) -> Item {
-        match self {
-            Self::Nats(source) => source.next(ingest).await,
-            Self::Dynamo(source) => source.next().await,
-            Self::InProcess(source) => match source.events.try_recv() {
-                Ok(batch) => batch.into_item(),
-                Err(TryRecvError::Empty) if !source.drained => {
-                    source.drained = true;
-                    Item::CaughtUp
-                }
-                Err(TryRecvError::Empty) => {
-                    match tokio::time::timeout(ingest.config.tick, source.events.recv()).await {
-                        Ok(Some(batch)) => batch.into_item(),
-                        Ok(None) => Item::Ended,
-                        Err(_) => Item::Idle,
-                    }
-                }
-                Err(TryRecvError::Disconnected) => Item::Ended,
-            },
-        }
-    }
-
-    async fn request(&mut self, request: &ResyncRequest) {
-        match self {
-            Self::InProcess(source) => source.request(request),
-            Self::Nats(source) => source.request(request).await,
-            // Dynamo workers take no requests; their batches never cause one.
-            Self::Dynamo(_) => {}
+impl SourceItem {
+    pub(crate) fn malformed(kind: MalformedKind, detail: impl Into<String>) -> Self {
+        Self::Malformed {
+            kind,
+            detail: detail.into(),
         }
     }
 }
 
-/// State the ingestion loop owns.
-pub(crate) struct Ingest {
+impl EventSource for InProcessSource {
+    async fn next(&mut self, state: &IngestState) -> SourceItem {
+        match self.events.try_recv() {
+            Ok(batch) => batch.into_item(),
+            Err(TryRecvError::Empty) if !self.drained => {
+                self.drained = true;
+                SourceItem::CaughtUp
+            }
+            Err(TryRecvError::Empty) => {
+                match tokio::time::timeout(state.tick(), self.events.recv()).await {
+                    Ok(Some(batch)) => batch.into_item(),
+                    Ok(None) => SourceItem::Ended,
+                    Err(_) => SourceItem::Idle,
+                }
+            }
+            Err(TryRecvError::Disconnected) => SourceItem::Ended,
+        }
+    }
+
+    async fn request(&mut self, request: &ResyncRequest) {
+        InProcessSource::request(self, request);
+    }
+}
+
+/// What an ingestion task owns besides its source: the index it writes, the order of every
+/// worker's events, its counters. Sources see it in [`EventSource`]'s methods.
+#[derive(Debug)]
+pub struct IngestState {
     pub(crate) index: SharedIndex,
     pub(crate) sequencer: Sequencer,
     pub(crate) counters: Arc<Counters>,
@@ -162,15 +205,26 @@ pub(crate) struct Ingest {
     config: IngestConfig,
 }
 
-impl Ingest {
-    async fn handle(
+impl IngestState {
+    /// The index events are applied to.
+    pub fn index(&self) -> &SharedIndex {
+        &self.index
+    }
+
+    /// How often the ingestor looks at its timers; [`EventSource::next`] should return
+    /// [`SourceItem::Idle`] after about this long without a message.
+    pub fn tick(&self) -> Duration {
+        self.config.tick
+    }
+
+    async fn handle<S: EventSource>(
         &mut self,
-        source: &mut EventSource,
-        item: Item,
+        source: &mut S,
+        item: SourceItem,
         ready: &watch::Sender<bool>,
     ) -> bool {
         match item {
-            Item::Batch {
+            SourceItem::Batch {
                 worker_id,
                 incarnation,
                 events,
@@ -194,12 +248,12 @@ impl Ingest {
                     source.request(request).await;
                 }
             }
-            Item::Malformed(kind, detail) => self.malformed(kind, &detail),
-            Item::CaughtUp => {
+            SourceItem::Malformed { kind, detail } => self.malformed(kind, &detail),
+            SourceItem::CaughtUp => {
                 ready.send_replace(true);
             }
-            Item::Idle => {}
-            Item::Ended => return false,
+            SourceItem::Idle => {}
+            SourceItem::Ended => return false,
         }
         true
     }
@@ -226,7 +280,7 @@ impl Ingest {
         }
     }
 
-    async fn tick(&mut self, source: &mut EventSource) {
+    async fn on_tick<S: EventSource>(&mut self, source: &mut S) {
         let requests = self
             .sequencer
             .due_resyncs(Instant::now(), self.config.resync_retry);
@@ -255,19 +309,19 @@ pub struct Ingestor {
 impl Ingestor {
     /// Starts ingesting `source` into `index` on a new Tokio task. Must be called inside a
     /// Tokio runtime.
-    pub fn spawn(source: impl Into<EventSource>, index: SharedIndex, config: IngestConfig) -> Self {
+    pub fn spawn(source: impl EventSource, index: SharedIndex, config: IngestConfig) -> Self {
         let counters = Arc::new(Counters::default());
         let (ready_tx, ready) = watch::channel(false);
         let (stop, stop_rx) = oneshot::channel();
         let (commands, commands_rx) = mpsc::unbounded_channel();
-        let ingest = Ingest {
+        let ingest = IngestState {
             index,
             sequencer: Sequencer::default(),
             counters: Arc::clone(&counters),
             logged: HashSet::new(),
             config,
         };
-        let task = tokio::spawn(run(source.into(), ingest, ready_tx, stop_rx, commands_rx));
+        let task = tokio::spawn(run(source, ingest, ready_tx, stop_rx, commands_rx));
         Self {
             counters,
             control: IngestControl { commands },
@@ -353,9 +407,9 @@ impl Drop for Ingestor {
     }
 }
 
-async fn run(
-    mut source: EventSource,
-    mut ingest: Ingest,
+async fn run<S: EventSource>(
+    mut source: S,
+    mut ingest: IngestState,
     ready: watch::Sender<bool>,
     mut stop: oneshot::Receiver<()>,
     mut commands: mpsc::UnboundedReceiver<Command>,
@@ -378,7 +432,7 @@ async fn run(
             }
         }
         if last_tick.elapsed() >= ingest.config.tick {
-            ingest.tick(&mut source).await;
+            ingest.on_tick(&mut source).await;
             last_tick = Instant::now();
         }
     }

@@ -107,7 +107,9 @@ pub use dynamo::{
     decode_dynamo_envelope, dynamo_event_subject, encode_dynamo_envelope, DynamoEnvelope,
     DynamoSource, DynamoWireError, MsgpackError,
 };
-pub use ingest::{EventSource, IngestConfig, IngestControl, Ingestor};
+pub use ingest::{
+    EventSource, IngestConfig, IngestControl, IngestState, Ingestor, MalformedKind, SourceItem,
+};
 pub use nats::{
     connect, ensure_bucket, ensure_stream, subject_token, watch_members, LeftReason,
     MembershipChange, MembershipSettings, NatsError, NatsPublishConfig, NatsPublisher, NatsSource,
@@ -133,8 +135,8 @@ pub struct EventBatch {
 }
 
 impl EventBatch {
-    pub(crate) fn into_item(self) -> ingest::Item {
-        ingest::Item::Batch {
+    pub(crate) fn into_item(self) -> SourceItem {
+        SourceItem::Batch {
             worker_id: self.worker_id,
             incarnation: Some(self.incarnation),
             events: self.events,

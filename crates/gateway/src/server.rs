@@ -9,8 +9,8 @@ use http_body_util::BodyExt;
 use hyper::body::{Body as _, Incoming};
 use kvroute_blockhash::BlockHasher;
 use kvroute_dispatch::{
-    decide, CostConfig, Decision, Eligible, ForwardBody, ForwardConfig, ForwardError, Forwarder,
-    Registry, TieBreaker,
+    CandidateInput, CostConfig, Decision, Eligible, ForwardBody, ForwardConfig, ForwardError,
+    Forwarder, KvAware, Registry, SharedPolicy,
 };
 use kvroute_index::{SharedIndex, WorkerKey};
 use kvroute_preprocess::{ChatRequest, CompletionRequest, PreprocessError, Preprocessor, Prompt};
@@ -37,8 +37,8 @@ pub struct GatewayConfig {
     pub block_size: u32,
     /// Largest request body accepted (base64 images make bodies large).
     pub max_body_bytes: usize,
-    /// Routing cost weights.
-    pub cost: CostConfig,
+    /// The routing policy (kvroute's cost by default); shared, so a reload can replace it.
+    pub policy: SharedPolicy,
     /// Forwarding timeouts and retries.
     pub forward: ForwardConfig,
     /// `/metrics` output; `None` serves an empty page.
@@ -56,7 +56,7 @@ impl GatewayConfig {
             model: model.into(),
             block_size,
             max_body_bytes: 32 << 20,
-            cost: CostConfig::default(),
+            policy: SharedPolicy::new(KvAware::unseeded(CostConfig::default())),
             forward: ForwardConfig::default(),
             metrics: None,
             approximate: false,
@@ -69,9 +69,15 @@ impl GatewayConfig {
         self
     }
 
-    /// Sets the routing cost weights.
+    /// Routes by kvroute's cost with these weights.
     pub fn with_cost(mut self, cost: CostConfig) -> Self {
-        self.cost = cost;
+        self.policy = SharedPolicy::new(KvAware::unseeded(cost));
+        self
+    }
+
+    /// Routes by `policy`.
+    pub fn with_policy(mut self, policy: SharedPolicy) -> Self {
+        self.policy = policy;
         self
     }
 
@@ -126,7 +132,6 @@ struct Inner {
     registry: Registry,
     forwarder: Forwarder,
     ready: Box<dyn Fn() -> bool + Send + Sync>,
-    ties: Mutex<TieBreaker>,
     /// When approximate-mode blocks were last expired.
     routed_expired_at: Mutex<Instant>,
 }
@@ -151,7 +156,6 @@ impl Gateway {
                 registry,
                 forwarder,
                 ready: Box::new(ready),
-                ties: Mutex::new(TieBreaker::new()),
                 routed_expired_at: Mutex::new(Instant::now()),
             }),
         })
@@ -332,14 +336,11 @@ impl Gateway {
             *entry = (*entry).max(matched.matched_blocks);
         }
         let eligible = self.inner.registry.eligible(Instant::now());
-        let inputs = eligible
+        let inputs: Vec<CandidateInput> = eligible
             .iter()
-            .map(|w| w.candidate(by_worker.get(&w.worker().id).copied().unwrap_or(0)));
-        let decision = {
-            let mut ties = self.inner.ties.lock().unwrap_or_else(|e| e.into_inner());
-            decide(sequence.len(), inputs, &self.inner.config.cost, &mut ties)
-        }
-        .unwrap_or_else(|| Decision::without_candidates(sequence.len()));
+            .map(|w| w.candidate(by_worker.get(&w.worker().id).copied().unwrap_or(0)))
+            .collect();
+        let decision = self.inner.config.policy.decide(sequence.len(), &inputs);
         Routed {
             prompt,
             sequence,

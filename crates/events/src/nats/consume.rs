@@ -2,7 +2,7 @@
 //! failures, and snapshots to a JetStream object store.
 
 use super::{backoff, ensure_stream, NatsError, StreamSettings};
-use crate::ingest::{Ingest, Item, MalformedKind};
+use crate::ingest::{EventSource, IngestState, MalformedKind, SourceItem};
 use crate::snapshot;
 use crate::stats::Counter;
 use crate::{EventBatch, ResyncReason, ResyncRequest};
@@ -147,30 +147,9 @@ impl std::fmt::Debug for NatsSource {
     }
 }
 
-impl NatsSource {
-    /// A source on `client`; nothing happens until the ingestor starts it.
-    pub fn new(client: async_nats::Client, config: NatsSourceConfig) -> Self {
-        let delay = config.min_backoff;
-        Self {
-            js: jetstream::new(client.clone()),
-            client,
-            config,
-            messages: None,
-            delivered: 0,
-            drained: false,
-            announced: false,
-            retry_at: None,
-            delay,
-            opened: false,
-            connects: 0,
-            store: None,
-            saved: 0,
-            saved_at: Instant::now(),
-        }
-    }
-
+impl EventSource for NatsSource {
     /// Provisions the stream, loads the newest snapshot if usable, and sets where to start.
-    pub(crate) async fn start(&mut self, ingest: &mut Ingest) {
+    async fn start(&mut self, ingest: &mut IngestState) {
         let mut delay = self.config.min_backoff;
         let mut stream = loop {
             let stream = match self.config.wire {
@@ -221,9 +200,137 @@ impl NatsSource {
                     problem,
                     "snapshot unusable: starting empty and asking every worker for its full state"
                 );
-                self.request(&ResyncRequest::everyone(ResyncReason::SnapshotUnusable))
-                    .await;
+                EventSource::request(
+                    self,
+                    &ResyncRequest::everyone(ResyncReason::SnapshotUnusable),
+                )
+                .await;
             }
+        }
+    }
+
+    /// Writes a snapshot if new events arrived and the interval passed (or `now_anyway`).
+    async fn checkpoint(&mut self, ingest: &IngestState, now_anyway: bool) {
+        let (Some(store), Some(settings)) = (&self.store, &self.config.snapshots) else {
+            return;
+        };
+        let due = now_anyway || self.saved_at.elapsed() >= settings.interval;
+        if !due || self.delivered <= self.saved {
+            return;
+        }
+        let bytes = snapshot::encode(self.delivered, &ingest.sequencer, &ingest.index.snapshot());
+        match store
+            .put(settings.object.as_str(), &mut bytes.as_slice())
+            .await
+        {
+            Ok(_) => {
+                ingest.counters.inc(Counter::snapshots_saved);
+                tracing::debug!(
+                    sequence = self.delivered,
+                    bytes = bytes.len(),
+                    "snapshot written"
+                );
+                self.saved = self.delivered;
+            }
+            Err(error) => {
+                ingest.counters.inc(Counter::snapshot_failures);
+                tracing::warn!(%error, "snapshot write failed; ingestion goes on");
+            }
+        }
+        self.saved_at = Instant::now();
+    }
+
+    /// Sends a full-state request on the control subject (NATS core, fire and forget: the
+    /// ingestor repeats it if nothing comes).
+    async fn request(&mut self, request: &ResyncRequest) {
+        let subject = self.config.stream.control_subject(request.worker_id);
+        let payload = serde_json::to_vec(request).unwrap_or_default();
+        if let Err(error) = self.client.publish(subject, payload.into()).await {
+            tracing::warn!(%error, "could not send a full-state request");
+        }
+    }
+
+    /// The next item; reopens the consumer as long as it takes.
+    async fn next(&mut self, ingest: &IngestState) -> SourceItem {
+        loop {
+            if !self.announced && self.drained {
+                self.announced = true;
+                return SourceItem::CaughtUp;
+            }
+            if let Some(at) = self.retry_at.take() {
+                tokio::time::sleep_until(at.into()).await;
+                return SourceItem::Idle;
+            }
+            let Some(messages) = self.messages.as_mut() else {
+                match self.open().await {
+                    Ok(messages) => {
+                        if self.opened {
+                            ingest.counters.inc(Counter::consumer_restarts);
+                        }
+                        self.opened = true;
+                        self.connects = self.connects_now();
+                        self.messages = Some(messages);
+                        self.delay = self.config.min_backoff;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "could not open the stream consumer; retrying");
+                        self.fail();
+                    }
+                }
+                continue;
+            };
+            let message = match tokio::time::timeout(RECONNECT_CHECK, messages.next()).await {
+                Err(_) => {
+                    if self.connects_now() != self.connects {
+                        tracing::info!("reconnected to NATS: recreating the stream consumer");
+                        self.messages = None;
+                    }
+                    return SourceItem::Idle;
+                }
+                Ok(Some(Ok(message))) => message,
+                Ok(Some(Err(error))) => {
+                    tracing::warn!(%error, "stream consumer failed; recreating it");
+                    self.fail();
+                    continue;
+                }
+                Ok(None) => {
+                    self.fail();
+                    continue;
+                }
+            };
+            let Ok((sequence, pending)) = message.info().map(|i| (i.stream_sequence, i.pending))
+            else {
+                return SourceItem::malformed(MalformedKind::Delivery, "no delivery metadata");
+            };
+            self.drained |= pending == 0;
+            if sequence <= self.delivered {
+                continue; // replayed by a recreated consumer
+            }
+            self.delivered = sequence;
+            return self.decode(&message.payload);
+        }
+    }
+}
+
+impl NatsSource {
+    /// A source on `client`; nothing happens until the ingestor starts it.
+    pub fn new(client: async_nats::Client, config: NatsSourceConfig) -> Self {
+        let delay = config.min_backoff;
+        Self {
+            js: jetstream::new(client.clone()),
+            client,
+            config,
+            messages: None,
+            delivered: 0,
+            drained: false,
+            announced: false,
+            retry_at: None,
+            delay,
+            opened: false,
+            connects: 0,
+            store: None,
+            saved: 0,
+            saved_at: Instant::now(),
         }
     }
 
@@ -272,7 +379,7 @@ impl NatsSource {
     /// Restores `bytes` into the ingestor if the stream still holds what follows it.
     fn restore(
         &self,
-        ingest: &mut Ingest,
+        ingest: &mut IngestState,
         bytes: &[u8],
         state: &stream::State,
     ) -> Result<u64, String> {
@@ -290,47 +397,6 @@ impl NatsSource {
             .map_err(|e| e.to_string())?;
         ingest.sequencer = checkpoint.sequencer;
         Ok(checkpoint.stream_sequence)
-    }
-
-    /// Writes a snapshot if new events arrived and the interval passed (or `now_anyway`).
-    pub(crate) async fn checkpoint(&mut self, ingest: &Ingest, now_anyway: bool) {
-        let (Some(store), Some(settings)) = (&self.store, &self.config.snapshots) else {
-            return;
-        };
-        let due = now_anyway || self.saved_at.elapsed() >= settings.interval;
-        if !due || self.delivered <= self.saved {
-            return;
-        }
-        let bytes = snapshot::encode(self.delivered, &ingest.sequencer, &ingest.index.snapshot());
-        match store
-            .put(settings.object.as_str(), &mut bytes.as_slice())
-            .await
-        {
-            Ok(_) => {
-                ingest.counters.inc(Counter::snapshots_saved);
-                tracing::debug!(
-                    sequence = self.delivered,
-                    bytes = bytes.len(),
-                    "snapshot written"
-                );
-                self.saved = self.delivered;
-            }
-            Err(error) => {
-                ingest.counters.inc(Counter::snapshot_failures);
-                tracing::warn!(%error, "snapshot write failed; ingestion goes on");
-            }
-        }
-        self.saved_at = Instant::now();
-    }
-
-    /// Sends a full-state request on the control subject (NATS core, fire and forget: the
-    /// ingestor repeats it if nothing comes).
-    pub(crate) async fn request(&mut self, request: &ResyncRequest) {
-        let subject = self.config.stream.control_subject(request.worker_id);
-        let payload = serde_json::to_vec(request).unwrap_or_default();
-        if let Err(error) = self.client.publish(subject, payload.into()).await {
-            tracing::warn!(%error, "could not send a full-state request");
-        }
     }
 
     /// Opens an ordered consumer from the next sequence; notes whether it has nothing pending.
@@ -356,83 +422,25 @@ impl NatsSource {
         Ok(consumer.messages().await?)
     }
 
-    /// The next item; reopens the consumer as long as it takes.
-    pub(crate) async fn next(&mut self, ingest: &Ingest) -> Item {
-        loop {
-            if !self.announced && self.drained {
-                self.announced = true;
-                return Item::CaughtUp;
-            }
-            if let Some(at) = self.retry_at.take() {
-                tokio::time::sleep_until(at.into()).await;
-                return Item::Idle;
-            }
-            let Some(messages) = self.messages.as_mut() else {
-                match self.open().await {
-                    Ok(messages) => {
-                        if self.opened {
-                            ingest.counters.inc(Counter::consumer_restarts);
-                        }
-                        self.opened = true;
-                        self.connects = self.connects_now();
-                        self.messages = Some(messages);
-                        self.delay = self.config.min_backoff;
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "could not open the stream consumer; retrying");
-                        self.fail();
-                    }
-                }
-                continue;
-            };
-            let message = match tokio::time::timeout(RECONNECT_CHECK, messages.next()).await {
-                Err(_) => {
-                    if self.connects_now() != self.connects {
-                        tracing::info!("reconnected to NATS: recreating the stream consumer");
-                        self.messages = None;
-                    }
-                    return Item::Idle;
-                }
-                Ok(Some(Ok(message))) => message,
-                Ok(Some(Err(error))) => {
-                    tracing::warn!(%error, "stream consumer failed; recreating it");
-                    self.fail();
-                    continue;
-                }
-                Ok(None) => {
-                    self.fail();
-                    continue;
-                }
-            };
-            let Ok((sequence, pending)) = message.info().map(|i| (i.stream_sequence, i.pending))
-            else {
-                return Item::Malformed(MalformedKind::Delivery, "no delivery metadata".into());
-            };
-            self.drained |= pending == 0;
-            if sequence <= self.delivered {
-                continue; // replayed by a recreated consumer
-            }
-            self.delivered = sequence;
-            return self.decode(&message.payload);
-        }
-    }
-
-    fn decode(&self, payload: &[u8]) -> Item {
+    fn decode(&self, payload: &[u8]) -> SourceItem {
         if payload.len() > self.config.max_message_bytes {
-            return Item::Malformed(MalformedKind::TooLarge, format!("{} bytes", payload.len()));
+            return SourceItem::malformed(
+                MalformedKind::TooLarge,
+                format!("{} bytes", payload.len()),
+            );
         }
         match self.config.wire {
             StreamWire::Kvroute => match EventBatch::from_json(payload) {
                 Ok(batch) => batch.into_item(),
-                Err(error) => Item::Malformed(MalformedKind::Batch, error.to_string()),
+                Err(error) => SourceItem::malformed(MalformedKind::Batch, error.to_string()),
             },
             StreamWire::DynamoJson => match RouterEvent::from_json(payload) {
-                Ok(event) => Item::Batch {
+                Ok(event) => SourceItem::Batch {
                     worker_id: event.worker_id,
                     incarnation: None,
                     events: vec![event],
                 },
-                Err(error) => Item::Malformed(MalformedKind::Dynamo, error.to_string()),
+                Err(error) => SourceItem::malformed(MalformedKind::Dynamo, error.to_string()),
             },
         }
     }
