@@ -1,5 +1,5 @@
-//! A simulated inference worker on its own: an OpenAI-compatible server (kvroute-gateway's
-//! `sim` module) that tokenizes and hashes every request as the router does, keeps a KV block
+//! A simulated inference worker on its own: an OpenAI-compatible server (kvroute-sim's
+//! `SimWorker`) that tokenizes and hashes every request as the router does, keeps a KV block
 //! pool with LRU eviction, and publishes real stored/removed events to NATS JetStream, where
 //! `kvroute serve`, the `embed_router` example or the `standalone_indexer` example read them.
 //!
@@ -10,9 +10,9 @@
 
 use clap::Parser;
 use kvroute_events::{connect, NatsPublishConfig, NatsPublisher, PublisherConfig, StreamSettings};
-use kvroute_gateway::sim::{SimConfig, SimWorker};
 use kvroute_preprocess::{ModelFiles, PreprocessConfig, Preprocessor};
 use kvroute_protocol::WorkerId;
+use kvroute_sim::{SimConfig, SimWorker};
 use std::error::Error;
 use std::future::Future;
 use std::net::SocketAddr;

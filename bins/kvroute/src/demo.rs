@@ -5,10 +5,10 @@ use anyhow::Result;
 use clap::Args;
 use kvroute_dispatch::{Registry, Worker};
 use kvroute_events::{in_process_bus, IngestConfig, Ingestor, PublisherConfig};
-use kvroute_gateway::sim::{SimConfig, SimWorker};
 use kvroute_gateway::GatewayConfig;
 use kvroute_index::{Index, IndexConfig, SharedIndex};
 use kvroute_protocol::WorkerId;
+use kvroute_sim::{SimConfig, SimWorker, WorkerModel};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,8 +49,8 @@ pub async fn run(args: DemoArgs, metrics: kvroute_gateway::MetricsRender) -> Res
         let id = WorkerId(n);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let config =
-            SimConfig::new(id, model, block_size).with_capacity_blocks(args.capacity_blocks);
+        let config = SimConfig::new(id, model, block_size)
+            .with_engine(WorkerModel::default().with_capacity_blocks(Some(args.capacity_blocks)));
         let worker = SimWorker::new(
             config,
             Arc::clone(&preprocessor),

@@ -11,8 +11,9 @@ use kvroute_replay::multimodal::{generate, MultimodalConfig};
 use kvroute_replay::plot::{capacity_svg, policies_svg, CapacityPoint};
 use kvroute_replay::{
     read_jsonl, replay, write_jsonl, PolicyName, ReplayConfig, ReplaySummary, TraceRequest,
-    WorkerModel, Workload,
+    Workload,
 };
+use kvroute_sim::WorkerModel;
 use serde_json::json;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
@@ -63,7 +64,7 @@ struct Common {
     block_size: Option<u32>,
     /// KV pool per worker in blocks, least recently used evicted first (default: no eviction).
     #[arg(long)]
-    capacity_blocks: Option<u64>,
+    capacity_blocks: Option<usize>,
     /// Policies to compare, comma-separated: kv-aware, round-robin, random, least-loaded,
     /// text-only (default: all; text-only only when the trace has media).
     #[arg(long, value_delimiter = ',')]
@@ -92,7 +93,7 @@ struct Common {
     /// Also replay every policy at each of these capacities (blocks per worker, comma-separated)
     /// for the hit rate over capacity plot.
     #[arg(long, value_delimiter = ',')]
-    capacity_sweep: Vec<u64>,
+    capacity_sweep: Vec<usize>,
     /// Write the JSON summary here instead of stdout.
     #[arg(long)]
     json: Option<PathBuf>,

@@ -4,8 +4,8 @@ use crate::wiring::{self, ModelArgs, NatsArgs};
 use anyhow::{Context, Result};
 use clap::Args;
 use kvroute_events::{NatsPublishConfig, NatsPublisher, PublisherConfig, Registration};
-use kvroute_gateway::sim::{SimConfig, SimWorker};
 use kvroute_protocol::{WorkerId, WorkerRecord};
+use kvroute_sim::{SimConfig, SimWorker, WorkerModel};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -67,12 +67,14 @@ pub async fn run(args: WorkerSimArgs) -> Result<()> {
     )
     .await
     .with_context(|| format!("setting up KV event publishing on {} (is nats-server running there with JetStream, -js?)", args.nats.nats_url))?;
-    let mut config = SimConfig::new(id, &args.model.model, args.model.block_size)
-        .with_capacity_blocks(args.capacity_blocks)
+    let engine = WorkerModel::default()
+        .with_capacity_blocks(Some(args.capacity_blocks))
         .with_speeds(
             args.prefill_tokens_per_second,
             args.decode_tokens_per_second,
         );
+    let mut config =
+        SimConfig::new(id, &args.model.model, args.model.block_size).with_engine(engine);
     config.default_max_tokens = args.default_max_tokens;
     let worker = SimWorker::new(config, preprocessor, publisher.clone())?;
     let listener = wiring::bind(args.listen).await?;

@@ -12,7 +12,9 @@
 //! the registry through [`follow_membership`].
 //!
 //! It is a library so other servers can embed it ([`Gateway::handle`]); the `kvroute` binary
-//! only wires it. [`sim`] holds the simulated worker used by `kvroute demo` and the tests.
+//! only wires it. Its accept loop ([`serve_http`]) and response helpers are public so that
+//! other HTTP servers of the project (the simulated worker of `kvroute-sim`) serve the same way;
+//! the gateway itself contains no simulator.
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/route`,
 //! `GET /v1/models`, `GET /health`, `GET /ready`, `GET /metrics`.
@@ -45,9 +47,9 @@ mod forward_body;
 mod membership;
 mod serve;
 mod server;
-pub mod sim;
 mod usage;
 
-pub use body::{BoxError, GatewayBody};
+pub use body::{error_response, json_response, BoxError, GatewayBody};
 pub use membership::follow_membership;
+pub use serve::serve_http;
 pub use server::{bind, Gateway, GatewayConfig, GatewayError, MetricsRender};

@@ -1,4 +1,4 @@
-//! The accept loop shared by the gateway and the simulated worker.
+//! The accept loop shared by the gateway and the simulated worker of `kvroute-sim`.
 
 use crate::body::GatewayBody;
 use http::{Request, Response};
@@ -15,7 +15,22 @@ use tokio::sync::watch;
 /// Serves HTTP/1.1 and HTTP/2 on `listener`, each request through `handle`, until `shutdown`
 /// completes; then stops accepting and waits for in-flight requests. When `kill` turns true,
 /// every connection is dropped at once instead (a simulated crash).
-pub(crate) async fn serve_http<H, F>(
+///
+/// ```no_run
+/// use kvroute_gateway::{json_response, serve_http};
+/// use http::StatusCode;
+///
+/// # async fn run() -> std::io::Result<()> {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+/// # drop(stop);
+/// serve_http(listener, async { let _ = stopped.await; }, None, |_request| async {
+///     json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))
+/// })
+/// .await
+/// # }
+/// ```
+pub async fn serve_http<H, F>(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
     kill: Option<watch::Receiver<bool>>,

@@ -7,10 +7,6 @@
 //! transport, event-id gap detection and the routing cost live in `kvroute-events` and
 //! `kvroute-dispatch`; hashing tokens into [`SequenceHash`]es lives in `kvroute-blockhash`.
 //!
-//! It also models the other side of those blocks for simulators: [`BlockPool`], one engine's
-//! KV pool with least-recently-used eviction, telling which stored and removed events the engine
-//! would publish (used by `kvroute worker-sim` and `kvroute replay`).
-//!
 //! # Example
 //!
 //! ```
@@ -93,12 +89,10 @@
 mod approx;
 mod index;
 mod map;
-mod pool;
 mod shared;
 mod snapshot;
 
 pub use index::Index;
-pub use pool::{BlockPool, PoolChanges, StoredRun};
 pub use shared::SharedIndex;
 pub use snapshot::{SnapshotError, SNAPSHOT_VERSION};
 

@@ -1,8 +1,8 @@
 //! Routing quality, measured: replaying request traces through kvroute's index and routing
 //! code against simulated workers.
 //!
-//! It owns the replay engine ([`replay`]: virtual time, simulated workers with a KV pool,
-//! least-recently-used eviction, prefill and decode speeds, concurrency, and KV events feeding
+//! It owns the replay engine ([`replay`]: virtual time, workers following a
+//! [`kvroute_sim::WorkerModel`] with a [`kvroute_sim::BlockPool`] each, and KV events feeding
 //! the real [`kvroute_index::Index`]), Mooncake-format traces ([`read_jsonl`], extended with
 //! media ids per block), the seeded multimodal workload generator ([`multimodal`]), the JSON
 //! summary ([`ReplaySummary`]: hit rate against the ideal of one infinite cache, time to first
@@ -40,7 +40,7 @@ mod trace;
 mod workload;
 
 pub use report::{Latency, ReplayReport, ReplaySummary, RequestRecord};
-pub use sim::{replay, ReplayConfig, ReplayError, WorkerModel};
+pub use sim::{replay, ReplayConfig, ReplayError};
 pub use trace::{read_jsonl, write_jsonl, TraceError, TraceRequest};
 pub use workload::{IdealReuse, Workload};
 

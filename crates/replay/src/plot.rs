@@ -47,7 +47,7 @@ pub struct CapacityPoint {
     /// The policy.
     pub policy: String,
     /// Blocks per worker.
-    pub capacity_blocks: u64,
+    pub capacity_blocks: usize,
     /// Hit rate measured.
     pub hit_rate: f64,
 }

@@ -53,7 +53,7 @@ pub struct ReplaySummary {
     /// Tokens per KV block.
     pub block_size: u32,
     /// Each worker's pool in blocks (`null`: no eviction).
-    pub capacity_blocks: Option<u64>,
+    pub capacity_blocks: Option<usize>,
     /// Arrival speed-up.
     pub speedup: f64,
     /// Blocks served from a worker's cache over prompt blocks.

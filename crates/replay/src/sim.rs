@@ -4,73 +4,16 @@
 use crate::report::{summarize, ReplayReport, RequestRecord};
 use crate::workload::Workload;
 use kvroute_dispatch::{CandidateInput, LoadGuard, Registry, RoutingPolicy, Worker};
-use kvroute_index::{BlockPool, Index, IndexConfig};
+use kvroute_index::{Index, IndexConfig};
 use kvroute_protocol::{
-    BlockHash, DpRank, KvCacheEvent, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData,
-    KvCacheStoredBlockData, RouterEvent, SequenceHash, WorkerId,
+    BlockHash, DpRank, KvCacheEvent, KvCacheEventData, KvCacheStoredBlockData, RouterEvent,
+    SequenceHash, WorkerId,
 };
+use kvroute_sim::{BlockPool, WorkerModel};
 use serde::Serialize;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::Instant;
-
-/// How each simulated worker behaves.
-///
-/// A worker admits up to `max_concurrency` requests (the rest wait in arrival order), prefills
-/// admitted requests one at a time (uncached tokens only: the leading blocks its pool holds are
-/// free), then decodes each admitted request independently at `decode_tokens_per_second`. Its
-/// pool keeps `capacity_blocks` blocks with least-recently-used eviction and reports what it
-/// stores and evicts to the router's index as KV events, as an engine does.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-#[non_exhaustive]
-pub struct WorkerModel {
-    /// KV pool size in blocks; `None`: no eviction.
-    pub capacity_blocks: Option<u64>,
-    /// Prefill speed in uncached prompt tokens per second.
-    pub prefill_tokens_per_second: f64,
-    /// Decode speed of one request in generated tokens per second.
-    pub decode_tokens_per_second: f64,
-    /// Requests a worker runs at once.
-    pub max_concurrency: usize,
-}
-
-impl Default for WorkerModel {
-    /// No eviction, 20,000 prefill tokens/s, 100 decode tokens/s, 64 requests at once (the
-    /// speeds of kvroute's simulated worker).
-    fn default() -> Self {
-        Self {
-            capacity_blocks: None,
-            prefill_tokens_per_second: 20_000.0,
-            decode_tokens_per_second: 100.0,
-            max_concurrency: 64,
-        }
-    }
-}
-
-impl WorkerModel {
-    /// Sets the pool size (`None`: no eviction).
-    pub fn with_capacity_blocks(mut self, blocks: Option<u64>) -> Self {
-        self.capacity_blocks = blocks;
-        self
-    }
-
-    /// Sets prefill and decode speeds.
-    pub fn with_speeds(
-        mut self,
-        prefill_tokens_per_second: f64,
-        decode_tokens_per_second: f64,
-    ) -> Self {
-        self.prefill_tokens_per_second = prefill_tokens_per_second;
-        self.decode_tokens_per_second = decode_tokens_per_second;
-        self
-    }
-
-    /// Sets how many requests a worker runs at once.
-    pub fn with_max_concurrency(mut self, requests: usize) -> Self {
-        self.max_concurrency = requests;
-        self
-    }
-}
 
 /// A replay's cluster and clock.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -211,10 +154,6 @@ pub fn replay(
             .map_err(|_| ReplayError::Config("worker ids"))?;
         registry.upsert(worker);
     }
-    let capacity = config
-        .model
-        .capacity_blocks
-        .map(|c| usize::try_from(c).unwrap_or(usize::MAX));
     let mut engine = Engine {
         workload,
         config: *config,
@@ -223,7 +162,7 @@ pub fn replay(
         registry,
         workers: (0..config.workers)
             .map(|_| SimWorker {
-                pool: BlockPool::new(capacity),
+                pool: BlockPool::new(config.model.capacity_blocks),
                 ..SimWorker::default()
             })
             .collect(),
@@ -289,19 +228,14 @@ pub fn replay(
 }
 
 fn validate(config: &ReplayConfig) -> Result<(), ReplayError> {
-    let positive = |x: f64| x.is_finite() && x > 0.0;
     if config.workers == 0 {
         return Err(ReplayError::Config("at least one worker is needed"));
     }
-    if config.model.max_concurrency == 0 {
-        return Err(ReplayError::Config("max_concurrency must be at least 1"));
-    }
-    if !positive(config.model.prefill_tokens_per_second)
-        || !positive(config.model.decode_tokens_per_second)
-    {
-        return Err(ReplayError::Config("speeds must be positive"));
-    }
-    if !positive(config.speedup) {
+    config
+        .model
+        .validate()
+        .map_err(|invalid| ReplayError::Config(invalid.0))?;
+    if !(config.speedup.is_finite() && config.speedup > 0.0) {
         return Err(ReplayError::Config("speed-up must be positive"));
     }
     Ok(())
@@ -400,26 +334,12 @@ impl Engine<'_> {
         let record = &mut self.records[request];
         record.ttft_us = self.now - (keyed.arrival_us as f64 / self.config.speedup) as u64;
         let router_keys = keyed.keys(self.keys);
-        let changes = self.workers[worker]
+        let events = self.workers[worker]
             .pool
-            .store(&keyed.media_keys, router_keys);
+            .store(&keyed.media_keys, router_keys)
+            .into_events(|i| router_keys.get(i).copied().map(stored_block));
         let worker_id = WorkerId(worker as u64 + 1);
-        for run in changes.stored {
-            let data = KvCacheEventData::Stored(KvCacheStoreData {
-                parent_hash: run.parent,
-                start_position: None,
-                blocks: router_keys[run.blocks]
-                    .iter()
-                    .copied()
-                    .map(stored_block)
-                    .collect(),
-            });
-            self.publish(worker, worker_id, data);
-        }
-        if !changes.removed.is_empty() {
-            let data = KvCacheEventData::Removed(KvCacheRemoveData {
-                block_hashes: changes.removed,
-            });
+        for data in events {
             self.publish(worker, worker_id, data);
         }
         let decode = keyed.output_tokens.saturating_sub(1);

@@ -8,8 +8,9 @@ use kvroute_dispatch::{CostConfig, KvAware, RoundRobin, RoutingPolicy};
 use kvroute_protocol::WorkerId;
 use kvroute_replay::multimodal::{generate, MultimodalConfig};
 use kvroute_replay::{
-    read_jsonl, replay, PolicyName, ReplayConfig, ReplayReport, TraceRequest, WorkerModel, Workload,
+    read_jsonl, replay, PolicyName, ReplayConfig, ReplayReport, TraceRequest, Workload,
 };
+use kvroute_sim::WorkerModel;
 use std::io::BufReader;
 
 fn run(workload: &Workload, config: &ReplayConfig, policy: &mut dyn RoutingPolicy) -> ReplayReport {

@@ -1,8 +1,9 @@
-//! The worker's side of the blocks the index mirrors: a model of one engine's KV block pool,
-//! for simulators (`kvroute worker-sim`, `kvroute replay`) that must publish the events a real
-//! engine would.
+//! The worker's side of the blocks a router's index mirrors: one engine's KV block pool, and
+//! the KV events it publishes when the pool changes.
 
-use kvroute_protocol::SequenceHash;
+use kvroute_protocol::{
+    KvCacheEventData, KvCacheRemoveData, KvCacheStoreData, KvCacheStoredBlockData, SequenceHash,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 
@@ -15,7 +16,7 @@ use std::ops::Range;
 /// counts them to tell when a router key appears and when it is gone.
 ///
 /// ```
-/// use kvroute_index::BlockPool;
+/// use kvroute_sim::BlockPool;
 /// use kvroute_protocol::SequenceHash;
 ///
 /// let keys = |ids: &[u64]| ids.iter().copied().map(SequenceHash).collect::<Vec<_>>();
@@ -63,6 +64,51 @@ pub struct StoredRun {
     pub parent: Option<SequenceHash>,
     /// Positions of the run's blocks in the keys given to [`BlockPool::store`].
     pub blocks: Range<usize>,
+}
+
+impl PoolChanges {
+    /// The KV events an engine publishes for these changes: one `stored` event per run, under
+    /// its parent, then one `removed` event if any router key left. `block` describes the
+    /// stored block at a position of the keys given to [`BlockPool::store`] (`None` leaves it
+    /// out of its event).
+    ///
+    /// ```
+    /// use kvroute_protocol::{BlockHash, KvCacheEventData, KvCacheStoredBlockData, SequenceHash};
+    /// use kvroute_sim::BlockPool;
+    ///
+    /// let keys: Vec<SequenceHash> = [1, 2].into_iter().map(SequenceHash).collect();
+    /// let mut pool = BlockPool::new(None);
+    /// let events = pool.store(&keys, &keys).into_events(|i| {
+    ///     Some(KvCacheStoredBlockData {
+    ///         block_hash: keys[i],
+    ///         tokens_hash: BlockHash(keys[i].get()),
+    ///         mm_extra_info: None,
+    ///     })
+    /// });
+    /// assert!(matches!(&events[..], [KvCacheEventData::Stored(s)] if s.blocks.len() == 2));
+    /// ```
+    pub fn into_events(
+        self,
+        block: impl Fn(usize) -> Option<KvCacheStoredBlockData>,
+    ) -> Vec<KvCacheEventData> {
+        let mut events: Vec<KvCacheEventData> = self
+            .stored
+            .into_iter()
+            .map(|run| {
+                KvCacheEventData::Stored(KvCacheStoreData {
+                    parent_hash: run.parent,
+                    start_position: None,
+                    blocks: run.blocks.filter_map(&block).collect(),
+                })
+            })
+            .collect();
+        if !self.removed.is_empty() {
+            events.push(KvCacheEventData::Removed(KvCacheRemoveData {
+                block_hashes: self.removed,
+            }));
+        }
+        events
+    }
 }
 
 impl BlockPool {

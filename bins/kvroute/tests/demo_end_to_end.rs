@@ -1,5 +1,5 @@
-//! The gateway in front of simulated workers over real sockets, with the in-process event bus:
-//! what `kvroute demo` runs.
+//! The gateway in front of simulated workers (kvroute-sim) over real sockets, with the
+//! in-process event bus: what `kvroute demo` runs.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -9,11 +9,11 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use kvroute_dispatch::{BreakerConfig, Registry, Worker};
 use kvroute_events::{in_process_bus, IngestConfig, Ingestor, PublisherConfig};
-use kvroute_gateway::sim::{SimConfig, SimWorker};
 use kvroute_gateway::{Gateway, GatewayConfig};
 use kvroute_index::{Index, IndexConfig, SharedIndex};
 use kvroute_preprocess::{ModelFiles, PreprocessConfig, Preprocessor};
 use kvroute_protocol::WorkerId;
+use kvroute_sim::{SimConfig, SimWorker, WorkerModel};
 use kvroute_testsupport::{image_data_url, HttpClient, Reply};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -65,8 +65,8 @@ async fn cluster_with(workers: u64, decode_tokens_per_second: f64, approximate: 
     for n in 1..=workers {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let config =
-            SimConfig::new(WorkerId(n), "m", BLOCK_SIZE).with_speeds(1e7, decode_tokens_per_second);
+        let config = SimConfig::new(WorkerId(n), "m", BLOCK_SIZE)
+            .with_engine(WorkerModel::default().with_speeds(1e7, decode_tokens_per_second));
         let sim = SimWorker::new(
             config,
             preprocessor(),

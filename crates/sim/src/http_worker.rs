@@ -1,10 +1,10 @@
 //! A simulated inference worker: an OpenAI-compatible server that preprocesses and hashes
 //! requests exactly as the router does, keeps a KV block pool with LRU eviction, publishes
 //! stored/removed events, takes time for prefill (uncached tokens only) and decode, and reports
-//! `cached_tokens` from its real pool. Used by `kvroute demo`, `kvroute worker-sim` and tests.
+//! `cached_tokens` from its real pool.
 
-use crate::body::{error_response, json_response, GatewayBody};
-use crate::serve::serve_http;
+use crate::block_pool::BlockPool;
+use crate::model::{InvalidModel, WorkerModel};
 use bytes::Bytes;
 use futures_util::stream;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -12,24 +12,22 @@ use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use kvroute_blockhash::{BlockHasher, HashedBlock};
 use kvroute_events::Publisher;
-use kvroute_index::{BlockPool, PoolChanges};
+use kvroute_gateway::{error_response, json_response, serve_http, BoxError, GatewayBody};
 use kvroute_mmhash::{block_media_info, BlockExtraInfo};
 use kvroute_preprocess::{ChatRequest, CompletionRequest, Preprocessor, Prompt};
-use kvroute_protocol::{
-    DpRank, ErrorBody, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData,
-    KvCacheStoredBlockData, SequenceHash, WorkerId,
-};
+use kvroute_protocol::{DpRank, ErrorBody, KvCacheStoredBlockData, SequenceHash, WorkerId};
 use serde_json::json;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedMutexGuard, OwnedSemaphorePermit, Semaphore};
 
 /// Most tokens one simulated answer has, whatever `max_tokens` asks.
 pub const MAX_COMPLETION_TOKENS: u64 = 32_768;
 
-/// How the simulated worker behaves.
+/// Who a simulated worker is and how it behaves.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub struct SimConfig {
@@ -39,47 +37,42 @@ pub struct SimConfig {
     pub model: String,
     /// Tokens per KV block.
     pub block_size: u32,
-    /// KV pool capacity in blocks; the least recently used blocks are evicted past it.
-    pub capacity_blocks: usize,
-    /// Prefill speed: uncached prompt tokens per second.
-    pub prefill_tokens_per_second: f64,
-    /// Decode speed of one request: generated tokens per second.
-    pub decode_tokens_per_second: f64,
+    /// Its pool, speeds and concurrency.
+    pub engine: WorkerModel,
     /// Tokens generated when the request sets no limit.
     pub default_max_tokens: u64,
 }
 
 impl SimConfig {
-    /// A worker with the seed's defaults: 4096-block pool, 20k tokens/s prefill, 100 tokens/s
-    /// decode, 16 tokens per answer.
+    /// A worker with [`WorkerModel::default`]'s speeds and concurrency, a 4096-block pool (a
+    /// long-running server must bound its memory) and 16 tokens per answer.
     pub fn new(worker_id: WorkerId, model: impl Into<String>, block_size: u32) -> Self {
         Self {
             worker_id,
             model: model.into(),
             block_size,
-            capacity_blocks: 4096,
-            prefill_tokens_per_second: 20_000.0,
-            decode_tokens_per_second: 100.0,
+            engine: WorkerModel::default().with_capacity_blocks(Some(4096)),
             default_max_tokens: 16,
         }
     }
 
-    /// Sets the pool capacity.
-    pub fn with_capacity_blocks(mut self, blocks: usize) -> Self {
-        self.capacity_blocks = blocks;
+    /// Sets its pool, speeds and concurrency.
+    pub fn with_engine(mut self, engine: WorkerModel) -> Self {
+        self.engine = engine;
         self
     }
+}
 
-    /// Sets prefill and decode speeds.
-    pub fn with_speeds(
-        mut self,
-        prefill_tokens_per_second: f64,
-        decode_tokens_per_second: f64,
-    ) -> Self {
-        self.prefill_tokens_per_second = prefill_tokens_per_second;
-        self.decode_tokens_per_second = decode_tokens_per_second;
-        self
-    }
+/// A simulated worker that cannot be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    /// The block size cannot be hashed with.
+    #[error(transparent)]
+    BlockSize(#[from] kvroute_blockhash::HashError),
+    /// The engine model cannot be simulated.
+    #[error(transparent)]
+    Model(#[from] InvalidModel),
 }
 
 /// A simulated worker. Cheap to clone.
@@ -93,25 +86,35 @@ struct SimInner {
     preprocessor: Arc<Preprocessor>,
     hasher: BlockHasher,
     pool: Mutex<BlockPool>,
+    /// One permit per request the engine runs at once.
+    slots: Arc<Semaphore>,
+    /// Held while a request prefills: prefills run one at a time.
+    prefill: Arc<tokio::sync::Mutex<()>>,
     publisher: Publisher,
     killed: tokio::sync::watch::Sender<bool>,
     running: Arc<AtomicU64>,
 }
 
-/// Counts a request as running until dropped (with the response body, for a stream: a client
-/// that goes away cancels it).
-struct Running(Arc<AtomicU64>);
+/// Counts a request as running and holds its engine slot until dropped (with the response
+/// body, for a stream: a client that goes away cancels it).
+struct Running {
+    counter: Arc<AtomicU64>,
+    _slot: Option<OwnedSemaphorePermit>,
+}
 
 impl Running {
     fn start(counter: &Arc<AtomicU64>) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
-        Self(Arc::clone(counter))
+        Self {
+            counter: Arc::clone(counter),
+            _slot: None,
+        }
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.counter.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -121,15 +124,19 @@ impl SimWorker {
         config: SimConfig,
         preprocessor: Arc<Preprocessor>,
         publisher: Publisher,
-    ) -> Result<Self, kvroute_blockhash::HashError> {
+    ) -> Result<Self, SimError> {
+        config.engine.validate()?;
         let hasher = BlockHasher::new(config.block_size)?;
-        let pool = Mutex::new(BlockPool::new(Some(config.capacity_blocks)));
+        let pool = Mutex::new(BlockPool::new(config.engine.capacity_blocks));
+        let slots = config.engine.max_concurrency.min(Semaphore::MAX_PERMITS);
         Ok(Self {
             inner: Arc::new(SimInner {
                 config,
                 preprocessor,
                 hasher,
                 pool,
+                slots: Arc::new(Semaphore::new(slots)),
+                prefill: Arc::default(),
                 publisher,
                 killed: tokio::sync::watch::channel(false).0,
                 running: Arc::default(),
@@ -143,7 +150,8 @@ impl SimWorker {
         self.inner.killed.send_replace(true);
     }
 
-    /// Requests being answered now, streams still generating included.
+    /// Requests being answered now, streams still generating and requests waiting for a slot
+    /// included.
     pub fn running_requests(&self) -> u64 {
         self.inner.running.load(Ordering::Relaxed)
     }
@@ -199,7 +207,7 @@ impl SimWorker {
         request: Request<Incoming>,
         chat: bool,
     ) -> Result<Response<GatewayBody>, Response<GatewayBody>> {
-        let running = Running::start(&self.inner.running);
+        let mut running = Running::start(&self.inner.running);
         let bad = |error: kvroute_preprocess::PreprocessError| {
             error_response(StatusCode::BAD_REQUEST, &error.to_error_body())
         };
@@ -227,12 +235,15 @@ impl SimWorker {
             let prompt = self.inner.preprocessor.completion(&request).map_err(bad)?;
             (prompt, request.stream, request.max_tokens, false)
         };
+        // The semaphore is never closed; a closed one would only mean no limit.
+        running._slot = Arc::clone(&self.inner.slots).acquire_owned().await.ok();
         let cached_blocks = self.admit(&prompt).await;
         let config = &self.inner.config;
         let cached_tokens = cached_blocks * config.block_size as usize;
-        let uncached = prompt.tokens.len().saturating_sub(cached_tokens);
-        let prefill = Duration::from_secs_f64(uncached as f64 / config.prefill_tokens_per_second);
-        let per_token = Duration::from_secs_f64(1.0 / config.decode_tokens_per_second);
+        // An engine computes at least the last prompt token even when all of it is cached.
+        let uncached = prompt.tokens.len().saturating_sub(cached_tokens).max(1);
+        let prefill = seconds(uncached as f64 / config.engine.prefill_tokens_per_second);
+        let per_token = seconds(1.0 / config.engine.decode_tokens_per_second);
         // Clamped like an engine clamps to its context: a client asking for 10^12 tokens must
         // not make the simulator allocate or stream forever.
         let completion_tokens = max_tokens
@@ -253,12 +264,14 @@ impl SimWorker {
                 chat,
                 tokens: completion_tokens,
                 prefill,
+                prefill_lock: Arc::clone(&self.inner.prefill),
                 per_token,
                 usage: include_usage.then_some(usage),
                 _running: running,
             }))
         } else {
-            pause(prefill + per_token * completion_tokens as u32).await;
+            prefill_one_at_a_time(&self.inner.prefill, prefill).await;
+            pause(per_token.saturating_mul(completion_tokens as u32)).await;
             let text = words(completion_tokens);
             let choice = if chat {
                 json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"})
@@ -300,7 +313,7 @@ impl SimWorker {
             )
             .unwrap_or_default()
         };
-        let events = pool_events(&hashed, &infos, changes);
+        let events = changes.into_events(|i| engine_block(&hashed, &infos, i));
         if !events.is_empty() {
             if let Err(error) = self.inner.publisher.publish(DpRank(0), events).await {
                 tracing::warn!(%error, worker = %self.inner.config.worker_id, "could not publish KV events");
@@ -310,41 +323,19 @@ impl SimWorker {
     }
 }
 
-/// The KV events an engine publishes for what storing a prompt (`hashed`, with each block's
-/// media `infos`) changed in its pool.
-fn pool_events(
+/// Block `i` of a hashed prompt as an engine describes it in a stored event: both hashes and
+/// its media (`infos`, one per block).
+fn engine_block(
     hashed: &[HashedBlock],
     infos: &[Option<BlockExtraInfo>],
-    changes: PoolChanges,
-) -> Vec<KvCacheEventData> {
-    let mut events: Vec<KvCacheEventData> = changes
-        .stored
-        .into_iter()
-        .map(|run| {
-            let blocks = run
-                .blocks
-                .filter_map(|i| {
-                    let block = hashed.get(i)?;
-                    Some(KvCacheStoredBlockData {
-                        block_hash: block.sequence,
-                        tokens_hash: block.block,
-                        mm_extra_info: infos.get(i).cloned().flatten(),
-                    })
-                })
-                .collect();
-            KvCacheEventData::Stored(KvCacheStoreData {
-                parent_hash: run.parent,
-                start_position: None,
-                blocks,
-            })
-        })
-        .collect();
-    if !changes.removed.is_empty() {
-        events.push(KvCacheEventData::Removed(KvCacheRemoveData {
-            block_hashes: changes.removed,
-        }));
-    }
-    events
+    i: usize,
+) -> Option<KvCacheStoredBlockData> {
+    let block = hashed.get(i)?;
+    Some(KvCacheStoredBlockData {
+        block_hash: block.sequence,
+        tokens_hash: block.block,
+        mm_extra_info: infos.get(i).cloned().flatten(),
+    })
 }
 
 /// A streamed answer in progress.
@@ -354,6 +345,7 @@ struct Stream {
     chat: bool,
     tokens: u64,
     prefill: Duration,
+    prefill_lock: Arc<tokio::sync::Mutex<()>>,
     per_token: Duration,
     usage: Option<serde_json::Value>,
     _running: Running,
@@ -365,7 +357,7 @@ fn sse_response(answer: Stream) -> Response<GatewayBody> {
             return None;
         }
         let data = if sent == 0 {
-            pause(answer.prefill).await;
+            prefill_one_at_a_time(&answer.prefill_lock, answer.prefill).await;
             chunk(&answer, Some("role"), None)
         } else if sent <= answer.tokens {
             pause(answer.per_token).await;
@@ -384,7 +376,7 @@ fn sse_response(answer: Stream) -> Response<GatewayBody> {
             tail
         };
         Some((
-            Ok::<_, crate::body::BoxError>(Frame::data(Bytes::from(data))),
+            Ok::<_, BoxError>(Frame::data(Bytes::from(data))),
             (answer, sent + 1),
         ))
     });
@@ -416,6 +408,20 @@ fn chunk(answer: &Stream, kind: Option<&str>, finish: Option<&str>) -> String {
     format!("data: {body}\n\n")
 }
 
+/// Waits `prefill` holding the worker's prefill lock, as an engine prefills one request at a
+/// time. Zero returns at once, without the lock.
+async fn prefill_one_at_a_time(lock: &Arc<tokio::sync::Mutex<()>>, prefill: Duration) {
+    if !prefill.is_zero() {
+        let _prefilling: OwnedMutexGuard<()> = Arc::clone(lock).lock_owned().await;
+        pause(prefill).await;
+    }
+}
+
+/// `seconds` as a duration; past what a `Duration` holds (a tiny speed), the longest one.
+fn seconds(seconds: f64) -> Duration {
+    Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX)
+}
+
 /// Waits `duration`. Zero returns at once: Tokio rounds every timer up to its next millisecond
 /// tick, so a worker configured to take no time would otherwise take up to 1 ms per step.
 async fn pause(duration: Duration) {
@@ -438,7 +444,7 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kvroute_protocol::BlockHash;
+    use kvroute_protocol::{BlockHash, KvCacheEventData, KvCacheRemoveData};
 
     fn blocks(hashes: &[u64]) -> Vec<HashedBlock> {
         hashes
@@ -469,7 +475,9 @@ mod tests {
         let mut pool = BlockPool::new(Some(4));
         let first = blocks(&[1, 2, 3]);
         let keys: Vec<SequenceHash> = first.iter().map(|b| b.sequence).collect();
-        let events = pool_events(&first, &[], pool.store(&keys, &keys));
+        let events = pool
+            .store(&keys, &keys)
+            .into_events(|i| engine_block(&first, &[], i));
         assert_eq!(events.len(), 1);
         assert_eq!(
             stored(&events[0]),
@@ -480,14 +488,18 @@ mod tests {
         let second = blocks(&[1, 2, 9]);
         let keys: Vec<SequenceHash> = second.iter().map(|b| b.sequence).collect();
         assert_eq!(pool.lookup(&keys), 2);
-        let events = pool_events(&second, &[], pool.store(&keys, &keys));
+        let events = pool
+            .store(&keys, &keys)
+            .into_events(|i| engine_block(&second, &[], i));
         assert_eq!(events.len(), 1);
         assert_eq!(stored(&events[0]), (Some(SequenceHash(2)), vec![(9, 109)]));
 
         // A fifth block evicts the least recently used one: 3, the other continuation.
         let third = blocks(&[5]);
         let keys: Vec<SequenceHash> = third.iter().map(|b| b.sequence).collect();
-        let events = pool_events(&third, &[], pool.store(&keys, &keys));
+        let events = pool
+            .store(&keys, &keys)
+            .into_events(|i| engine_block(&third, &[], i));
         assert_eq!(stored(&events[0]), (None, vec![(5, 105)]));
         assert_eq!(
             events[1],
