@@ -1,97 +1,79 @@
 //! `kvroute demo`: the gateway, an in-process event bus and simulated workers in one process.
 
-use crate::wiring::{self, ModelArgs, RoutingArgs};
+use crate::flags::ConfigSource;
 use anyhow::Result;
 use clap::Args;
-use kvroute_dispatch::{Registry, Worker};
-use kvroute_events::{in_process_bus, IngestConfig, Ingestor, PublisherConfig};
-use kvroute_gateway::GatewayConfig;
-use kvroute_index::{Index, IndexConfig, SharedIndex};
+use kvroute_dispatch::Worker;
+use kvroute_events::PublisherConfig;
+use kvroute_gateway::{EventsSource, MetricsRender, Server, ServerConfig};
 use kvroute_protocol::WorkerId;
 use kvroute_sim::{SimConfig, SimWorker, WorkerModel};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Where the gateway listens.
-    #[arg(long, env = "KVROUTE_LISTEN", default_value = "127.0.0.1:8000")]
-    listen: SocketAddr,
     /// Simulated workers.
-    #[arg(long, env = "NUM_WORKERS", default_value_t = 2)]
-    workers: u64,
-    #[command(flatten)]
-    model: ModelArgs,
-    #[command(flatten)]
-    routing: RoutingArgs,
-    /// Seconds in-flight requests may take to finish after Ctrl-C.
-    #[arg(long, default_value_t = 10)]
-    drain_timeout_secs: u64,
+    #[arg(long = "workers", env = "KVROUTE_NUM_WORKERS", default_value_t = 2)]
+    num_workers: u64,
     /// KV pool of each simulated worker, in blocks.
     #[arg(long, default_value_t = 4096)]
     capacity_blocks: usize,
+    #[command(flatten)]
+    source: ConfigSource,
 }
 
-pub async fn run(args: DemoArgs, metrics: kvroute_gateway::MetricsRender) -> Result<()> {
-    let preprocessor = args.model.preprocessor()?;
-    let (model, block_size) = (&args.model.model, args.model.block_size);
-    let index = SharedIndex::new(Index::new(IndexConfig::default()));
-    let (bus, source) = in_process_bus(4096);
-    let ingestor = Ingestor::spawn(source, index.clone(), IngestConfig::default());
+/// The demo's configuration: the server's, on loopback, with its events on an in-process
+/// bus, no NATS and a short drain.
+fn demo_defaults() -> ServerConfig {
+    let mut config = ServerConfig::default();
+    config.listen = SocketAddr::from(([127, 0, 0, 1], 8000));
+    config.drain_timeout_secs = 10;
+    config.events.source = EventsSource::InProcess;
+    config.nats.discovery = false;
+    config
+}
 
-    let registry = Registry::default();
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut tasks = Vec::new();
+pub async fn run(args: DemoArgs, metrics: MetricsRender) -> Result<()> {
+    let mut config = args.source.load(demo_defaults())?;
+    // Whatever a file says, the demo's workers live in this process.
+    config.events.source = EventsSource::InProcess;
+    let (model, block_size) = (config.model.name.clone(), config.model.block_size);
+    let server = Server::builder(config).metrics(metrics).start().await?;
+
     let mut sims = Vec::new();
-    for n in 1..=args.workers {
-        let id = WorkerId(n);
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}", listener.local_addr()?);
-        let config = SimConfig::new(id, model, block_size)
-            .with_engine(WorkerModel::default().with_capacity_blocks(Some(args.capacity_blocks)));
-        let worker = SimWorker::new(
-            config,
-            Arc::clone(&preprocessor),
-            bus.publisher(PublisherConfig::new(id)),
-        )?;
-        sims.push(worker.clone());
-        tasks.push(tokio::spawn(worker.serve(listener, wait(stopped.clone()))));
-        registry.upsert(Worker::new(id, &url)?);
-        println!("simulated worker {id} on {url}");
+    if let Some(bus) = server.in_process_bus() {
+        for n in 1..=args.num_workers {
+            let id = WorkerId(n);
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}", listener.local_addr()?);
+            let engine = WorkerModel::default().with_capacity_blocks(Some(args.capacity_blocks));
+            let settings = SimConfig::new(id, &model, block_size).with_engine(engine);
+            let worker = SimWorker::new(
+                settings,
+                Arc::clone(server.preprocessor()),
+                bus.publisher(PublisherConfig::new(id)),
+            )?;
+            sims.push(worker.clone());
+            tokio::spawn(worker.serve(listener, std::future::pending()));
+            server.registry().upsert(Worker::new(id, &url)?);
+            println!("simulated worker {id} on {url}");
+        }
     }
-
-    let listener = wiring::bind(args.listen).await?;
-    let config = GatewayConfig::new(model, block_size)
-        .with_metrics(metrics)
-        .with_cost(args.routing.cost()?);
-    let gateway = wiring::gateway(config, preprocessor, index, registry, Some(&ingestor))?;
-    print_usage(listener.local_addr()?, model);
-    wiring::serve_until_signal(
-        gateway,
-        listener,
-        Duration::from_secs(args.drain_timeout_secs),
-    )
-    .await?;
-
+    print_usage(server.local_addr(), &model);
+    server
+        .run_until_signal(|| {
+            let reloaded = args.source.load(demo_defaults());
+            reloaded.map_err(|error| format!("{error:#}"))
+        })
+        .await?;
     // The gateway has drained (or given up): whatever the workers still stream has no reader.
     for sim in &sims {
         sim.kill();
     }
-    let _ = stop.send(true);
-    for task in tasks {
-        task.await??;
-    }
-    drop(bus);
-    ingestor.shutdown().await?;
     Ok(())
 }
-
-async fn wait(mut stopped: tokio::sync::watch::Receiver<bool>) {
-    let _ = stopped.wait_for(|stop| *stop).await;
-}
-
 fn print_usage(addr: SocketAddr, model: &str) {
     let base = format!("http://{addr}");
     println!(

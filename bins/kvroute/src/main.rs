@@ -1,10 +1,11 @@
 //! The kvroute command line: flag parsing and wiring only; the work lives in the library crates.
 
+mod config;
 mod demo;
+mod flags;
 mod hash;
 mod replay;
 mod serve;
-mod wiring;
 mod worker_sim;
 
 use clap::{Parser, Subcommand};
@@ -31,6 +32,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run the gateway against a NATS server (KV events) and a list of workers.
     Serve(serve::ServeArgs),
+    /// Print an example configuration file, or check one.
+    Config(config::ConfigArgs),
     /// Run one simulated worker that publishes its KV events to NATS.
     WorkerSim(worker_sim::WorkerSimArgs),
     /// Print the block and sequence hashes of a token sequence (Dynamo-compatible).
@@ -41,6 +44,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    flags::apply_env_aliases();
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Hash(args) => hash::run(args),
+        Command::Config(args) => config::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Demo(args) => serve_async(|metrics| demo::run(args, metrics)),
         Command::Serve(args) => serve_async(|metrics| serve::run(args, metrics)),
@@ -95,4 +100,14 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
 }

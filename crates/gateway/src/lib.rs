@@ -42,14 +42,24 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod accept;
 mod body;
+mod config;
+mod discovery;
 mod forward_body;
-mod membership;
-mod serve;
+mod handler;
 mod server;
 mod usage;
 
+pub use accept::serve_http;
 pub use body::{error_response, json_response, BoxError, GatewayBody};
-pub use membership::follow_membership;
-pub use serve::serve_http;
-pub use server::{bind, Gateway, GatewayConfig, GatewayError, MetricsRender};
+pub use config::{
+    BreakerSettings, ConfigError, EventsConfig, EventsSource, ModelConfig, NatsConfig, PolicyName,
+    RoutingConfig, ServerConfig, WorkerConfig,
+};
+pub use discovery::follow_membership;
+pub use handler::{bind, Gateway, GatewayConfig, GatewayError, MetricsRender};
+pub use server::{
+    stop_signal, Next, ReloadReport, ResponseFuture, Server, ServerBuilder, ServerError,
+    ServerStats,
+};

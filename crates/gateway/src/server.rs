@@ -1,595 +1,633 @@
-//! The HTTP server: OpenAI endpoints, routing, health, metrics.
+//! The composition root: one [`ServerConfig`] in, a running server out.
+//!
+//! [`Server::builder`] assembles what `kvroute serve` runs (preprocessor, index, event
+//! sources and their ingestors, worker registry, NATS discovery, the gateway and its accept
+//! loop) and returns a [`Server`] handle: its address, readiness, stats, reload and graceful
+//! shutdown. Embedders add their own middleware around the request handler and their own
+//! routing policy; tests start real servers in-process.
 
-use crate::body::{error_response, full, json_response, GatewayBody, Passthrough};
-use crate::forward_body::with_image_uuids;
-use crate::serve::serve_http;
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
-use hyper::body::{Body as _, Incoming};
-use kvroute_blockhash::BlockHasher;
-use kvroute_dispatch::{
-    CandidateInput, CostConfig, Decision, Eligible, ForwardBody, ForwardConfig, ForwardError,
-    Forwarder, KvAware, Registry, SharedPolicy,
+use crate::accept::serve_http;
+use crate::body::GatewayBody;
+use crate::config::{ConfigError, EventsSource, RoutingConfig, ServerConfig};
+use crate::discovery::follow_membership;
+use crate::handler::{Gateway, GatewayConfig, GatewayError, MetricsRender};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use kvroute_dispatch::{Registry, RoutingPolicy, SharedPolicy};
+use kvroute_events::{
+    in_process_bus, DynamoSource, InProcessBus, IngestConfig, IngestError, IngestStats, Ingestor,
+    NatsError, NatsSource, NatsSourceConfig, SnapshotSettings,
 };
-use kvroute_index::{SharedIndex, WorkerKey};
-use kvroute_preprocess::{ChatRequest, CompletionRequest, PreprocessError, Preprocessor, Prompt};
-use kvroute_protocol::{DpRank, ErrorBody, SequenceHash, WorkerId};
-use metrics::{counter, histogram};
-use serde_json::json;
-use std::collections::HashMap;
+use kvroute_index::{Index, IndexConfig, IndexStats, SharedIndex};
+use kvroute_preprocess::{PreprocessError, Preprocessor};
+use kvroute_protocol::WorkerId;
+use metrics::counter;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
-/// Renders the Prometheus text exposition for `/metrics`.
-pub type MetricsRender = Arc<dyn Fn() -> String + Send + Sync>;
+/// A response in the making, as middleware returns it.
+pub type ResponseFuture = Pin<Box<dyn Future<Output = Response<GatewayBody>> + Send>>;
 
-/// Gateway settings.
-#[derive(Clone)]
-#[non_exhaustive]
-pub struct GatewayConfig {
-    /// The model name `/v1/models` lists.
-    pub model: String,
-    /// Tokens per KV block (must match the workers').
-    pub block_size: u32,
-    /// Largest request body accepted (base64 images make bodies large).
-    pub max_body_bytes: usize,
-    /// The routing policy (kvroute's cost by default); shared, so a reload can replace it.
-    pub policy: SharedPolicy,
-    /// Forwarding timeouts and retries.
-    pub forward: ForwardConfig,
-    /// `/metrics` output; `None` serves an empty page.
-    pub metrics: Option<MetricsRender>,
-    /// Workers publish no KV events: predict their caches from routing instead. Each request's
-    /// blocks count as cached on the worker that answered it for the index's
-    /// [`routed_ttl`](kvroute_index::IndexConfig::routed_ttl) (Dynamo's approximate mode).
-    pub approximate: bool,
+type Middleware = Arc<dyn Fn(Request<Incoming>, Next) -> ResponseFuture + Send + Sync>;
+type PolicyFactory = Arc<dyn Fn(&RoutingConfig) -> Box<dyn RoutingPolicy> + Send + Sync>;
+
+/// The rest of the handler chain, given to each middleware: [`Next::run`] passes the request
+/// on (eventually to [`Gateway::handle`]).
+pub struct Next {
+    gateway: Gateway,
+    chain: Arc<[Middleware]>,
+    position: usize,
 }
 
-impl GatewayConfig {
-    /// Defaults for `model` with `block_size`-token blocks.
-    pub fn new(model: impl Into<String>, block_size: u32) -> Self {
-        Self {
-            model: model.into(),
-            block_size,
-            max_body_bytes: 32 << 20,
-            policy: SharedPolicy::new(KvAware::unseeded(CostConfig::default())),
-            forward: ForwardConfig::default(),
-            metrics: None,
-            approximate: false,
+impl Next {
+    /// Hands `request` to the next middleware, or to the gateway after the last one.
+    pub fn run(self, request: Request<Incoming>) -> ResponseFuture {
+        match self.chain.get(self.position).cloned() {
+            Some(middleware) => middleware(
+                request,
+                Next {
+                    position: self.position + 1,
+                    ..self
+                },
+            ),
+            None => Box::pin(async move { self.gateway.handle(request).await }),
         }
     }
 
-    /// Sets the `/metrics` renderer.
-    pub fn with_metrics(mut self, render: MetricsRender) -> Self {
+    /// The gateway at the end of the chain (its registry, configuration).
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+}
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is unusable.
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+    /// The model's tokenizer or chat template could not be loaded.
+    #[error("loading the model: {0}")]
+    Model(#[from] PreprocessError),
+    /// NATS could not be reached or provisioned.
+    #[error("{what} on {url} (is nats-server running there with JetStream, -js?): {source}")]
+    Nats {
+        /// What was being done.
+        what: &'static str,
+        /// The server.
+        url: String,
+        /// What failed.
+        source: NatsError,
+    },
+    /// The listen address could not be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What failed.
+        source: std::io::Error,
+    },
+    /// The gateway refused its settings.
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    /// An ingestion task failed.
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    /// The accept loop failed.
+    #[error("serving: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Builds a [`Server`] from a [`ServerConfig`] (see [`Server::builder`]).
+#[must_use]
+pub struct ServerBuilder {
+    config: ServerConfig,
+    metrics: Option<MetricsRender>,
+    policy: PolicyFactory,
+    middleware: Vec<Middleware>,
+    listener: Option<TcpListener>,
+}
+
+impl ServerBuilder {
+    /// Serves `/metrics` with `render` (e.g. a Prometheus recorder's).
+    pub fn metrics(mut self, render: MetricsRender) -> Self {
         self.metrics = Some(render);
         self
     }
 
-    /// Routes by kvroute's cost with these weights.
-    pub fn with_cost(mut self, cost: CostConfig) -> Self {
-        self.policy = SharedPolicy::new(KvAware::unseeded(cost));
+    /// Routes with the policy `factory` makes from the routing settings, instead of the
+    /// configured built-in one; called at start and on every reload that changes them.
+    pub fn policy(
+        mut self,
+        factory: impl Fn(&RoutingConfig) -> Box<dyn RoutingPolicy> + Send + Sync + 'static,
+    ) -> Self {
+        self.policy = Arc::new(factory);
         self
     }
 
-    /// Routes by `policy`.
-    pub fn with_policy(mut self, policy: SharedPolicy) -> Self {
-        self.policy = policy;
+    /// Wraps the request handler: `middleware` sees every request first and calls
+    /// [`Next::run`] to pass it on (or answers itself). The first added runs first.
+    pub fn middleware<F, Fut>(mut self, middleware: F) -> Self
+    where
+        F: Fn(Request<Incoming>, Next) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Response<GatewayBody>> + Send + 'static,
+    {
+        self.middleware.push(Arc::new(move |request, next| {
+            Box::pin(middleware(request, next))
+        }));
         self
     }
 
-    /// Sets the body size limit.
-    pub fn with_max_body_bytes(mut self, limit: usize) -> Self {
-        self.max_body_bytes = limit;
+    /// Serves on `listener` instead of binding the configured address (tests bind port 0).
+    pub fn listener(mut self, listener: TcpListener) -> Self {
+        self.listener = Some(listener);
         self
     }
 
-    /// Predicts workers' caches from routing decisions (for workers without KV events).
-    pub fn with_approximate(mut self, approximate: bool) -> Self {
-        self.approximate = approximate;
-        self
-    }
+    /// Starts everything and returns once the gateway accepts connections (it may not be
+    /// ready yet: see [`Server::is_ready`]). Must be called inside a multi-threaded Tokio
+    /// runtime.
+    pub async fn start(self) -> Result<Server, ServerError> {
+        let config = self.config;
+        config.validate()?;
+        let preprocessor = Arc::new(config.model.load_preprocessor()?);
+        let index = SharedIndex::new(Index::new(
+            IndexConfig::default()
+                .with_routed_ttl(Duration::from_secs(config.events.approximate_ttl_secs)),
+        ));
+        let registry = Registry::new(config.breaker.breaker());
+        for worker in &config.workers {
+            registry.upsert(worker.worker()?);
+        }
+        let nats = match config.events.source.uses_nats() || config.discovers_workers() {
+            true => Some(connect(&config).await?),
+            false => None,
+        };
+        let (ingestor, bus) = spawn_ingestor(&config, nats.as_ref(), &index).await?;
+        let mut tasks = Vec::new();
+        if let (Some(client), true) = (&nats, config.discovers_workers()) {
+            tasks.push(
+                follow_registrations(&config, client, &registry, &index, ingestor.as_ref()).await?,
+            );
+        }
 
-    /// Sets forwarding timeouts and retries.
-    pub fn with_forward(mut self, forward: ForwardConfig) -> Self {
-        self.forward = forward;
-        self
+        let policy = SharedPolicy::from_box((self.policy)(&config.routing));
+        let mut gateway_config = GatewayConfig::new(&config.model.name, config.model.block_size)
+            .with_policy(policy.clone())
+            .with_approximate(config.events.source == EventsSource::None);
+        if let Some(render) = self.metrics {
+            gateway_config = gateway_config.with_metrics(render);
+        }
+        let caught_up = ingestor.as_ref().map(Ingestor::readiness);
+        let gateway = Gateway::new(
+            gateway_config,
+            Arc::clone(&preprocessor),
+            index.clone(),
+            registry.clone(),
+            move || caught_up.as_ref().is_none_or(|ready| *ready.borrow()),
+        )?;
+
+        let listener = match self.listener {
+            Some(listener) => listener,
+            None => TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?,
+        };
+        let local_addr = listener.local_addr().map_err(ServerError::Serve)?;
+        let (stop, stopped) = watch::channel(false);
+        let chain: Arc<[Middleware]> = self.middleware.into();
+        let handler_gateway = gateway.clone();
+        let accept = tokio::spawn(serve_http(
+            listener,
+            wait_for(stopped),
+            None,
+            move |request| {
+                Next {
+                    gateway: handler_gateway.clone(),
+                    chain: Arc::clone(&chain),
+                    position: 0,
+                }
+                .run(request)
+            },
+        ));
+        tracing::info!(%local_addr, source = ?config.events.source, "kvroute server started");
+        Ok(Server {
+            local_addr,
+            gateway,
+            index,
+            registry,
+            preprocessor,
+            ingestor,
+            bus,
+            policy,
+            policy_factory: self.policy,
+            config: Mutex::new(config),
+            stop,
+            accept,
+            tasks,
+        })
     }
 }
 
-/// Why the gateway could not be built.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum GatewayError {
-    /// The block size is unusable.
-    #[error("block size: {0}")]
-    BlockSize(#[from] kvroute_blockhash::HashError),
-}
-
-/// What a prompt looks like to the router: its blocks and each worker's overlap.
-struct Routed {
-    prompt: Prompt,
-    sequence: Vec<SequenceHash>,
-    decision: Decision,
-    eligible: Vec<Eligible>,
-}
-
-/// The router: an HTTP service over a preprocessor, an index kept current by KV events, and a
-/// registry of workers. Cheap to clone.
-#[derive(Clone)]
-pub struct Gateway {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
-    config: GatewayConfig,
-    preprocessor: Arc<Preprocessor>,
-    hasher: BlockHasher,
+/// A running kvroute server.
+///
+/// ```no_run
+/// use kvroute_gateway::{Server, ServerConfig, WorkerConfig};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let mut config = ServerConfig::default();
+/// config.listen = "127.0.0.1:0".parse()?;
+/// config.workers.push(WorkerConfig::new(1, "http://127.0.0.1:8001"));
+/// config.nats.discovery = false;
+/// let server = Server::builder(config).start().await?;
+/// println!("listening on {}", server.local_addr());
+/// server.shutdown().await?;
+/// # Ok(())
+/// # }
+/// ```
+pub struct Server {
+    local_addr: SocketAddr,
+    gateway: Gateway,
     index: SharedIndex,
     registry: Registry,
-    forwarder: Forwarder,
-    ready: Box<dyn Fn() -> bool + Send + Sync>,
-    /// When approximate-mode blocks were last expired.
-    routed_expired_at: Mutex<Instant>,
+    preprocessor: Arc<Preprocessor>,
+    ingestor: Option<Ingestor>,
+    bus: Option<InProcessBus>,
+    policy: SharedPolicy,
+    policy_factory: PolicyFactory,
+    config: Mutex<ServerConfig>,
+    stop: watch::Sender<bool>,
+    accept: JoinHandle<std::io::Result<()>>,
+    tasks: Vec<JoinHandle<()>>,
 }
 
-impl Gateway {
-    /// A gateway. `ready` tells `/ready` whether the index has caught up with the event stream.
-    pub fn new(
-        config: GatewayConfig,
-        preprocessor: Arc<Preprocessor>,
-        index: SharedIndex,
-        registry: Registry,
-        ready: impl Fn() -> bool + Send + Sync + 'static,
-    ) -> Result<Self, GatewayError> {
-        let hasher = BlockHasher::new(config.block_size)?;
-        let forwarder = Forwarder::new(config.forward);
-        Ok(Self {
-            inner: Arc::new(Inner {
-                config,
-                preprocessor,
-                hasher,
-                index,
-                registry,
-                forwarder,
-                ready: Box::new(ready),
-                routed_expired_at: Mutex::new(Instant::now()),
-            }),
-        })
+/// What a server has done so far.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct ServerStats {
+    /// The index's size.
+    pub index: IndexStats,
+    /// The event ingestion's counters (`None` without KV events).
+    pub ingest: Option<IngestStats>,
+    /// Workers in the registry.
+    pub workers: usize,
+}
+
+/// What a reload changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ReloadReport {
+    /// Settings now in effect.
+    pub applied: Vec<&'static str>,
+    /// Settings that differ from the running ones but take effect only after a restart.
+    pub needs_restart: Vec<&'static str>,
+}
+
+impl Server {
+    /// A builder for a server with `config`.
+    pub fn builder(config: ServerConfig) -> ServerBuilder {
+        ServerBuilder {
+            config,
+            metrics: None,
+            policy: Arc::new(RoutingConfig::policy),
+            middleware: Vec::new(),
+            listener: None,
+        }
     }
 
-    /// Serves HTTP/1.1 and HTTP/2 on `listener` until `shutdown` completes, then stops
-    /// accepting and waits for in-flight requests to finish.
-    pub async fn serve(
-        self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
-    ) -> std::io::Result<()> {
-        serve_http(listener, shutdown, None, move |request| {
-            let gateway = self.clone();
-            async move { gateway.handle(request).await }
-        })
-        .await
+    /// Where the gateway listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
     }
 
-    /// Handles one request (for embedding the gateway in another server).
-    pub async fn handle(&self, request: Request<Incoming>) -> Response<GatewayBody> {
-        let started = Instant::now();
-        let path = request.uri().path().to_owned();
-        let method = request.method().clone();
-        let response = match (&method, path.as_str()) {
-            (&Method::POST, "/v1/chat/completions") => self.chat(request, false).await,
-            (&Method::POST, "/v1/completions") => self.completion(request).await,
-            (&Method::POST, "/v1/route") => self.chat(request, true).await,
-            (&Method::GET, "/v1/models") => self.models(),
-            (&Method::GET, "/health") => json_response(StatusCode::OK, &json!({"status": "ok"})),
-            (&Method::GET, "/ready") => self.ready(),
-            (&Method::GET, "/metrics") => self.metrics(),
+    /// The request handler.
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// The worker registry (add or remove workers at run time).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The index of cached blocks.
+    pub fn index(&self) -> &SharedIndex {
+        &self.index
+    }
+
+    /// The model's preprocessor (simulated workers tokenize with the same one).
+    pub fn preprocessor(&self) -> &Arc<Preprocessor> {
+        &self.preprocessor
+    }
+
+    /// The in-process event bus, with `events.source = "in-process"`: in-process workers
+    /// publish their KV events on it.
+    pub fn in_process_bus(&self) -> Option<&InProcessBus> {
+        self.bus.as_ref()
+    }
+
+    /// The routing policy in effect.
+    pub fn policy(&self) -> &SharedPolicy {
+        &self.policy
+    }
+
+    /// The configuration in effect (after reloads).
+    pub fn config(&self) -> ServerConfig {
+        self.lock_config().clone()
+    }
+
+    /// Whether the index has caught up with the events and a worker is available (what
+    /// `/ready` answers).
+    pub fn is_ready(&self) -> bool {
+        self.ingestor.as_ref().is_none_or(Ingestor::is_caught_up)
+            && !self.registry.eligible(std::time::Instant::now()).is_empty()
+    }
+
+    /// Counters of the index, the ingestion and the registry.
+    pub fn stats(&self) -> ServerStats {
+        ServerStats {
+            index: self.index.stats(),
+            ingest: self.ingestor.as_ref().map(Ingestor::stats),
+            workers: self.registry.len(),
+        }
+    }
+
+    /// Applies what can change without a restart (static workers, routing policy and
+    /// weights) from `new`, and reports the rest. Counted in `kvroute_config_reloads_total`.
+    pub fn reload(&self, new: ServerConfig) -> Result<ReloadReport, ConfigError> {
+        if let Err(error) = new.validate() {
+            counter!("kvroute_config_reloads_total", "result" => "invalid").increment(1);
+            return Err(error);
+        }
+        let mut current = self.lock_config();
+        let mut report = ReloadReport::default();
+        if new.workers != current.workers {
+            let kept: BTreeSet<u64> = new.workers.iter().map(|w| w.id).collect();
+            for gone in current.workers.iter().filter(|w| !kept.contains(&w.id)) {
+                self.registry.remove(WorkerId(gone.id));
+            }
+            for worker in &new.workers {
+                // Validated above.
+                self.registry.upsert(worker.worker()?);
+            }
+            report.applied.push("workers");
+        }
+        if new.routing != current.routing {
+            self.policy.replace((self.policy_factory)(&new.routing));
+            report.applied.push("routing");
+        }
+        let restart_only = [
+            ("listen", new.listen != current.listen),
             (
-                _,
-                "/v1/chat/completions"
-                | "/v1/completions"
-                | "/v1/route"
-                | "/v1/models"
-                | "/health"
-                | "/ready"
-                | "/metrics",
-            ) => error_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                &ErrorBody::invalid_request(
-                    format!("{method} is not allowed on {path}"),
-                    None,
-                    "method_not_allowed",
-                ),
+                "drain_timeout_secs",
+                new.drain_timeout_secs != current.drain_timeout_secs,
             ),
-            _ => error_response(
-                StatusCode::NOT_FOUND,
-                &ErrorBody::invalid_request(format!("no route for {path}"), None, "not_found"),
-            ),
-        };
-        let status = response.status().as_u16().to_string();
-        let endpoint = endpoint_label(&path);
-        counter!("kvroute_requests_total", "endpoint" => endpoint, "status" => status).increment(1);
-        histogram!("kvroute_request_duration_seconds", "endpoint" => endpoint)
-            .record(started.elapsed().as_secs_f64());
-        response
+            ("model", new.model != current.model),
+            ("breaker", new.breaker != current.breaker),
+            ("events", new.events != current.events),
+            ("nats", new.nats != current.nats),
+        ];
+        report.needs_restart = restart_only
+            .into_iter()
+            .filter_map(|(field, changed)| changed.then_some(field))
+            .collect();
+        let reloaded_workers = new.workers.clone();
+        let reloaded_routing = new.routing.clone();
+        current.workers = reloaded_workers;
+        current.routing = reloaded_routing;
+        counter!("kvroute_config_reloads_total", "result" => "ok").increment(1);
+        tracing::info!(applied = ?report.applied, needs_restart = ?report.needs_restart, "configuration reloaded");
+        Ok(report)
     }
 
-    /// Reads the whole body up to the configured limit. A larger body is refused with 413
-    /// after reading (and discarding) the rest, up to four times the limit, so the client
-    /// receives the error instead of a connection reset mid-upload.
-    async fn read_body(
-        &self,
-        request: Request<Incoming>,
-    ) -> Result<(HeaderMap, Bytes), Response<GatewayBody>> {
-        let limit = self.inner.config.max_body_bytes;
-        let (parts, mut body) = request.into_parts();
-        // Sized once from Content-Length (within the limit): growing by doubling would copy
-        // a large body about once more.
-        let expected = usize::try_from(body.size_hint().lower()).unwrap_or(usize::MAX);
-        let mut buffer = Vec::with_capacity(expected.min(limit));
-        let mut total = 0usize;
-        while let Some(frame) = body.frame().await {
-            let frame = match frame {
-                Ok(frame) => frame,
-                Err(error) => {
-                    return Err(error_response(
-                        StatusCode::BAD_REQUEST,
-                        &ErrorBody::invalid_request(
-                            format!("could not read the request body: {error}"),
-                            None,
-                            "bad_body",
-                        ),
-                    ))
+    /// Stops accepting, lets in-flight requests finish for at most the configured drain
+    /// timeout (then cuts them), stops ingestion (writing a final snapshot) and returns.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        let drain = Duration::from_secs(self.lock_config().drain_timeout_secs);
+        self.stop.send_replace(true);
+        let mut accept = self.accept;
+        match tokio::time::timeout(drain, &mut accept).await {
+            Ok(Ok(served)) => served.map_err(ServerError::Serve)?,
+            Ok(Err(join)) => return Err(ServerError::Serve(std::io::Error::other(join))),
+            Err(_) => {
+                tracing::warn!(
+                    ?drain,
+                    "in-flight requests still open after the drain timeout; cutting them"
+                );
+                accept.abort();
+            }
+        }
+        for task in &self.tasks {
+            task.abort();
+        }
+        if let Some(ingestor) = self.ingestor {
+            ingestor.shutdown().await?;
+        }
+        Ok(())
+    }
+
+    /// Serves until Ctrl-C or SIGTERM (then [`Server::shutdown`]); on SIGHUP, applies
+    /// [`Server::reload`] to what `reload` returns (the configuration file read again).
+    pub async fn run_until_signal<E: std::fmt::Display>(
+        self,
+        mut reload: impl FnMut() -> Result<ServerConfig, E>,
+    ) -> Result<(), ServerError> {
+        let mut hangups = hangups();
+        let stop = stop_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                Some(()) = hangups.recv() => {
+                    match reload() {
+                        Ok(config) => self.log_reload(config),
+                        Err(error) => {
+                            counter!("kvroute_config_reloads_total", "result" => "invalid").increment(1);
+                            tracing::error!(%error, "reload refused: the configuration could not be read; the running one stays");
+                        }
+                    }
                 }
-            };
-            if let Ok(data) = frame.into_data() {
-                total = total.saturating_add(data.len());
-                if total <= limit {
-                    buffer.extend_from_slice(&data);
-                } else if total > limit.saturating_mul(4) {
+            }
+        }
+        tracing::info!("shutting down: draining in-flight requests");
+        self.shutdown().await
+    }
+
+    fn log_reload(&self, config: ServerConfig) {
+        match self.reload(config) {
+            Ok(report) if !report.needs_restart.is_empty() => tracing::warn!(
+                needs_restart = ?report.needs_restart,
+                "reloaded; some changes take effect only after a restart"
+            ),
+            Ok(_) => {}
+            Err(error) => {
+                tracing::error!(%error, "reload refused; the running configuration stays")
+            }
+        }
+    }
+
+    fn lock_config(&self) -> std::sync::MutexGuard<'_, ServerConfig> {
+        // Reloads replace whole fields: a panic mid-reload leaves a usable value.
+        self.config
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn connect(config: &ServerConfig) -> Result<async_nats::Client, ServerError> {
+    kvroute_events::connect(&config.nats.url)
+        .await
+        .map_err(|source| ServerError::Nats {
+            what: "connecting",
+            url: config.nats.url.clone(),
+            source,
+        })
+}
+
+/// The ingestor of the configured source, and the bus when it is in-process.
+async fn spawn_ingestor(
+    config: &ServerConfig,
+    nats: Option<&async_nats::Client>,
+    index: &SharedIndex,
+) -> Result<(Option<Ingestor>, Option<InProcessBus>), ServerError> {
+    let ingest = IngestConfig::default();
+    let index = index.clone();
+    Ok(match (config.events.source, nats) {
+        (EventsSource::None, _) => (None, None),
+        (EventsSource::InProcess, _) => {
+            let (bus, source) = in_process_bus(IN_PROCESS_BUS_BATCHES);
+            (Some(Ingestor::spawn(source, index, ingest)), Some(bus))
+        }
+        (EventsSource::Kvroute, Some(client)) => {
+            let stream = config.nats.stream();
+            let js = async_nats::jetstream::new(client.clone());
+            kvroute_events::ensure_stream(&js, &stream)
+                .await
+                .map_err(|source| ServerError::Nats {
+                    what: "provisioning the event stream",
+                    url: config.nats.url.clone(),
+                    source,
+                })?;
+            let snapshots = config.events.snapshots.then(|| {
+                let mut settings = SnapshotSettings::default();
+                // One object per (namespace, component): their indexes differ.
+                settings.object = format!(
+                    "index-{}-{}",
+                    kvroute_events::subject_token(&config.nats.namespace),
+                    kvroute_events::subject_token(&config.nats.component)
+                );
+                settings.interval = Duration::from_secs(config.events.snapshot_interval_secs);
+                settings
+            });
+            let source = NatsSource::new(
+                client.clone(),
+                NatsSourceConfig::new(stream).with_snapshots(snapshots),
+            );
+            (Some(Ingestor::spawn(source, index, ingest)), None)
+        }
+        (EventsSource::Dynamo, Some(client)) => {
+            let source = DynamoSource::new(
+                client.clone(),
+                &config.nats.namespace,
+                &config.nats.component,
+                Some(&config.nats.endpoint),
+            );
+            (Some(Ingestor::spawn(source, index, ingest)), None)
+        }
+        // `start` connects whenever the source uses NATS.
+        (EventsSource::Kvroute | EventsSource::Dynamo, None) => (None, None),
+    })
+}
+
+/// Batches the in-process bus holds before publishers wait.
+const IN_PROCESS_BUS_BATCHES: usize = 4096;
+
+async fn follow_registrations(
+    config: &ServerConfig,
+    client: &async_nats::Client,
+    registry: &Registry,
+    index: &SharedIndex,
+    ingestor: Option<&Ingestor>,
+) -> Result<JoinHandle<()>, ServerError> {
+    let membership = config.nats.membership();
+    let js = async_nats::jetstream::new(client.clone());
+    let store = kvroute_events::ensure_bucket(&js, &membership)
+        .await
+        .map_err(|source| ServerError::Nats {
+            what: "opening the worker registration bucket",
+            url: config.nats.url.clone(),
+            source,
+        })?;
+    let changes = kvroute_events::watch_members(client.clone(), store, &membership);
+    Ok(tokio::spawn(follow_membership(
+        changes,
+        registry.clone(),
+        index.clone(),
+        ingestor.map(Ingestor::control),
+        config.model.block_size,
+    )))
+}
+
+async fn wait_for(mut stopped: watch::Receiver<bool>) {
+    // An error means the sender is gone: stop too.
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn stop_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+/// One message per SIGHUP (none where there are no such signals).
+fn hangups() -> tokio::sync::mpsc::Receiver<()> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    #[cfg(unix)]
+    if let Ok(mut signal) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tokio::spawn(async move {
+            while signal.recv().await.is_some() {
+                if tx.send(()).await.is_err() {
                     break;
                 }
             }
-        }
-        if total > limit {
-            counter!("kvroute_request_errors_total", "code" => "body_too_large").increment(1);
-            return Err(error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &ErrorBody::invalid_request(
-                    format!("the request body exceeds {limit} bytes"),
-                    None,
-                    "body_too_large",
-                ),
-            ));
-        }
-        Ok((parts.headers, Bytes::from(buffer)))
-    }
-
-    async fn chat(&self, request: Request<Incoming>, dry_run: bool) -> Response<GatewayBody> {
-        let (headers, body) = match self.read_body(request).await {
-            Ok(read) => read,
-            Err(response) => return response,
-        };
-        let chat = match ChatRequest::from_json(&body) {
-            Ok(chat) => chat,
-            Err(error) => return preprocess_error(&error),
-        };
-        let started = Instant::now();
-        let prompt = match self.inner.preprocessor.chat(&chat).await {
-            Ok(prompt) => prompt,
-            Err(error) => return preprocess_error(&error),
-        };
-        histogram!("kvroute_preprocess_duration_seconds").record(started.elapsed().as_secs_f64());
-        let routed = self.route(prompt);
-        if dry_run {
-            return self.explain(&routed);
-        }
-        // Tell the engine the media ids we hashed, so its blocks carry the same identity.
-        let forward_body = with_image_uuids(&body, &chat, &routed.prompt);
-        self.forward(
-            routed,
-            "/v1/chat/completions",
-            &headers,
-            forward_body,
-            chat.stream,
-        )
-        .await
-    }
-
-    async fn completion(&self, request: Request<Incoming>) -> Response<GatewayBody> {
-        let (headers, body) = match self.read_body(request).await {
-            Ok(read) => read,
-            Err(response) => return response,
-        };
-        let completion = match CompletionRequest::from_json(&body) {
-            Ok(completion) => completion,
-            Err(error) => return preprocess_error(&error),
-        };
-        let prompt = match self.inner.preprocessor.completion(&completion) {
-            Ok(prompt) => prompt,
-            Err(error) => return preprocess_error(&error),
-        };
-        let routed = self.route(prompt);
-        self.forward(routed, "/v1/completions", &headers, body, completion.stream)
-            .await
-    }
-
-    /// Hashes the prompt, looks up every worker's overlap and decides.
-    fn route(&self, prompt: Prompt) -> Routed {
-        let mut sequence: Vec<SequenceHash> = Vec::new();
-        self.inner.hasher.sequence_hashes_into(
-            &prompt.tokens,
-            prompt.media.as_slice(),
-            &mut sequence,
-        );
-        if self.inner.config.approximate {
-            self.expire_routed();
-        }
-        let overlap = self.inner.index.find_matches(&sequence);
-        let mut by_worker: HashMap<WorkerId, usize> = HashMap::with_capacity(overlap.workers.len());
-        for matched in &overlap.workers {
-            let entry = by_worker.entry(matched.worker.worker_id).or_default();
-            *entry = (*entry).max(matched.matched_blocks);
-        }
-        let eligible = self.inner.registry.eligible(Instant::now());
-        let inputs: Vec<CandidateInput> = eligible
-            .iter()
-            .map(|w| w.candidate(by_worker.get(&w.worker().id).copied().unwrap_or(0)))
-            .collect();
-        let decision = self.inner.config.policy.decide(sequence.len(), &inputs);
-        Routed {
-            prompt,
-            sequence,
-            decision,
-            eligible,
-        }
-    }
-
-    /// Drops predicted blocks whose time ran out, at most once a second (it takes the index's
-    /// write lock).
-    fn expire_routed(&self) {
-        let now = Instant::now();
-        {
-            let mut last = self
-                .inner
-                .routed_expired_at
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if now.duration_since(*last) < Duration::from_secs(1) {
-                return;
-            }
-            *last = now;
-        }
-        self.inner.index.expire_routed(now);
-    }
-
-    fn explain(&self, routed: &Routed) -> Response<GatewayBody> {
-        json_response(
-            StatusCode::OK,
-            &json!({
-                "block_size": self.inner.config.block_size,
-                "prompt_tokens": routed.prompt.tokens.len(),
-                "prompt_blocks": routed.decision.prompt_blocks,
-                "images": routed.prompt.images.iter().map(|image| json!({
-                    "media_id": image.id,
-                    "uuid": image.forward_uuid,
-                    "tokens": image.tokens,
-                    "width": image.info.width,
-                    "height": image.info.height,
-                })).collect::<Vec<_>>(),
-                "media_spans": routed.prompt.media,
-                "chosen": routed.decision.chosen().map(|c| c.worker),
-                "workers": routed.decision.table,
-            }),
-        )
-    }
-
-    async fn forward(
-        &self,
-        routed: Routed,
-        path: &str,
-        headers: &HeaderMap,
-        body: impl Into<ForwardBody>,
-        stream: bool,
-    ) -> Response<GatewayBody> {
-        let Routed {
-            prompt,
-            sequence,
-            decision,
-            mut eligible,
-        } = routed;
-        let Some(chosen) = decision.chosen().copied() else {
-            counter!("kvroute_request_errors_total", "code" => "no_workers").increment(1);
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &ErrorBody::new("server_error", "no worker is available", None, "no_workers"),
-            );
-        };
-        histogram!("kvroute_routing_overlap_ratio").record(if decision.prompt_blocks == 0 {
-            0.0
-        } else {
-            chosen.overlap_blocks as f64 / decision.prompt_blocks as f64
         });
-        counter!("kvroute_predicted_cached_tokens_total")
-            .increment((chosen.overlap_blocks * self.inner.config.block_size as usize) as u64);
-        let candidates = decision.table.iter().filter_map(|row| {
-            let position = eligible.iter().position(|w| w.worker().id == row.worker)?;
-            Some((eligible.swap_remove(position), *row))
-        });
-        let candidates: Vec<_> = candidates.collect();
-        match self
-            .inner
-            .forwarder
-            .post(&self.inner.registry, candidates, path, headers, body)
-            .await
-        {
-            Ok(forwarded) => {
-                if forwarded.attempts > 1 {
-                    counter!("kvroute_retries_total").increment((forwarded.attempts - 1) as u64);
-                }
-                let row = decision
-                    .table
-                    .iter()
-                    .find(|row| row.worker == forwarded.worker.id)
-                    .copied()
-                    .unwrap_or(chosen);
-                let (mut parts, upstream) = forwarded.response.into_parts();
-                let worker_id = forwarded.worker.id;
-                if self.inner.config.approximate {
-                    self.inner.index.record_routed(
-                        WorkerKey::new(worker_id, DpRank(0)),
-                        &sequence,
-                        Instant::now(),
-                    );
-                }
-                let registry = self.inner.registry.clone();
-                let on_error = Box::new(move |error: &hyper::Error| {
-                    tracing::warn!(worker = %worker_id, %error, "worker failed mid-stream");
-                    counter!("kvroute_upstream_stream_errors_total").increment(1);
-                    registry.record_failure(worker_id, Instant::now());
-                });
-                let predicted = (row.overlap_blocks * self.inner.config.block_size as usize) as u64;
-                let body = Passthrough::new(upstream, forwarded.guard, stream, on_error, predicted);
-                let headers = &mut parts.headers;
-                insert_header(headers, "x-kvroute-worker", worker_id.to_string());
-                insert_header(
-                    headers,
-                    "x-kvroute-prompt-tokens",
-                    prompt.tokens.len().to_string(),
-                );
-                insert_header(
-                    headers,
-                    "x-kvroute-prompt-blocks",
-                    decision.prompt_blocks.to_string(),
-                );
-                insert_header(
-                    headers,
-                    "x-kvroute-overlap-blocks",
-                    row.overlap_blocks.to_string(),
-                );
-                insert_header(
-                    headers,
-                    "x-kvroute-predicted-cached-tokens",
-                    predicted.to_string(),
-                );
-                Response::from_parts(parts, body.into())
-            }
-            Err(error) => {
-                let code = match error {
-                    ForwardError::NoWorkers => "no_workers",
-                    _ => "workers_failed",
-                };
-                counter!("kvroute_request_errors_total", "code" => code).increment(1);
-                error_response(
-                    StatusCode::BAD_GATEWAY,
-                    &ErrorBody::new("server_error", error.to_string(), None, code),
-                )
-            }
-        }
     }
-
-    fn models(&self) -> Response<GatewayBody> {
-        json_response(
-            StatusCode::OK,
-            &json!({"object": "list", "data": [{
-                "id": self.inner.config.model,
-                "object": "model",
-                "owned_by": "kvroute",
-            }]}),
-        )
-    }
-
-    fn ready(&self) -> Response<GatewayBody> {
-        let caught_up = (self.inner.ready)();
-        let workers = self.inner.registry.eligible(Instant::now()).len();
-        let ready = caught_up && workers > 0;
-        let status = if ready {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        json_response(
-            status,
-            &json!({"ready": ready, "index_caught_up": caught_up, "available_workers": workers}),
-        )
-    }
-
-    fn metrics(&self) -> Response<GatewayBody> {
-        let stats = self.inner.index.stats();
-        metrics::gauge!("kvroute_index_blocks").set(stats.blocks as f64);
-        let workers = self.inner.registry.status(Instant::now());
-        metrics::gauge!("kvroute_workers_available")
-            .set(workers.iter().filter(|w| w.available).count() as f64);
-        for status in &workers {
-            let worker = status.worker.id.to_string();
-            metrics::gauge!("kvroute_worker_active_requests", "worker" => worker.clone())
-                .set(status.active_requests as f64);
-            metrics::gauge!("kvroute_worker_pending_prefill_blocks", "worker" => worker.clone())
-                .set(status.pending_prefill_blocks as f64);
-            metrics::gauge!("kvroute_worker_active_blocks", "worker" => worker)
-                .set(status.active_blocks as f64);
-        }
-        let text = self
-            .inner
-            .config
-            .metrics
-            .as_ref()
-            .map(|render| render())
-            .unwrap_or_default();
-        let mut response = Response::new(full(text));
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; version=0.0.4"),
-        );
-        response
-    }
-
-    /// The worker registry (to add or remove workers at run time).
-    pub fn registry(&self) -> &Registry {
-        &self.inner.registry
-    }
-
-    /// The address-independent configuration.
-    pub fn config(&self) -> &GatewayConfig {
-        &self.inner.config
-    }
-}
-
-fn preprocess_error(error: &PreprocessError) -> Response<GatewayBody> {
-    counter!("kvroute_request_errors_total", "code" => error.code()).increment(1);
-    let status = if error.is_client_error() {
-        StatusCode::BAD_REQUEST
-    } else {
-        tracing::error!(%error, "preprocessing failed");
-        StatusCode::INTERNAL_SERVER_ERROR
-    };
-    error_response(status, &error.to_error_body())
-}
-
-fn insert_header(headers: &mut HeaderMap, name: &'static str, value: String) {
-    if let Ok(value) = HeaderValue::from_str(&value) {
-        headers.insert(name, value);
-    }
-}
-
-fn endpoint_label(path: &str) -> &'static str {
-    match path {
-        "/v1/chat/completions" => "chat",
-        "/v1/completions" => "completions",
-        "/v1/route" => "route",
-        "/v1/models" => "models",
-        "/health" => "health",
-        "/ready" => "ready",
-        "/metrics" => "metrics",
-        _ => "other",
-    }
-}
-
-/// Binds `addr` (port 0 picks a free port).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    #[cfg(not(unix))]
+    drop(tx);
+    rx
 }

@@ -1,0 +1,180 @@
+//! `kvroute config`: the example is the defaults, and a file and the flags (or environment
+//! variables, prefixed or not) give the same effective configuration.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+use std::process::Command;
+
+fn kvroute(args: &[&str], env: &[(&str, &str)]) -> String {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_kvroute"));
+    command.args(args);
+    // Only what the test sets: a developer's own KVROUTE_* must not leak in.
+    for (name, _) in std::env::vars() {
+        if name.starts_with("KVROUTE_") || ALIASES.contains(&name.as_str()) {
+            command.env_remove(name);
+        }
+    }
+    command.envs(env.iter().copied());
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "kvroute {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+const ALIASES: &[&str] = &[
+    "MODEL",
+    "BLOCK_SIZE",
+    "WORKERS",
+    "NO_DISCOVERY",
+    "NATS_URL",
+    "API_PORT",
+];
+
+const FILE: &str = r#"
+listen = "127.0.0.1:9100"
+drain_timeout_secs = 7
+
+[model]
+name = "org/model"
+block_size = 16
+max_prompt_tokens = 5000
+
+[routing]
+policy = "least-loaded"
+prefill_weight = 2.0
+decode_weight = 0.5
+active_blocks_weight = 0.25
+temperature = 0.1
+
+[breaker]
+failures = 5
+cooldown_secs = 9
+
+[[workers]]
+id = 1
+url = "http://10.0.0.1:8000"
+
+[[workers]]
+id = 2
+url = "http://10.0.0.2:8000"
+
+[events]
+source = "dynamo"
+approximate_ttl_secs = 30
+snapshots = false
+snapshot_interval_secs = 15
+
+[nats]
+url = "nats://10.0.0.9:4222"
+namespace = "prod"
+component = "vllm"
+endpoint = "chat"
+discovery = false
+registration_ttl_secs = 20
+"#;
+
+const FLAGS: &[&str] = &[
+    "--listen=127.0.0.1:9100",
+    "--drain-timeout-secs=7",
+    "--model=org/model",
+    "--block-size=16",
+    "--max-prompt-tokens=5000",
+    "--policy=least-loaded",
+    "--prefill-weight=2",
+    "--decode-weight=0.5",
+    "--active-blocks-weight=0.25",
+    "--temperature=0.1",
+    "--breaker-failures=5",
+    "--breaker-cooldown-secs=9",
+    "--worker=1=http://10.0.0.1:8000",
+    "--worker=2=http://10.0.0.2:8000",
+    "--event-wire=dynamo",
+    "--approximate-ttl-secs=30",
+    "--no-snapshots",
+    "--snapshot-interval-secs=15",
+    "--nats-url=nats://10.0.0.9:4222",
+    "--namespace=prod",
+    "--component=vllm",
+    "--endpoint=chat",
+    "--no-discovery",
+    "--registration-ttl-secs=20",
+];
+
+#[test]
+fn a_file_and_the_flags_give_the_same_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kvroute.toml");
+    std::fs::write(&path, FILE).unwrap();
+    let from_file = kvroute(&["config", "check", path.to_str().unwrap()], &[]);
+    let mut check = vec!["config", "check"];
+    check.extend_from_slice(FLAGS);
+    let from_flags = kvroute(&check, &[]);
+    assert_eq!(from_file, from_flags);
+    // Every setting differs from its default: the comparison covers them all.
+    let defaults = kvroute(&["config", "check", "--worker=1=http://10.0.0.1:8000"], &[]);
+    for line in from_file.lines().filter(|l| l.contains(" = ")) {
+        if !line.starts_with("id = 1") && !line.contains("10.0.0.1:8000") {
+            assert!(!defaults.contains(line), "{line:?} is a default");
+        }
+    }
+}
+
+#[test]
+fn flags_override_the_file_and_the_environment_fills_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kvroute.toml");
+    std::fs::write(&path, FILE).unwrap();
+    let path = path.to_str().unwrap();
+    let config = kvroute(
+        &["config", "check", path, "--block-size=64"],
+        &[("KVROUTE_MODEL", "env/model")],
+    );
+    assert!(config.contains("block_size = 64"), "{config}");
+    assert!(config.contains("name = \"env/model\""), "{config}");
+    assert!(config.contains("namespace = \"prod\""), "{config}");
+}
+
+#[test]
+fn unprefixed_environment_names_still_work() {
+    let config = kvroute(
+        &["config", "check"],
+        &[
+            ("MODEL", "old/name"),
+            ("BLOCK_SIZE", "8"),
+            ("WORKERS", "3=http://h:1,4=http://h:2"),
+            ("NO_DISCOVERY", "1"),
+        ],
+    );
+    assert!(config.contains("name = \"old/name\""), "{config}");
+    assert!(config.contains("block_size = 8"), "{config}");
+    assert!(config.contains("id = 4"), "{config}");
+    assert!(config.contains("discovery = false"), "{config}");
+    // The prefixed name wins over the alias.
+    let config = kvroute(
+        &["config", "check", "--worker=1=http://h:1"],
+        &[("MODEL", "old"), ("KVROUTE_MODEL", "new")],
+    );
+    assert!(config.contains("name = \"new\""), "{config}");
+}
+
+#[test]
+fn the_example_parses_to_the_defaults_and_mistakes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("example.toml");
+    std::fs::write(&path, kvroute(&["config", "example"], &[])).unwrap();
+    let example = kvroute(&["config", "check", path.to_str().unwrap()], &[]);
+    let defaults = kvroute(&["config", "check"], &[]);
+    assert_eq!(example, defaults);
+
+    std::fs::write(&path, "[model]\nblock_sise = 16\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(["config", "check", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("block_sise"), "{stderr}");
+}
