@@ -22,7 +22,7 @@ enum ConfigCommand {
         /// The configuration file.
         file: Option<PathBuf>,
         #[command(flatten)]
-        source: ConfigSource,
+        source: Box<ConfigSource>,
     },
 }
 
