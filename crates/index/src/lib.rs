@@ -86,7 +86,6 @@
 //! [`SharedIndex`] shares one between many lookup tasks and one writer. See its documentation
 //! for the measured choice.
 
-mod approx;
 mod index;
 mod map;
 mod shared;
@@ -96,7 +95,11 @@ pub use index::Index;
 pub use shared::SharedIndex;
 pub use snapshot::{SnapshotError, SNAPSHOT_VERSION};
 
-use kvroute_protocol::{DpRank, SequenceHash, WorkerId};
+/// The protocol types this crate's API takes, so an embedder needs no second dependency.
+pub use kvroute_protocol::{
+    BlockHash, DpRank, KvCacheEvent, KvCacheEventData, KvCacheRemoveData, KvCacheStoreData,
+    KvCacheStoredBlockData, RouterEvent, SequenceHash, WorkerId,
+};
 use std::fmt;
 use std::time::Duration;
 

@@ -189,12 +189,24 @@ fn matches(overlap: &Overlap) -> BTreeMap<WorkerKey, usize> {
     out
 }
 
-fn check(index: &Index, model: &Model, query: &[u64]) {
-    let hashes: Vec<SequenceHash> = query.iter().copied().map(SequenceHash).collect();
-    let overlap = index.find_matches(&hashes);
+/// Checks one query; with `buffer`, through `find_matches_into` reusing it (it holds the
+/// previous answer, which must not leak into this one).
+fn check(index: &Index, model: &Model, query: &[u64], buffer: Option<&mut Overlap>) {
+    let fresh;
+    let overlap = match buffer {
+        Some(buffer) => {
+            index.find_matches_into(SequenceHash::from_raw_slice(query), buffer);
+            &*buffer
+        }
+        None => {
+            let hashes: Vec<SequenceHash> = query.iter().copied().map(SequenceHash).collect();
+            fresh = index.find_matches(&hashes);
+            &fresh
+        }
+    };
     assert_eq!(overlap.query_blocks, query.len());
     assert_eq!(
-        matches(&overlap),
+        matches(overlap),
         model.find_matches(query),
         "query {query:?}"
     );
@@ -215,6 +227,7 @@ fn check_stats(index: &Index, model: &Model) {
         stats.blocks,
         model.caches.values().map(|c| c.len() as u64).sum::<u64>()
     );
+    assert_eq!(index.entries(), stats.blocks);
     assert_eq!(stats.unique_blocks, unique.len() as u64);
     assert!(stats.nodes as u64 <= stats.unique_blocks);
     let mut workers: Vec<WorkerKey> = index.workers().collect();
@@ -239,19 +252,41 @@ fn probes() -> impl Iterator<Item = Vec<u64>> {
     })
 }
 
-fn run(ops: &[Op]) {
+/// Applies a stored or removed event through the borrowed-slice API, as an embedder holding
+/// raw `u64` hashes would.
+fn apply_borrowed(index: &mut Index, event: &RouterEvent) {
+    let worker = WorkerKey::new(event.worker_id, event.event.dp_rank);
+    let _ = match &event.event.data {
+        KvCacheEventData::Stored(store) => {
+            let raw: Vec<u64> = store.blocks.iter().map(|b| b.block_hash.get()).collect();
+            index.apply_stored(
+                worker,
+                store.parent_hash,
+                SequenceHash::from_raw_slice(&raw),
+            )
+        }
+        KvCacheEventData::Removed(removed) => index.apply_removed(worker, &removed.block_hashes),
+        KvCacheEventData::Cleared => index.apply_event(event),
+    };
+}
+
+/// Runs `ops` on the index and the model; `borrowed` uses the borrowed-slice and buffer APIs
+/// (`apply_stored`, `apply_removed`, `find_matches_into` with one reused buffer).
+fn run(ops: &[Op], borrowed: bool) {
     let mut index = Index::new(IndexConfig::default());
     let mut model = Model::default();
     let mut restored = false;
+    let mut buffer = Overlap::default();
     for op in ops {
         model.apply(op);
         match op {
+            Op::Event(event) if borrowed => apply_borrowed(&mut index, event),
             Op::Event(event) => {
                 let _ = index.apply_event(event);
             }
             Op::RemoveWorker(id) => index.remove_worker(WorkerId(*id)),
             Op::RemoveRank(key) => index.remove_worker_dp_rank(*key),
-            Op::Query(query) => check(&index, &model, query),
+            Op::Query(query) => check(&index, &model, query, borrowed.then_some(&mut buffer)),
             Op::Roundtrip => {
                 let before = index.stats();
                 let copy = Index::restore(&index.snapshot(), IndexConfig::default()).unwrap();
@@ -280,7 +315,7 @@ fn run(ops: &[Op]) {
     index.compact();
     check_stats(&index, &model);
     for query in probes() {
-        check(&index, &model, &query);
+        check(&index, &model, &query, borrowed.then_some(&mut buffer));
     }
 }
 
@@ -289,7 +324,14 @@ proptest! {
 
     #[test]
     fn index_agrees_with_the_reference_model(ops in prop::collection::vec(op(), 1..80)) {
-        run(&ops);
+        run(&ops, false);
+    }
+
+    #[test]
+    fn borrowed_slice_and_buffer_apis_agree_with_the_reference_model(
+        ops in prop::collection::vec(op(), 1..80),
+    ) {
+        run(&ops, true);
     }
 }
 

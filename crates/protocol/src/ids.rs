@@ -60,13 +60,51 @@ id_newtype!(
     /// The hash of one block's content: its tokens, its media ids and the seed (LoRA adapter,
     /// cache namespace). Position independent. Dynamo calls it `LocalBlockHash` and
     /// `tokens_hash` on the wire.
+    ///
+    /// `#[repr(transparent)]`: a `&[u64]` of block hashes is viewed as `&[BlockHash]` without a
+    /// copy ([`BlockHash::from_raw_slice`]).
+    #[repr(transparent)]
+    #[derive(bytemuck::TransparentWrapper)]
     BlockHash(u64)
 );
 id_newtype!(
     /// The hash of a block together with everything before it: the radix index key. Dynamo
     /// calls it `ExternalSequenceBlockHash` and `block_hash` on the wire.
+    ///
+    /// `#[repr(transparent)]`: a `&[u64]` of sequence hashes is viewed as `&[SequenceHash]`
+    /// without a copy, and back:
+    ///
+    /// ```
+    /// use kvroute_protocol::SequenceHash;
+    ///
+    /// let raw: &[u64] = &[7, 8];
+    /// let hashes: &[SequenceHash] = SequenceHash::from_raw_slice(raw);
+    /// assert_eq!(hashes[1], SequenceHash(8));
+    /// assert_eq!(SequenceHash::as_raw_slice(hashes), raw);
+    /// ```
+    #[repr(transparent)]
+    #[derive(bytemuck::TransparentWrapper)]
     SequenceHash(u64)
 );
+macro_rules! raw_slices {
+    ($($name:ident),*) => {$(
+        impl $name {
+            /// Views raw hashes as this type, without a copy.
+            #[inline]
+            pub fn from_raw_slice(raw: &[u64]) -> &[Self] {
+                <Self as bytemuck::TransparentWrapper<u64>>::wrap_slice(raw)
+            }
+
+            /// Views these hashes as raw integers, without a copy.
+            #[inline]
+            pub fn as_raw_slice(hashes: &[Self]) -> &[u64] {
+                <Self as bytemuck::TransparentWrapper<u64>>::peel_slice(hashes)
+            }
+        }
+    )*};
+}
+raw_slices!(BlockHash, SequenceHash);
+
 id_newtype!(
     /// The identity of one media object (an image), as carried in `mm_hash`.
     MediaId(u64)

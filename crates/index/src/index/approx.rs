@@ -1,7 +1,9 @@
 //! Approximate mode: blocks the router sent to a cache that publishes no events, assumed
 //! cached until a deadline.
 
-use crate::index::Slot;
+use super::{Index, Slot};
+use crate::map::table_bytes;
+use crate::WorkerKey;
 use kvroute_protocol::SequenceHash;
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
@@ -60,12 +62,44 @@ impl RoutedLog {
     }
 
     pub(crate) fn bytes(&self) -> usize {
-        self.deadlines.capacity() * (size_of::<((Slot, SequenceHash), Instant)>() + 1)
+        table_bytes::<((Slot, SequenceHash), Instant)>(self.deadlines.capacity())
             + self.queue.capacity() * size_of::<(Instant, Slot, Box<[SequenceHash]>)>()
             + self
                 .queue
                 .iter()
                 .map(|(_, _, hashes)| hashes.len() * size_of::<SequenceHash>())
                 .sum::<usize>()
+    }
+}
+
+impl Index {
+    /// Records that the router sent a request with these blocks to `worker`, for a cache that
+    /// publishes no events (approximate mode). The blocks count as held until
+    /// [`IndexConfig::routed_ttl`](crate::IndexConfig::routed_ttl) after `now` (recording them
+    /// again extends that), and are dropped by [`Index::expire_routed`]. Such a cache is left
+    /// out of snapshots.
+    pub fn record_routed(&mut self, worker: WorkerKey, query: &[SequenceHash], now: Instant) {
+        let slot = self.slot_for(worker);
+        if let Some(Some(info)) = self.slots.get_mut(slot as usize) {
+            info.approximate = true;
+        }
+        // A block routed again is not a duplicate event: the count is not kept.
+        self.store(slot, None, query);
+        let deadline = now + self.config.routed_ttl;
+        self.routed.record(slot, query, deadline);
+        self.after_write(query.len());
+    }
+
+    /// Drops approximate-mode blocks whose time ran out by `now`; returns how many entries
+    /// expired.
+    pub fn expire_routed(&mut self, now: Instant) -> u64 {
+        let before = self.entries;
+        while let Some((slot, hashes)) = self.routed.pop_expired(now) {
+            self.remove_blocks(slot, &hashes);
+        }
+        let expired = before - self.entries;
+        self.counters.expired_entries += expired;
+        self.after_write(0);
+        expired
     }
 }
