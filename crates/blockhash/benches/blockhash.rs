@@ -17,6 +17,7 @@ use kvroute_blockhash::{BlockHasher, NoMedia};
 use kvroute_protocol::{BlockExtraInfo, BlockMmObjectInfo, MediaId};
 use std::hint::black_box;
 use std::time::Duration;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 const BLOCK_SIZES: [u32; 4] = [16, 32, 64, 128];
 const PROMPT_TOKENS: [usize; 3] = [1 << 10, 8 << 10, 64 << 10];
@@ -104,6 +105,20 @@ fn bench_block_hashes(c: &mut Criterion) {
                 black_box(out.len())
             })
         });
+        if w.media.is_none() {
+            // The floor: one seeded XXH3 call per block, no media, no output type.
+            let bs = w.block_size as usize;
+            let mut raw: Vec<u64> = Vec::new();
+            group.bench_with_input(BenchmarkId::new("bare_xxh3", &w.name), &w, |b, w| {
+                b.iter(|| {
+                    raw.clear();
+                    raw.extend(black_box(&w.tokens).chunks_exact(bs).map(|block| {
+                        xxh3_64_with_seed(bytemuck::cast_slice(block), kvroute_blockhash::BASE_SEED)
+                    }));
+                    black_box(raw.len())
+                })
+            });
+        }
         #[cfg(feature = "peer")]
         peer::block_hashes(&mut group, &hasher, &w);
     }

@@ -10,10 +10,10 @@
 //! # Example
 //!
 //! ```
-//! use kvroute_index::{Index, IndexConfig, WorkerKey};
-//! use kvroute_protocol::{
-//!     DpRank, KvCacheEvent, KvCacheEventData, KvCacheStoreData, KvCacheStoredBlockData,
-//!     BlockHash, RouterEvent, SequenceHash, WorkerId,
+//! // The protocol types the API takes are re-exported: no second dependency needed.
+//! use kvroute_index::{
+//!     BlockHash, DpRank, Index, IndexConfig, KvCacheEvent, KvCacheEventData, KvCacheStoreData,
+//!     KvCacheStoredBlockData, RouterEvent, SequenceHash, WorkerId, WorkerKey,
 //! };
 //!
 //! let blocks = |hashes: &[u64]| {
@@ -61,8 +61,9 @@
 //! kept per run, not per block, which is why a (worker, block) entry costs a fraction of a
 //! per-worker hash map entry, and why removing a worker touches runs, not blocks.
 //!
-//! Runs whose last worker left are reclaimed incrementally by later writes (bounded work per
-//! event), so [`Index::remove_worker`] stays proportional to the number of runs.
+//! Each cache keeps the list of runs it holds, and runs whose last worker left are reclaimed
+//! incrementally by later writes (bounded work per event), so [`Index::remove_worker`] takes
+//! time in proportion to the worker's own runs, whatever the size of the index.
 //!
 //! Lookups trust the hash chain: when a query block and a run block at the same distance
 //! agree, everything between them agrees too, so a lookup checks the far end of each run and
@@ -79,6 +80,13 @@
 //!   difference (a match stops at the first missing block), for [`IndexStats::blocks`] it
 //!   does.
 //! * `cleared` drops a cache's blocks and keeps it registered; removing a worker forgets it.
+//!
+//! # Embedding
+//!
+//! Besides [`Index::apply_event`], stores and removals can be applied from borrowed slices
+//! ([`Index::apply_stored`], [`Index::apply_removed`]), lookups can fill a caller-owned buffer
+//! ([`Index::find_matches_into`]), and [`SequenceHash::from_raw_slice`] views a `&[u64]` as
+//! sequence hashes without a copy. [`Index::entries`] is the O(1) entry count.
 //!
 //! # Concurrency
 //!

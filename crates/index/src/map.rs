@@ -2,11 +2,10 @@
 //! time (a 1M-entry table rehashed at once thrashes the cache).
 //!
 //! Keys are spread evenly, so shards that grew at the same fill would all double at the same
-//! moment, and memory per entry would step by 2x at that size (with fourfold growth it stepped
-//! from about 29 to 76 bytes per entry). Instead each shard doubles at its own fill, from
-//! half full to full, spaced evenly on a log scale over the shards: at any size a few shards
-//! have just doubled, and the map's bytes per key stay between about 19 and 39 whatever the
-//! size, about 28 on average (measured curves: docs/benchmarks.md).
+//! moment, and memory per entry would step at that size. Instead each shard doubles at its own
+//! fill, from half full to full, spaced evenly on a log scale over the shards: at any size a
+//! few shards have just doubled, so the map's bytes per key do not depend on where the size
+//! falls between powers of two (about 28 with 16-byte entries; curves in docs/benchmarks.md).
 
 use rustc_hash::FxHashMap;
 use std::collections::hash_map::Entry;

@@ -20,14 +20,10 @@ const WRITE_SLICE_BLOCKS: usize = 256;
 /// (tens of microseconds) plus its wake-up, never for a whole batch. Recency stamps for the
 /// memory bound are relaxed atomics, so lookups never need the lock exclusively.
 ///
-/// Chosen from measurements (docs/benchmarks.md, "kvroute-index", concurrency; example
-/// `concurrency`, one lookup thread against one writer applying 1M blocks): with the lock held
-/// for the whole batch, one lookup waited the whole batch (median 327 ms); with slices the
-/// longest wait was 32 ms, the order of the scheduling stalls lookups saw with no writer at all
-/// on that overloaded 2-core machine (9.5 ms), and median and p99 latency did not move. The
-/// price: the batch took about 1.4x as long while lookups ran against it, and more lookups
-/// took over 200 µs (a slice plus a wake-up). A left-right pair of copies would make lookups
-/// wait-free but doubles memory (about 49 bytes per entry, over the 48-byte budget) and every
+/// Chosen from measurements (docs/benchmarks.md, "Concurrency (SharedIndex)"): holding the
+/// lock for a whole batch makes one lookup wait the whole batch; handing it over every slice
+/// bounds the wait to a slice plus a wake-up, at the price of writer throughput while lookups
+/// run. A left-right pair of copies would make lookups wait-free but doubles memory and every
 /// write; sharding by hash would put each long lookup across all shards.
 #[derive(Clone, Debug, Default)]
 pub struct SharedIndex {

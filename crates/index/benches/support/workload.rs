@@ -172,3 +172,32 @@ pub fn queries(workload: &Workload, len: usize, count: usize, seed: u64) -> Vec<
         })
         .collect()
 }
+
+/// The same stores one block per event, each continuing the block before it: what an engine
+/// publishes while decoding, a block completing every few steps. The index ends up the same.
+pub fn per_block(events: &[RouterEvent]) -> Vec<RouterEvent> {
+    let mut out = Vec::new();
+    for event in events {
+        let KvCacheEventData::Stored(store) = &event.event.data else {
+            out.push(event.clone());
+            continue;
+        };
+        let mut parent = store.parent_hash;
+        for block in &store.blocks {
+            out.push(RouterEvent::new(
+                event.worker_id,
+                KvCacheEvent {
+                    event_id: out.len() as u64,
+                    dp_rank: event.event.dp_rank,
+                    data: KvCacheEventData::Stored(KvCacheStoreData {
+                        parent_hash: parent,
+                        start_position: None,
+                        blocks: vec![block.clone()],
+                    }),
+                },
+            ));
+            parent = Some(block.block_hash);
+        }
+    }
+    out
+}
