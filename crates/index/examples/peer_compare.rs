@@ -10,12 +10,12 @@
 //! entries of the chat-trace workload, benches/support/workload.rs) it measures, for kvroute
 //! and each Dynamo variant:
 //!
-//! * apply throughput from empty, median of 3 builds, with per-turn events (one `stored`
+//! * apply throughput from empty, median of 3 builds (up to 20 for small sizes), with per-turn events (one `stored`
 //!   event per request) and per-step events (the same blocks, one event per block, as an
 //!   engine publishes while decoding);
 //! * find_matches p50/p99 for 512- and 4096-block requests (1000 and 300, 3 passes), after
 //!   checking every implementation returns kvroute's overlap scores on every request;
-//! * remove_worker of one worker on a full index, median of 3;
+//! * remove_worker of one worker on a full index, median over the builds;
 //! * heap bytes per entry, counted by a global allocator, and for kvroute the ratio of
 //!   `IndexStats::bytes` to that count.
 //!
@@ -47,8 +47,11 @@ use workload::{Sequence, Workload};
 #[global_allocator]
 static ALLOC: PeakAlloc = PeakAlloc;
 
-/// Builds per implementation, size and event granularity.
-const BUILDS: usize = 3;
+/// Builds per implementation, size and event granularity: at least 3, and more for small
+/// sizes (a 100k-entry build takes milliseconds, within reach of one scheduling stall).
+fn builds(entries: u64) -> usize {
+    (2_000_000 / entries.max(1)).clamp(3, 20) as usize
+}
 
 fn heap() -> usize {
     ALLOC.current_usage()
@@ -324,7 +327,7 @@ fn measure_size(
     ];
     let mut rows: Vec<Row> = kinds.iter().map(|_| Row::default()).collect();
     let mut expected: Vec<Vec<Scores>> = Vec::new();
-    for round in 0..BUILDS {
+    for round in 0..builds(w.entries) {
         for (k, &kind) in kinds.iter().enumerate() {
             let row = &mut rows[k];
             let (step, t, _) = build(kind, &per_step, rt);

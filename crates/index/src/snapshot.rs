@@ -70,15 +70,15 @@ impl Index {
         for run in &self.runs {
             workers.clear();
             workers.extend(run.workers.iter().filter_map(|&s| renumber[s as usize]));
-            if workers.is_empty() || run.hashes.is_empty() {
+            if workers.is_empty() || run.hashes().is_empty() {
                 continue;
             }
             put_varint(&mut runs, workers.len() as u64);
             for &w in &workers {
                 put_varint(&mut runs, w);
             }
-            put_varint(&mut runs, run.hashes.len() as u64);
-            for hash in &run.hashes {
+            put_varint(&mut runs, run.hashes().len() as u64);
+            for hash in run.hashes() {
                 runs.extend_from_slice(&hash.get().to_le_bytes());
             }
             written += 1;

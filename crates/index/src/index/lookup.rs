@@ -41,7 +41,7 @@ impl Index {
         let mut hint = NO_RUN;
         while let Some(&hash) = query.get(depth) {
             let hinted = self.runs.get(hint as usize);
-            let loc = match hinted.filter(|run| run.hashes.first() == Some(&hash)) {
+            let loc = match hinted.filter(|run| run.hashes().first() == Some(&hash)) {
                 Some(run) => Loc {
                     run: hint,
                     pos: run.base,
@@ -73,9 +73,9 @@ impl Index {
             }
             run.touch(self.clock);
             let index = run.index_of(loc);
-            let matched = 1 + chained_prefix(&query[depth + 1..], &run.hashes[index + 1..]);
+            let matched = 1 + chained_prefix(&query[depth + 1..], &run.hashes()[index + 1..]);
             depth += matched;
-            hint = if index + matched == run.hashes.len() {
+            hint = if index + matched == run.hashes().len() {
                 run.next
             } else {
                 NO_RUN

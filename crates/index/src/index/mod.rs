@@ -256,7 +256,7 @@ impl Index {
             .runs
             .iter()
             .map(|run| {
-                run.hashes.capacity() * size_of::<SequenceHash>()
+                run.heap_bytes()
                     + if run.workers.spilled() {
                         run.workers.capacity() * size_of::<Slot>()
                     } else {

@@ -23,11 +23,10 @@ impl Index {
                 break;
             };
             let run = &mut self.runs[id as usize];
-            if run.hashes.is_empty() || !run.workers.is_empty() {
+            if run.hashes().is_empty() || !run.workers.is_empty() {
                 continue; // already reclaimed, or revived by a later store
             }
-            let hashes = std::mem::take(&mut run.hashes);
-            run.base = 0;
+            let hashes = run.take_hashes();
             done += hashes.len();
             for hash in &hashes {
                 self.map.remove(hash);

@@ -4,6 +4,7 @@
 use super::{Index, Slot};
 use kvroute_protocol::{KvCacheStoredBlockData, SequenceHash};
 use smallvec::SmallVec;
+use std::mem::size_of;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Position of a run in the run arena.
@@ -27,8 +28,12 @@ pub(crate) struct Loc {
 /// dead: its blocks are still mapped until it is reclaimed (`Index::collect_garbage`).
 #[derive(Debug)]
 pub(crate) struct Run {
-    pub(crate) hashes: Vec<SequenceHash>,
-    /// Absolute position of `hashes[0]`.
+    /// The run's hashes after the first `cut`, which were cut off the front and belong to
+    /// other runs now: cutting the front costs a copy of the cut part, not a shift of the rest
+    /// (a cache storing a shared run block by block cuts it once per block).
+    blocks: Vec<SequenceHash>,
+    cut: u32,
+    /// Absolute position of `hashes()[0]`.
     pub(super) base: u32,
     /// A run that continued this one's last block when it was made ([`NO_RUN`]: none): lets a
     /// lookup leaving the run skip the map. Only a hint: checked against the run's first hash.
@@ -42,7 +47,8 @@ pub(crate) struct Run {
 impl Run {
     pub(super) fn new(hashes: Vec<SequenceHash>, workers: Workers, now: u64) -> Self {
         Self {
-            hashes,
+            blocks: hashes,
+            cut: 0,
             base: 0,
             next: NO_RUN,
             workers,
@@ -50,12 +56,57 @@ impl Run {
         }
     }
 
+    /// The run's blocks, in order.
+    #[inline]
+    pub(crate) fn hashes(&self) -> &[SequenceHash] {
+        &self.blocks[self.cut as usize..]
+    }
+
+    pub(super) fn push(&mut self, hash: SequenceHash) {
+        self.blocks.push(hash);
+    }
+
+    /// Heap bytes of the hashes.
+    pub(super) fn heap_bytes(&self) -> usize {
+        self.blocks.capacity() * size_of::<SequenceHash>()
+    }
+
+    /// Empties the run (it becomes free); returns the hashes it held.
+    pub(super) fn take_hashes(&mut self) -> Vec<SequenceHash> {
+        let mut hashes = std::mem::take(&mut self.blocks);
+        hashes.drain(..self.cut as usize);
+        self.cut = 0;
+        self.base = 0;
+        hashes
+    }
+
+    /// Cuts off and returns the first `at` blocks.
+    pub(super) fn cut_front(&mut self, at: usize) -> Vec<SequenceHash> {
+        let moved = self.hashes()[..at].to_vec();
+        self.cut += at as u32;
+        self.base += at as u32;
+        // Shift the rest down once the cut part outgrows it: amortized O(1) per block cut.
+        if self.cut as usize > self.hashes().len() {
+            self.shrink();
+        }
+        moved
+    }
+
+    /// Cuts off and returns the blocks from `at` on.
+    fn cut_back(&mut self, at: usize) -> Vec<SequenceHash> {
+        let moved = self.blocks.split_off(self.cut as usize + at);
+        if self.blocks.capacity() > 2 * self.blocks.len() + 4 {
+            self.blocks.shrink_to_fit();
+        }
+        moved
+    }
+
     pub(super) fn index_of(&self, loc: Loc) -> usize {
         (loc.pos - self.base) as usize
     }
 
     pub(super) fn len(&self) -> u64 {
-        self.hashes.len() as u64
+        self.hashes().len() as u64
     }
 
     pub(super) fn holds(&self, slot: Slot) -> bool {
@@ -70,8 +121,12 @@ impl Run {
     }
 
     pub(super) fn shrink(&mut self) {
-        if self.hashes.capacity() > 2 * self.hashes.len() + 4 {
-            self.hashes.shrink_to_fit();
+        if self.cut > 0 {
+            self.blocks.drain(..self.cut as usize);
+            self.cut = 0;
+        }
+        if self.blocks.capacity() > 2 * self.blocks.len() + 4 {
+            self.blocks.shrink_to_fit();
         }
     }
 }
@@ -148,7 +203,7 @@ impl Index {
             return;
         };
         let run = &mut self.runs[loc.run as usize];
-        if run.index_of(loc) + 1 == run.hashes.len() {
+        if run.index_of(loc) + 1 == run.hashes().len() {
             run.next = id;
         }
     }
@@ -159,7 +214,7 @@ impl Index {
         if lo > 0 {
             middle = self.split(middle, lo).1;
         }
-        if hi - lo < self.runs[middle as usize].hashes.len() {
+        if hi - lo < self.runs[middle as usize].hashes().len() {
             middle = self.split(middle, hi - lo).0;
         }
         middle
@@ -169,15 +224,12 @@ impl Index {
     /// shorter side moves to a new run, so cutting a long run bit by bit stays linear.
     fn split(&mut self, id: RunId, at: usize) -> (RunId, RunId) {
         let run = &mut self.runs[id as usize];
-        let front = at * 2 <= run.hashes.len();
-        let moved: Vec<SequenceHash> = if front {
-            let moved = run.hashes.drain(..at).collect();
-            run.base += at as u32;
-            moved
+        let front = at * 2 <= run.hashes().len();
+        let moved = if front {
+            run.cut_front(at)
         } else {
-            run.hashes.split_off(at)
+            run.cut_back(at)
         };
-        run.shrink();
         let workers = run.workers.clone();
         let stamp = AtomicU64::new(run.stamp.load(Ordering::Relaxed));
         let old_next = run.next;
@@ -192,13 +244,10 @@ impl Index {
                 };
             }
         }
-        let new = self.alloc_run(Run {
-            hashes: moved,
-            base: 0,
-            next: if front { id } else { old_next },
-            workers,
-            stamp,
-        });
+        let mut new_run = Run::new(moved, workers, 0);
+        new_run.next = if front { id } else { old_next };
+        new_run.stamp = stamp;
+        let new = self.alloc_run(new_run);
         if !front {
             self.runs[id as usize].next = new;
         }

@@ -36,9 +36,9 @@ impl Index {
     /// The run that the block at `loc` ends, if `slot` alone holds it and it can grow.
     fn appendable(&self, slot: Slot, loc: Loc) -> Option<RunId> {
         let run = &self.runs[loc.run as usize];
-        let grows = run.index_of(loc) + 1 == run.hashes.len()
+        let grows = run.index_of(loc) + 1 == run.hashes().len()
             && run.workers[..] == [slot]
-            && run.base.checked_add(run.hashes.len() as u32).is_some();
+            && run.base.checked_add(run.hashes().len() as u32).is_some();
         grows.then_some(loc.run)
     }
 
@@ -71,9 +71,9 @@ impl Index {
                     let run = &mut self.runs[id as usize];
                     let loc = Loc {
                         run: id,
-                        pos: run.base + run.hashes.len() as u32,
+                        pos: run.base + run.hashes().len() as u32,
                     };
-                    run.hashes.push(hash);
+                    run.push(hash);
                     run.touch(now);
                     entry.insert(loc);
                     if created {
@@ -89,13 +89,21 @@ impl Index {
             };
             let run = &self.runs[loc.run as usize];
             let index = run.index_of(loc);
-            let len = 1 + common_prefix(&hashes[i + 1..], &run.hashes[index + 1..]);
+            let len = 1 + common_prefix(&hashes[i + 1..], &run.hashes()[index + 1..]);
             let last = if run.holds(slot) {
                 duplicates += len as u64;
                 run.touch(now);
                 Loc {
                     run: loc.run,
                     pos: loc.pos + (len - 1) as u32,
+                }
+            } else if let Some(tail) = previous.filter(|&p| self.continues(p, loc, len, slot)) {
+                self.move_to_tail(tail, loc.run, len, slot);
+                let run = &self.runs[tail.run as usize];
+                run.touch(now);
+                Loc {
+                    run: tail.run,
+                    pos: run.base + run.hashes().len() as u32 - 1,
                 }
             } else {
                 let id = self.isolate(loc.run, index, index + len);
@@ -119,6 +127,46 @@ impl Index {
         duplicates
     }
 
+    /// Whether `slot` storing the first `len` blocks of the live run at `loc` (not all of them,
+    /// and not held by `slot`) can move them onto the end of the run that ends at `tail`: that run
+    /// holds exactly the other run's caches plus `slot`. A cache storing a shared run block by
+    /// block (one event per decode step) then grows one run instead of cutting one per block.
+    fn continues(&self, tail: Loc, loc: Loc, len: usize, slot: Slot) -> bool {
+        let (target, source) = (&self.runs[tail.run as usize], &self.runs[loc.run as usize]);
+        tail.run != loc.run
+            && !source.workers.is_empty()
+            && source.index_of(loc) == 0
+            && len < source.hashes().len()
+            && target.index_of(tail) + 1 == target.hashes().len()
+            && target.workers.len() == source.workers.len() + 1
+            && target.holds(slot)
+            && source.workers.iter().all(|&w| target.holds(w))
+            && target
+                .base
+                .checked_add((target.hashes().len() + len) as u32)
+                .is_some()
+    }
+
+    /// Moves the first `len` blocks of run `source` onto the end of the run that ends at
+    /// `tail` (see [`Index::continues`]): `slot` now holds them too.
+    fn move_to_tail(&mut self, tail: Loc, source: RunId, len: usize, slot: Slot) {
+        let moved = self.runs[source as usize].cut_front(len);
+        let target = &mut self.runs[tail.run as usize];
+        let mut pos = target.base + target.hashes().len() as u32;
+        for &hash in &moved {
+            target.push(hash);
+            if let Some(loc) = self.map.get_mut(&hash) {
+                *loc = Loc { run: tail.run, pos };
+            }
+            pos += 1;
+        }
+        target.next = source;
+        self.entries += len as u64;
+        if let Some(Some(info)) = self.slots.get_mut(slot as usize) {
+            info.blocks += len as u64;
+        }
+    }
+
     /// Removes `hashes` from `slot`; returns how many it did not hold.
     pub(super) fn remove_blocks(&mut self, slot: Slot, hashes: &[SequenceHash]) -> u64 {
         let mut unknown = 0;
@@ -138,13 +186,13 @@ impl Index {
             // Removals usually name a stretch of a run, in either order: do it in one cut.
             let index = run.index_of(loc);
             let rest = &hashes[i + 1..];
-            let forward = common_prefix(rest, &run.hashes[index + 1..]);
+            let forward = common_prefix(rest, &run.hashes()[index + 1..]);
             let (lo, hi, len) = if forward > 0 {
                 (index, index + 1 + forward, 1 + forward)
             } else {
                 let backward = rest
                     .iter()
-                    .zip(run.hashes[..index].iter().rev())
+                    .zip(run.hashes()[..index].iter().rev())
                     .take_while(|(x, y)| x == y)
                     .count();
                 (index - backward, index + 1, 1 + backward)
