@@ -93,7 +93,9 @@ fn bench_embedder_api(c: &mut Criterion) {
             let mut index = Index::new(IndexConfig::default());
             for (worker, parent, hashes) in &raw {
                 let blocks = SequenceHash::from_raw_slice(hashes);
-                index.apply_stored(*worker, *parent, blocks).expect("consistent");
+                index
+                    .apply_stored(*worker, *parent, blocks)
+                    .expect("consistent");
             }
             black_box(index.entries())
         })
@@ -117,8 +119,12 @@ fn bench_embedder_api(c: &mut Criterion) {
         })
     });
     group.throughput(Throughput::Elements(1));
-    group.bench_function("entries/16w/200k", |b| b.iter(|| black_box(index.entries())));
-    group.bench_function("stats/16w/200k", |b| b.iter(|| black_box(index.stats().blocks)));
+    group.bench_function("entries/16w/200k", |b| {
+        b.iter(|| black_box(index.entries()))
+    });
+    group.bench_function("stats/16w/200k", |b| {
+        b.iter(|| black_box(index.stats().blocks))
+    });
     group.finish();
 }
 

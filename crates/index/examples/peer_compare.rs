@@ -10,9 +10,9 @@
 //! entries of the chat-trace workload, benches/support/workload.rs) it measures, for kvroute
 //! and each Dynamo variant:
 //!
-//! * apply throughput from empty, median of 3 builds (up to 20 for small sizes), with per-turn events (one `stored`
-//!   event per request) and per-step events (the same blocks, one event per block, as an
-//!   engine publishes while decoding);
+//! * apply throughput from empty, median of 3 builds (up to 20 for small sizes), with
+//!   per-turn events (one `stored` event per request) and per-step events (the same blocks,
+//!   one event per block, as an engine publishes while decoding);
 //! * find_matches p50/p99 for 512- and 4096-block requests (1000 and 300, 3 passes), after
 //!   checking every implementation returns kvroute's overlap scores on every request;
 //! * remove_worker of one worker on a full index, median over the builds;
@@ -250,7 +250,11 @@ impl Subject {
 }
 
 /// Builds `kind` from `events`; returns it, the build time and the heap it holds.
-fn build(kind: Kind, events: &[RouterEvent], rt: &tokio::runtime::Runtime) -> (Subject, Duration, usize) {
+fn build(
+    kind: Kind,
+    events: &[RouterEvent],
+    rt: &tokio::runtime::Runtime,
+) -> (Subject, Duration, usize) {
     // Dynamo's indexers consume their events (freed once applied), so heap growth across
     // conversion and application is what the structure holds.
     let before = heap();
@@ -306,7 +310,8 @@ fn parse_args() -> Args {
             "--csv" => args.csv = Some(it.next().expect("--csv FILE")),
             "--impls" => {
                 let names = it.next().expect("--impls LIST");
-                args.kinds.retain(|k| names.split(',').any(|n| n == k.name()));
+                args.kinds
+                    .retain(|k| names.split(',').any(|n| n == k.name()));
             }
             other => panic!("unknown argument {other}"),
         }
@@ -315,11 +320,7 @@ fn parse_args() -> Args {
 }
 
 /// Measures every implementation at one size, interleaving them build by build.
-fn measure_size(
-    kinds: &[Kind],
-    w: &Workload,
-    rt: &tokio::runtime::Runtime,
-) -> Vec<Row> {
+fn measure_size(kinds: &[Kind], w: &Workload, rt: &tokio::runtime::Runtime) -> Vec<Row> {
     let per_step = workload::per_block(&w.events);
     let queries = [
         (512, workload::queries(w, 512, 1000, 1)),
@@ -368,7 +369,8 @@ fn measure_size(
                         .push((*len, percentile(&times, 0.5), percentile(&times, 0.99)));
                 }
             }
-            row.remove.push(subject.remove(rt, round as u64 % w.workers));
+            row.remove
+                .push(subject.remove(rt, round as u64 % w.workers));
         }
     }
     rows
@@ -454,7 +456,12 @@ fn main() {
                         .unwrap_or_default(),
                 );
                 let mut put = |metric: &str, value: f64| {
-                    let _ = writeln!(csv, "{workers},{},{},{metric},{value}", w.entries, kind.name());
+                    let _ = writeln!(
+                        csv,
+                        "{workers},{},{},{metric},{value}",
+                        w.entries,
+                        kind.name()
+                    );
                 };
                 put("apply_turn_blocks_per_s", turn);
                 put("apply_step_blocks_per_s", step);
@@ -475,7 +482,8 @@ fn main() {
                     kind.name(),
                     median(ours.apply_turn.clone()) / median(r.apply_turn.clone()),
                     median(ours.apply_step.clone()) / median(r.apply_step.clone()),
-                    median(ours.remove.clone()).as_secs_f64() / median(r.remove.clone()).as_secs_f64(),
+                    median(ours.remove.clone()).as_secs_f64()
+                        / median(r.remove.clone()).as_secs_f64(),
                 );
             }
         }

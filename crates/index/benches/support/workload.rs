@@ -175,6 +175,7 @@ pub fn queries(workload: &Workload, len: usize, count: usize, seed: u64) -> Vec<
 
 /// The same stores one block per event, each continuing the block before it: what an engine
 /// publishes while decoding, a block completing every few steps. The index ends up the same.
+#[allow(dead_code)] // the concurrency example includes this file and does not use it
 pub fn per_block(events: &[RouterEvent]) -> Vec<RouterEvent> {
     let mut out = Vec::new();
     for event in events {

@@ -152,13 +152,12 @@ impl Index {
     fn move_to_tail(&mut self, tail: Loc, source: RunId, len: usize, slot: Slot) {
         let moved = self.runs[source as usize].cut_front(len);
         let target = &mut self.runs[tail.run as usize];
-        let mut pos = target.base + target.hashes().len() as u32;
-        for &hash in &moved {
+        let end = target.base + target.hashes().len() as u32;
+        for (pos, &hash) in (end..).zip(&moved) {
             target.push(hash);
             if let Some(loc) = self.map.get_mut(&hash) {
                 *loc = Loc { run: tail.run, pos };
             }
-            pos += 1;
         }
         target.next = source;
         self.entries += len as u64;
