@@ -270,6 +270,7 @@ impl ConfigSource {
         };
         self.flags.apply(&mut config);
         config.validate()?;
+        config.check_workers_reachable()?;
         Ok(config)
     }
 }

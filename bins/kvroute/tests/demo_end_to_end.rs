@@ -7,44 +7,35 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
-use kvroute_dispatch::{BreakerConfig, Registry, Worker};
-use kvroute_events::{in_process_bus, IngestConfig, Ingestor, PublisherConfig};
-use kvroute_gateway::{Gateway, GatewayConfig};
-use kvroute_index::{Index, IndexConfig, SharedIndex};
-use kvroute_preprocess::{ModelFiles, PreprocessConfig, Preprocessor};
+use kvroute_dispatch::Worker;
+use kvroute_events::{in_process_bus, PublisherConfig};
+use kvroute_gateway::{EventsSource, Server, ServerConfig};
 use kvroute_protocol::WorkerId;
 use kvroute_sim::{SimConfig, SimWorker, WorkerModel};
-use kvroute_testsupport::{image_data_url, HttpClient, Reply};
+use kvroute_testsupport::{image_data_url, Router};
 use serde_json::{json, Value};
 use std::collections::HashSet;
-use std::sync::{Arc, OnceLock};
+use std::ops::Deref;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
 const BLOCK_SIZE: u32 = 32;
 
-fn preprocessor() -> Arc<Preprocessor> {
-    static SHARED: OnceLock<Arc<Preprocessor>> = OnceLock::new();
-    Arc::clone(SHARED.get_or_init(|| {
-        Arc::new(
-            Preprocessor::new(
-                &ModelFiles::bundled_qwen2_vl().unwrap(),
-                PreprocessConfig::default(),
-            )
-            .unwrap(),
-        )
-    }))
-}
-
+/// A server as `kvroute demo` runs it (built by `Server::builder`) with simulated workers.
 struct Cluster {
-    base: String,
+    router: Router,
+    server: Server,
     sims: Vec<SimWorker>,
-    registry: Registry,
-    /// JSON requests read whole.
-    http: HttpClient,
     /// Streams read frame by frame.
     client: Client<HttpConnector, Full<Bytes>>,
-    _ingestor: Ingestor,
+}
+
+impl Deref for Cluster {
+    type Target = Router;
+
+    fn deref(&self) -> &Router {
+        &self.router
+    }
 }
 
 async fn cluster(workers: u64, decode_tokens_per_second: f64) -> Cluster {
@@ -53,14 +44,26 @@ async fn cluster(workers: u64, decode_tokens_per_second: f64) -> Cluster {
 
 /// `approximate`: the gateway reads no KV events and predicts caches from its own routing.
 async fn cluster_with(workers: u64, decode_tokens_per_second: f64, approximate: bool) -> Cluster {
-    let index = SharedIndex::new(Index::new(IndexConfig::default()));
-    let (bus, source) = in_process_bus(1024);
-    let ingestor = Ingestor::spawn(source, index.clone(), IngestConfig::default());
-    let registry = Registry::new(
-        BreakerConfig::default()
-            .with_failure_threshold(1)
-            .with_cooldown(Duration::from_secs(60)),
-    );
+    let mut config = ServerConfig::default();
+    config.model.name = "m".into();
+    config.model.block_size = BLOCK_SIZE;
+    config.breaker.failures = 1;
+    config.breaker.cooldown_secs = 60;
+    config.nats.discovery = false;
+    config.events.source = if approximate {
+        EventsSource::None
+    } else {
+        EventsSource::InProcess
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Server::builder(config)
+        .listener(listener)
+        .start()
+        .await
+        .unwrap();
+    // Without events the workers' publications go nowhere the router reads.
+    let (unread, _source) = in_process_bus(1024);
+    let bus = server.in_process_bus().cloned().unwrap_or(unread);
     let mut sims = Vec::new();
     for n in 1..=workers {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -69,71 +72,21 @@ async fn cluster_with(workers: u64, decode_tokens_per_second: f64, approximate: 
             .with_engine(WorkerModel::default().with_speeds(1e7, decode_tokens_per_second));
         let sim = SimWorker::new(
             config,
-            preprocessor(),
+            server.preprocessor().clone(),
             bus.publisher(PublisherConfig::new(WorkerId(n))),
         )
         .unwrap();
         tokio::spawn(sim.clone().serve(listener, std::future::pending()));
-        registry.upsert(Worker::new(WorkerId(n), url).unwrap());
+        server
+            .registry()
+            .upsert(Worker::new(WorkerId(n), url).unwrap());
         sims.push(sim);
     }
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let config = GatewayConfig::new("m", BLOCK_SIZE)
-        .with_max_body_bytes(4 << 20)
-        .with_approximate(approximate);
-    let routing_index = if approximate {
-        SharedIndex::new(Index::new(IndexConfig::default()))
-    } else {
-        index
-    };
-    let gateway = Gateway::new(
-        config,
-        preprocessor(),
-        routing_index,
-        registry.clone(),
-        || true,
-    )
-    .unwrap();
-    tokio::spawn(gateway.serve(listener, std::future::pending()));
     Cluster {
-        base,
+        router: Router::new(format!("http://{}", server.local_addr())),
+        server,
         sims,
-        registry,
         client: Client::builder(TokioExecutor::new()).build_http(),
-        http: HttpClient::new(),
-        _ingestor: ingestor,
-    }
-}
-
-impl Cluster {
-    async fn post(&self, path: &str, body: impl Into<Bytes>) -> Reply {
-        self.http
-            .post_bytes(&format!("{}{path}", self.base), body)
-            .await
-    }
-
-    async fn chat(&self, body: &Value) -> Reply {
-        self.post("/v1/chat/completions", body.to_string()).await
-    }
-
-    /// Waits until the router sees `blocks` blocks of `body` cached on some worker (events are
-    /// applied asynchronously).
-    async fn until_overlap(&self, body: &Value, blocks: u64) {
-        for _ in 0..200 {
-            let table = self.post("/v1/route", body.to_string()).await.body;
-            let best = table["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|w| w["overlap_blocks"].as_u64().unwrap())
-                .max();
-            if best >= Some(blocks) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        panic!("the index never saw {blocks} cached blocks");
     }
 }
 
@@ -171,7 +124,7 @@ async fn a_repeated_image_request_returns_to_its_worker_with_the_predicted_cache
 
     // Same text, another image: no phantom overlap anywhere.
     let other = image_request("coffee.png", "What is in this image?");
-    let table = cluster.post("/v1/route", other.to_string()).await.body;
+    let table = cluster.route(&other).await;
     for worker in table["workers"].as_array().unwrap() {
         assert_eq!(worker["overlap_blocks"], 0, "{table}");
     }
@@ -243,14 +196,15 @@ async fn bad_requests_get_openai_errors() {
         (json!({"model": "m"}).to_string(), 400, Some("messages")),
         ("{not json".to_owned(), 400, None),
         (json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}).to_string(), 400, Some("messages[0].content[0]")),
-        ("x".repeat(5 << 20), 413, None),
+        // Over the default 32 MiB body limit.
+        ("x".repeat(33 << 20), 413, None),
     ] {
-        let reply = cluster.post("/v1/chat/completions", body).await;
+        let reply = cluster.post_bytes("/v1/chat/completions", body).await;
         assert_eq!(reply.status, status, "{:?}", reply.body);
         assert!(reply.body["error"]["message"].is_string(), "{:?}", reply.body);
         assert_eq!(reply.body["error"]["param"].as_str(), param);
     }
-    let missing = cluster.post("/v1/nothing", "{}").await;
+    let missing = cluster.post_bytes("/v1/nothing", "{}").await;
     assert_eq!(missing.status, 404);
     assert_eq!(missing.body["error"]["code"], "not_found");
 }
@@ -260,7 +214,7 @@ async fn streaming_follows_the_openai_sse_format() {
     let cluster = cluster(2, 10_000.0).await;
     let body = json!({"model": "m", "stream": true, "max_tokens": 5, "stream_options": {"include_usage": true},
                       "messages": [{"role": "user", "content": "count"}]});
-    let reply = cluster.post("/v1/chat/completions", body.to_string()).await;
+    let reply = cluster.chat(&body).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("content-type"), "text/event-stream");
     let text = reply.body.as_str().unwrap().to_owned();
@@ -292,7 +246,7 @@ async fn a_client_that_disconnects_cancels_the_upstream_request() {
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert!(first.starts_with(b"data: "));
     let load = |cluster: &Cluster| {
-        let status = &cluster.registry.status(std::time::Instant::now())[0];
+        let status = &cluster.server.registry().status(std::time::Instant::now())[0];
         (status.active_requests, cluster.sims[0].running_requests())
     };
     assert_eq!(load(&cluster), (1, 1));
@@ -330,12 +284,44 @@ async fn without_kv_events_the_cache_is_predicted_from_routing() {
     );
     // Another image with the same text: no phantom overlap.
     let other = cluster
-        .post(
-            "/v1/route",
-            image_request("coffee.png", "What is in this image?").to_string(),
-        )
+        .route(&image_request("coffee.png", "What is in this image?"))
         .await;
-    for row in other.body["workers"].as_array().unwrap() {
-        assert_eq!(row["overlap_blocks"], 0, "{}", other.body);
+    for row in other["workers"].as_array().unwrap() {
+        assert_eq!(row["overlap_blocks"], 0, "{other}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_workers_and_routing_and_reports_the_rest() {
+    let cluster = cluster(1, 10_000.0).await;
+    let mut config = cluster.server.config();
+    assert_eq!(cluster.server.policy().name(), "kv-aware");
+    config.routing.policy = kvroute_gateway::PolicyName::RoundRobin;
+    config
+        .workers
+        .push(kvroute_gateway::WorkerConfig::new(9, "http://127.0.0.1:1"));
+    config.model.block_size = 16;
+    let report = cluster.server.reload(config.clone()).unwrap();
+    assert_eq!(report.applied, ["workers", "routing"]);
+    assert_eq!(report.needs_restart, ["model"]);
+    assert_eq!(cluster.server.policy().name(), "round-robin");
+    assert_eq!(cluster.server.registry().len(), 2);
+    // The running block size is still the started one.
+    assert_eq!(cluster.server.config().model.block_size, BLOCK_SIZE);
+
+    // A listed worker that disappears from the file leaves; simulated workers, which the file
+    // never listed, stay.
+    config.workers.clear();
+    let report = cluster.server.reload(config.clone()).unwrap();
+    assert_eq!(report.applied, ["workers"]);
+    assert_eq!(cluster.server.registry().len(), 1);
+
+    // An invalid configuration changes nothing.
+    config.routing.prefill_weight = -1.0;
+    assert!(cluster.server.reload(config).is_err());
+    assert_eq!(cluster.server.policy().name(), "round-robin");
+    let reply = cluster
+        .chat(&json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}))
+        .await;
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
 }

@@ -1,5 +1,5 @@
 //! `kvroute serve` and three `kvroute worker-sim` processes over a real `nats-server -js` of the
-//! test's own (free port, temporary store): the flows of crates/gateway/tests/end_to_end.rs,
+//! test's own (free port, temporary store): the flows of demo_end_to_end.rs,
 //! with KV events travelling through JetStream between processes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
@@ -9,172 +9,20 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 use kvroute_testsupport::{
-    free_port, image_chat_request as image_request, nats_server_binary, HttpClient, Reply,
+    free_port, image_chat_request as image_request, kvroute_command, nats_server_binary, Processes,
+    Router,
 };
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const BLOCK_SIZE: u64 = 32;
 const WORKERS: u64 = 3;
 const REGISTRATION_TTL_SECS: &str = "2";
 
-/// Every child process of the test, killed (SIGKILL) and reaped on drop, panics included;
-/// on a panic their logs are printed.
-struct Processes {
-    dir: tempfile::TempDir,
-    children: Vec<(String, Child)>,
-}
-
-impl Processes {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().unwrap(),
-            children: Vec::new(),
-        }
-    }
-
-    fn log(&self, name: &str) -> PathBuf {
-        self.dir.path().join(format!("{name}.log"))
-    }
-
-    fn spawn(&mut self, name: &str, command: &mut Command) {
-        let log = std::fs::File::create(self.log(name)).unwrap();
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
-        self.children.push((name.to_owned(), child));
-    }
-
-    fn child(&mut self, name: &str) -> &mut Child {
-        &mut self.children.iter_mut().find(|(n, _)| n == name).unwrap().1
-    }
-
-    /// Panics (with the logs) if a process exited early.
-    fn check_alive(&mut self) {
-        for (name, child) in &mut self.children {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("{name} exited early: {status}");
-            }
-        }
-    }
-}
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        // Gateway and workers first, the NATS server (spawned first) last.
-        for (_, child) in self.children.iter_mut().rev() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        if std::thread::panicking() {
-            for (name, _) in &self.children {
-                let log = std::fs::read_to_string(self.log(name)).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("----- {name} (last lines) -----");
-                for line in tail.iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-        }
-    }
-}
-
 fn kvroute() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_kvroute"));
-    for var in [
-        "NATS_URL",
-        "NAMESPACE",
-        "COMPONENT",
-        "ENDPOINT",
-        "MODEL",
-        "MODEL_DIR",
-        "BLOCK_SIZE",
-        "WORKERS",
-        "API_PORT",
-        "KVROUTE_LISTEN",
-        "EVENT_WIRE",
-        "WORKER_ID",
-    ] {
-        command.env_remove(var);
-    }
-    command.env("RUST_LOG", "info");
-    command
-}
-
-async fn wait_for_port(processes: &mut Processes, port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .is_err()
-    {
-        processes.check_alive();
-        assert!(Instant::now() < deadline, "{what} did not come up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-struct Gateway {
-    base: String,
-    http: HttpClient,
-}
-
-impl Gateway {
-    async fn get(&self, path: &str) -> Reply {
-        self.http.get(&format!("{}{path}", self.base)).await
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> Reply {
-        self.http.post(&format!("{}{path}", self.base), body).await
-    }
-
-    async fn chat(&self, body: &Value) -> Reply {
-        self.post("/v1/chat/completions", body).await
-    }
-
-    /// Waits until the router sees `blocks` blocks of `body` cached on some worker (events go
-    /// through NATS and are applied asynchronously).
-    async fn until_overlap(&self, body: &Value, blocks: u64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let table = self.post("/v1/route", body).await.body;
-            let best = table["workers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|w| w["overlap_blocks"].as_u64().unwrap())
-                .max();
-            if best >= Some(blocks) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        panic!("the index never saw {blocks} cached blocks");
-    }
-}
-
-impl Gateway {
-    /// Waits until the dry-run table lists `workers` workers.
-    async fn until_workers(&self, body: &Value, workers: u64) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let table = self.post("/v1/route", body).await.body;
-            let rows = table["workers"].as_array().map_or(0, Vec::len) as u64;
-            if rows == workers {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "expected {workers} workers: {table}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    kvroute_command(env!("CARGO_BIN_EXE_kvroute"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +37,7 @@ async fn serve_and_worker_sims_over_nats() {
     let mut processes = Processes::new();
 
     let nats_port = free_port();
-    let store = processes.dir.path().join("jetstream");
+    let store = processes.dir().join("jetstream");
     processes.spawn(
         "nats-server",
         Command::new(&nats_server)
@@ -198,7 +46,7 @@ async fn serve_and_worker_sims_over_nats() {
             .arg("-sd")
             .arg(&store),
     );
-    wait_for_port(&mut processes, nats_port, "nats-server").await;
+    processes.wait_for_port(nats_port, "nats-server").await;
     let nats_url = format!("nats://127.0.0.1:{nats_port}");
 
     // The gateway first: it provisions the stream before listening, so the workers starting
@@ -225,7 +73,7 @@ async fn serve_and_worker_sims_over_nats() {
         &format!("1=http://127.0.0.1:{}", worker_ports[0]),
     ]);
     processes.spawn("serve", &mut serve);
-    wait_for_port(&mut processes, gateway_port, "kvroute serve").await;
+    processes.wait_for_port(gateway_port, "kvroute serve").await;
 
     for (n, port) in worker_ports.iter().enumerate() {
         processes.spawn(
@@ -248,13 +96,12 @@ async fn serve_and_worker_sims_over_nats() {
         );
     }
     for (n, port) in worker_ports.iter().enumerate() {
-        wait_for_port(&mut processes, *port, &format!("worker-sim {}", n + 1)).await;
+        processes
+            .wait_for_port(*port, &format!("worker-sim {}", n + 1))
+            .await;
     }
 
-    let gateway = Gateway {
-        base: format!("http://127.0.0.1:{gateway_port}"),
-        http: HttpClient::new(),
-    };
+    let gateway = Router::new(format!("http://127.0.0.1:{gateway_port}"));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         // Ready as soon as one worker is; the workers register one by one.
@@ -297,7 +144,7 @@ async fn serve_and_worker_sims_over_nats() {
 
     // Same text, another image: no phantom overlap anywhere.
     let other = image_request("coffee.png", "What is in this image?");
-    let table = gateway.post("/v1/route", &other).await.body;
+    let table = gateway.route(&other).await;
     let rows = table["workers"].as_array().unwrap();
     assert_eq!(rows.len() as u64, WORKERS, "{table}");
     for worker in rows {

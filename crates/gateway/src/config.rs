@@ -484,18 +484,25 @@ impl ServerConfig {
                 return invalid("workers", format!("worker id {} is given twice", worker.id));
             }
         }
-        let discovers = self.events.source.uses_nats() && self.nats.discovery;
-        if self.workers.is_empty() && !discovers && self.events.source != EventsSource::InProcess {
-            return invalid(
-                "workers",
-                "no workers: list some (--worker ID=URL), or turn on NATS discovery".into(),
-            );
-        }
         if self.events.snapshot_interval_secs == 0 {
             return invalid("events.snapshot_interval_secs", "must be at least 1".into());
         }
         if self.nats.registration_ttl_secs == 0 {
             return invalid("nats.registration_ttl_secs", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Whether workers can reach the server: listed, discovered in NATS, or in the process
+    /// (`events.source = "in-process"`, as `kvroute demo` adds them). An embedder that adds
+    /// workers to [`Server::registry`](crate::Server::registry) itself need not check it.
+    pub fn check_workers_reachable(&self) -> Result<(), ConfigError> {
+        let in_process = self.events.source == EventsSource::InProcess;
+        if self.workers.is_empty() && !self.discovers_workers() && !in_process {
+            return Err(ConfigError::Invalid {
+                field: "workers",
+                why: "no workers: list some (--worker ID=URL), or turn on NATS discovery".into(),
+            });
         }
         Ok(())
     }
@@ -620,11 +627,11 @@ mod tests {
         assert!(config.validate().is_err());
         let mut config = ServerConfig::default();
         config.nats.discovery = false;
-        assert!(config
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("no workers"));
+        config.validate().unwrap();
+        let refused = config.check_workers_reachable().unwrap_err();
+        assert!(refused.to_string().contains("no workers"));
+        config.events.source = EventsSource::InProcess;
+        config.check_workers_reachable().unwrap();
         assert!(WorkerConfig::parse("x=http://a:1").is_err());
         assert_eq!(
             WorkerConfig::parse(" 7 = http://a:1 ").unwrap(),

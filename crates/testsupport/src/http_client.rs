@@ -95,3 +95,89 @@ pub async fn wait_for_port(port: u16) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A kvroute gateway under test, at `base` (`http://host:port`).
+#[derive(Clone, Debug)]
+pub struct Router {
+    /// The gateway's base URL.
+    pub base: String,
+    /// The client requests go through.
+    pub http: HttpClient,
+}
+
+impl Router {
+    /// The gateway at `base`.
+    pub fn new(base: impl Into<String>) -> Self {
+        Self {
+            base: base.into(),
+            http: HttpClient::new(),
+        }
+    }
+
+    /// `GET path`.
+    pub async fn get(&self, path: &str) -> Reply {
+        self.http.get(&format!("{}{path}", self.base)).await
+    }
+
+    /// `POST path` with a JSON body.
+    pub async fn post(&self, path: &str, body: &Value) -> Reply {
+        self.http.post(&format!("{}{path}", self.base), body).await
+    }
+
+    /// `POST path` with any body.
+    pub async fn post_bytes(&self, path: &str, body: impl Into<Bytes>) -> Reply {
+        self.http
+            .post_bytes(&format!("{}{path}", self.base), body)
+            .await
+    }
+
+    /// `POST /v1/chat/completions`.
+    pub async fn chat(&self, body: &Value) -> Reply {
+        self.post("/v1/chat/completions", body).await
+    }
+
+    /// The dry-run decision table of `body` (`POST /v1/route`).
+    pub async fn route(&self, body: &Value) -> Value {
+        self.post("/v1/route", body).await.body
+    }
+
+    /// Waits up to 10 s until some worker holds `blocks` leading blocks of `body` in the
+    /// router's index (events are applied asynchronously).
+    pub async fn until_overlap(&self, body: &Value, blocks: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let table = self.route(body).await;
+            let best = table["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["overlap_blocks"].as_u64().unwrap())
+                .max();
+            if best >= Some(blocks) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the index never saw {blocks} cached blocks: {table}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits up to 10 s until the dry-run table of `body` lists `workers` workers.
+    pub async fn until_workers(&self, body: &Value, workers: u64) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let table = self.route(body).await;
+            let rows = table["workers"].as_array().map_or(0, Vec::len) as u64;
+            if rows == workers {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {workers} workers: {table}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

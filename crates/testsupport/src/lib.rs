@@ -1,7 +1,8 @@
 //! Test support shared by kvroute's integration tests (never published, never a dependency of
 //! a library): a `nats-server -js` of the test's own on a free port with a temporary store
-//! ([`NatsServer`]), a small JSON-over-HTTP client ([`HttpClient`]), and request fixtures
-//! ([`image_chat_request`]).
+//! ([`NatsServer`]), a small JSON-over-HTTP client ([`HttpClient`]) and a gateway under test
+//! ([`Router`]), child processes killed however a test ends ([`Processes`]), and request
+//! fixtures ([`image_chat_request`]).
 //!
 //! It panics on failure by design: a test that cannot set up must fail loudly.
 //!
@@ -17,9 +18,11 @@
 
 mod http_client;
 mod nats;
+mod process;
 
-pub use http_client::{wait_for_port, HttpClient, Reply};
+pub use http_client::{wait_for_port, HttpClient, Reply, Router};
 pub use nats::{free_port, nats_server_binary, NatsServer};
+pub use process::{kvroute_command, Processes};
 
 use base64::Engine;
 use std::path::PathBuf;
