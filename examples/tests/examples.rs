@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
+#[path = "../custom_server.rs"]
+#[allow(dead_code)] // its `main`
+mod custom_server;
 #[path = "../embed_router.rs"]
 #[allow(dead_code)] // its `main`
 mod embed_router;
@@ -351,4 +354,92 @@ async fn embed_router_sends_a_repeated_image_request_to_the_same_worker() {
         .await;
     assert_eq!(other.status, 200, "{:?}", other.body);
     assert_eq!(other.header("x-kvroute-overlap-blocks"), "0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_server_routes_with_its_own_policy_behind_its_own_middleware() {
+    use kvroute_gateway::{EventsSource, ServerConfig};
+    use kvroute_sim::{SimConfig, SimWorker};
+
+    let mut config = ServerConfig::default();
+    config.model.name = "m".into();
+    config.model.block_size = BLOCK_SIZE;
+    config.events.source = EventsSource::InProcess;
+    config.nats.discovery = false;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = custom_server::builder(config, "secret")
+        .listener(listener)
+        .start()
+        .await
+        .unwrap();
+    let bus = server.in_process_bus().unwrap();
+    for id in 1..=2 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let worker = SimWorker::new(
+            SimConfig::new(WorkerId(id), "m", BLOCK_SIZE),
+            server.preprocessor().clone(),
+            bus.publisher(PublisherConfig::new(WorkerId(id))),
+        )
+        .unwrap();
+        tokio::spawn(worker.serve(listener, std::future::pending()));
+        server
+            .registry()
+            .upsert(kvroute_dispatch::Worker::new(WorkerId(id), url).unwrap());
+    }
+    let base = format!("http://{}", server.local_addr());
+    let client = HttpClient::new();
+    let request = image_chat_request("chelsea.png", "Describe this image.");
+
+    let refused = client
+        .post(&format!("{base}/v1/chat/completions"), &request)
+        .await;
+    assert_eq!(refused.status, 401, "{:?}", refused.body);
+    assert_eq!(refused.body["error"]["code"], "invalid_api_key");
+    assert_eq!(client.get(&format!("{base}/health")).await.status, 200);
+
+    let chat = format!("{base}/v1/chat/completions");
+    let authorized = |request: &Value| {
+        client.post_with_headers(
+            &chat,
+            request.to_string(),
+            &[("authorization", "Bearer secret")],
+        )
+    };
+    let first = authorized(&request).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(first.header("x-routing-policy"), "cache-first");
+    assert_eq!(first.header("x-request-number"), "1");
+    let prompt_tokens = first.body["usage"]["prompt_tokens"].as_u64().unwrap();
+    let blocks = prompt_tokens / u64::from(BLOCK_SIZE);
+    eventually("the first request's blocks in the index", || {
+        server.index().stats().blocks == blocks
+    })
+    .await;
+    let second = authorized(&request).await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    assert_eq!(
+        second.header("x-kvroute-worker"),
+        first.header("x-kvroute-worker")
+    );
+    assert_eq!(
+        second.header("x-kvroute-overlap-blocks"),
+        blocks.to_string()
+    );
+    // The dry run lists the workers in the policy's order: the cache holder first.
+    let table = client
+        .post_with_headers(
+            &format!("{base}/v1/route"),
+            request.to_string(),
+            &[("authorization", "Bearer secret")],
+        )
+        .await
+        .body;
+    assert_eq!(
+        table["workers"][0]["overlap_blocks"],
+        json!(blocks),
+        "{table}"
+    );
+    assert_eq!(table["workers"][1]["overlap_blocks"], json!(0), "{table}");
+    server.shutdown().await.unwrap();
 }

@@ -11,34 +11,39 @@
 //! Workers that register themselves in NATS ([`kvroute_events::Registration`]) join and leave
 //! the registry through [`follow_membership`].
 //!
-//! It is a library so other servers can embed it ([`Gateway::handle`]); the `kvroute` binary
-//! only wires it. Its accept loop ([`serve_http`]) and response helpers are public so that
-//! other HTTP servers of the project (the simulated worker of `kvroute-sim`) serve the same way;
-//! the gateway itself contains no simulator.
+//! It is also the composition root: [`ServerConfig`] is the one typed configuration (TOML file,
+//! defaults in one place) and [`Server::builder`] turns it into a running server (index, event
+//! source and ingestion, registry, discovery, routing policy, middleware, graceful drain,
+//! reload). `kvroute serve` and `kvroute demo` are thin calls of it. Its accept loop
+//! ([`serve_http`]) and response helpers are public so that other HTTP servers of the project
+//! (the simulated worker of `kvroute-sim`) serve the same way; the gateway itself contains no
+//! simulator, reads no environment variable and installs no global state.
 //!
 //! Endpoints: `POST /v1/chat/completions`, `POST /v1/completions`, `POST /v1/route`,
 //! `GET /v1/models`, `GET /health`, `GET /ready`, `GET /metrics`.
 //!
 //! # Example
 //!
-//! ```
-//! use kvroute_dispatch::Registry;
-//! use kvroute_gateway::{Gateway, GatewayConfig};
-//! use kvroute_index::{Index, IndexConfig, SharedIndex};
-//! use kvroute_preprocess::{ModelFiles, PreprocessConfig, Preprocessor};
-//! use std::sync::Arc;
+//! A server routing to two workers that publish no KV events, on a free port:
 //!
-//! let preprocessor = Preprocessor::new(&ModelFiles::bundled_qwen2_vl()?, PreprocessConfig::default())?;
-//! let index = SharedIndex::new(Index::new(IndexConfig::default()));
-//! let gateway = Gateway::new(
-//!     GatewayConfig::new("Qwen/Qwen2-VL-2B-Instruct", 32),
-//!     Arc::new(preprocessor),
-//!     index,
-//!     Registry::default(),
-//!     || true,
-//! )?;
-//! assert_eq!(gateway.config().block_size, 32);
-//! // gateway.serve(listener, shutdown).await serves it.
+//! ```
+//! use kvroute_gateway::{EventsSource, Server, ServerConfig, WorkerConfig};
+//!
+//! # tokio::runtime::Runtime::new()?.block_on(async {
+//! let mut config = ServerConfig::default();
+//! config.listen = "127.0.0.1:0".parse()?;
+//! config.events.source = EventsSource::None;
+//! config.nats.discovery = false;
+//! config.workers = vec![
+//!     WorkerConfig::new(1, "http://10.0.0.5:8000"),
+//!     WorkerConfig::new(2, "http://10.0.0.6:8000"),
+//! ];
+//! let server = Server::builder(config).start().await?;
+//! assert_eq!(server.stats().workers, 2);
+//! assert!(server.local_addr().port() != 0);
+//! server.shutdown().await?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # })?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 

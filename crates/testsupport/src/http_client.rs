@@ -63,10 +63,21 @@ impl HttpClient {
 
     /// `POST url` with these bytes as a JSON body (malformed ones included).
     pub async fn post_bytes(&self, url: &str, body: impl Into<Bytes>) -> Reply {
-        let request = http::Request::post(url)
-            .header("content-type", "application/json")
-            .body(Full::new(body.into()))
-            .unwrap();
+        self.post_with_headers(url, body, &[]).await
+    }
+
+    /// `POST url` with a JSON body and extra headers (`authorization`, ...).
+    pub async fn post_with_headers(
+        &self,
+        url: &str,
+        body: impl Into<Bytes>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let mut request = http::Request::post(url).header("content-type", "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::new(body.into())).unwrap();
         Self::read(self.client.request(request).await.unwrap()).await
     }
 
