@@ -92,13 +92,13 @@
 //! docs/events.md describes the wire formats, subjects, stream settings and every counter.
 
 mod bus;
+mod checkpoint;
 mod dynamo;
 mod ingest;
 mod mirror;
 mod nats;
 mod publisher;
 mod sequencer;
-mod snapshot;
 mod stats;
 mod wire;
 

@@ -30,6 +30,92 @@ struct WorkerState {
     ranks: BTreeMap<DpRank, RankState>,
 }
 
+/// What to do with one event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Verdict {
+    /// Apply it: it is the next one expected (or the source cannot resend).
+    Apply,
+    /// Skip it: a duplicate, or the cache awaits its full state.
+    Skip,
+    /// Skip it and ask the worker for its full state.
+    Resync(ResyncReason),
+}
+
+impl WorkerState {
+    /// Takes a batch of `incarnation`: `false` for a stale one (to be skipped); a newer one
+    /// drops the worker's entries and everything known about its ranks.
+    fn enter(
+        &mut self,
+        worker_id: WorkerId,
+        incarnation: Option<u64>,
+        index: &SharedIndex,
+        counters: &Counters,
+    ) -> bool {
+        match (incarnation, self.incarnation) {
+            (Some(new), Some(current)) if new < current => return false,
+            (Some(new), Some(current)) if new > current => {
+                tracing::info!(%worker_id, old = current, new, "worker restarted: dropping its entries");
+                counters.inc(Counter::incarnation_changes);
+                index.remove_worker(worker_id);
+                self.ranks.clear();
+            }
+            _ => {}
+        }
+        self.incarnation = incarnation;
+        true
+    }
+
+    /// Judges one event against its rank's state (counting what it finds). Only an
+    /// awaiting rank's state changes here; the caller records applied events and resyncs.
+    fn judge(
+        &mut self,
+        worker_id: WorkerId,
+        event: &RouterEvent,
+        fenced: bool,
+        counters: &Counters,
+    ) -> Verdict {
+        let (dp_rank, id) = (event.event.dp_rank, event.event.event_id);
+        let cleared = matches!(event.event.data, KvCacheEventData::Cleared);
+        match self.ranks.get_mut(&dp_rank) {
+            None if id == 0 || cleared || !fenced => Verdict::Apply,
+            None => {
+                // The stream no longer holds this cache's beginning.
+                counters.inc(Counter::gaps);
+                Verdict::Resync(ResyncReason::MissedStart)
+            }
+            Some(RankState::InSync { next }) if id == *next => Verdict::Apply,
+            Some(RankState::InSync { next }) if id < *next => {
+                counters.inc(Counter::duplicates);
+                if fenced {
+                    Verdict::Skip
+                } else {
+                    Verdict::Apply
+                }
+            }
+            Some(RankState::InSync { next }) => {
+                counters.inc(Counter::gaps);
+                tracing::warn!(%worker_id, %dp_rank, expected = *next, got = id, "event gap");
+                // A `cleared` starts over from nothing: nothing missed can matter.
+                if !fenced || cleared {
+                    Verdict::Apply
+                } else {
+                    Verdict::Resync(ResyncReason::Gap)
+                }
+            }
+            Some(RankState::Awaiting { last_seen, .. }) if cleared && id > *last_seen => {
+                counters.inc(Counter::resyncs_completed);
+                tracing::info!(%worker_id, %dp_rank, "full state arrived: back in order");
+                Verdict::Apply
+            }
+            Some(RankState::Awaiting { last_seen, .. }) => {
+                counters.inc(Counter::awaiting_resync);
+                *last_seen = (*last_seen).max(id);
+                Verdict::Skip
+            }
+        }
+    }
+}
+
 /// The ordering state of every (worker, dp rank) an ingestor has seen. Serializable so a
 /// snapshot carries it together with the index it describes.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,92 +167,32 @@ impl Sequencer {
                 incarnation,
                 ranks: BTreeMap::new(),
             });
-        match (incarnation, state.incarnation) {
-            (Some(new), Some(current)) if new < current => {
-                counters.add(Counter::stale_incarnation, events.len() as u64);
-                return Vec::new();
-            }
-            (Some(new), Some(current)) if new > current => {
-                tracing::info!(%worker_id, old = current, new, "worker restarted: dropping its entries");
-                counters.inc(Counter::incarnation_changes);
-                index.remove_worker(worker_id);
-                *state = WorkerState {
-                    incarnation,
-                    ranks: BTreeMap::new(),
-                };
-            }
-            _ => state.incarnation = incarnation,
+        if !state.enter(worker_id, incarnation, index, counters) {
+            counters.add(Counter::stale_incarnation, events.len() as u64);
+            return Vec::new();
         }
         let fenced = incarnation.is_some();
         let mut pending = Pending { events: Vec::new() };
         let mut requests = Vec::new();
         for event in events {
-            let dp_rank = event.event.dp_rank;
-            let id = event.event.event_id;
-            let cleared = matches!(event.event.data, KvCacheEventData::Cleared);
-            let rank = state.ranks.get(&dp_rank).cloned();
-            let accept = match rank {
-                None if id == 0 || cleared || !fenced => true,
-                None => {
-                    // The stream no longer holds this cache's beginning.
-                    counters.inc(Counter::gaps);
-                    Self::start_resync(&mut state.ranks, worker_id, dp_rank, id, now);
-                    requests.push(ResyncRequest::new(
-                        worker_id,
-                        dp_rank,
-                        ResyncReason::MissedStart,
-                    ));
-                    counters.inc(Counter::resyncs_requested);
-                    false
+            let (dp_rank, id) = (event.event.dp_rank, event.event.event_id);
+            match state.judge(worker_id, event, fenced, counters) {
+                Verdict::Apply => {
+                    let next = id.wrapping_add(1);
+                    state.ranks.insert(dp_rank, RankState::InSync { next });
+                    pending.events.push(event);
                 }
-                Some(RankState::InSync { next }) if id == next => true,
-                Some(RankState::InSync { next }) if id < next => {
-                    counters.inc(Counter::duplicates);
-                    !fenced
-                }
-                Some(RankState::InSync { next }) => {
-                    counters.inc(Counter::gaps);
-                    tracing::warn!(%worker_id, %dp_rank, expected = next, got = id, "event gap");
-                    if !fenced || cleared {
-                        // A `cleared` starts over from nothing: nothing missed can matter.
-                        true
-                    } else {
+                Verdict::Skip => {}
+                Verdict::Resync(reason) => {
+                    if reason == ResyncReason::Gap {
+                        // What came before the gap is applied, then the cache is dropped.
                         pending.flush(index, counters);
                         index.remove_worker_dp_rank(WorkerKey::new(worker_id, dp_rank));
-                        Self::start_resync(&mut state.ranks, worker_id, dp_rank, id, now);
-                        requests.push(ResyncRequest::new(worker_id, dp_rank, ResyncReason::Gap));
-                        counters.inc(Counter::resyncs_requested);
-                        false
                     }
+                    Self::start_resync(&mut state.ranks, worker_id, dp_rank, id, now);
+                    requests.push(ResyncRequest::new(worker_id, dp_rank, reason));
+                    counters.inc(Counter::resyncs_requested);
                 }
-                Some(RankState::Awaiting { last_seen, .. }) if cleared && id > last_seen => {
-                    counters.inc(Counter::resyncs_completed);
-                    tracing::info!(%worker_id, %dp_rank, "full state arrived: back in order");
-                    true
-                }
-                Some(RankState::Awaiting {
-                    last_seen,
-                    requested_at,
-                }) => {
-                    counters.inc(Counter::awaiting_resync);
-                    state.ranks.insert(
-                        dp_rank,
-                        RankState::Awaiting {
-                            last_seen: last_seen.max(id),
-                            requested_at,
-                        },
-                    );
-                    false
-                }
-            };
-            if accept {
-                state.ranks.insert(
-                    dp_rank,
-                    RankState::InSync {
-                        next: id.wrapping_add(1),
-                    },
-                );
-                pending.events.push(event);
             }
         }
         pending.flush(index, counters);

@@ -2,8 +2,8 @@
 //! failures, and snapshots to a JetStream object store.
 
 use super::{backoff, ensure_stream, NatsError, StreamSettings};
+use crate::checkpoint;
 use crate::ingest::{EventSource, IngestState, MalformedKind, SourceItem};
-use crate::snapshot;
 use crate::stats::Counter;
 use crate::{EventBatch, ResyncReason, ResyncRequest};
 use async_nats::jetstream::{self, consumer, object_store, stream};
@@ -218,7 +218,7 @@ impl EventSource for NatsSource {
         if !due || self.delivered <= self.saved {
             return;
         }
-        let bytes = snapshot::encode(self.delivered, &ingest.sequencer, &ingest.index.snapshot());
+        let bytes = checkpoint::encode(self.delivered, &ingest.sequencer, &ingest.index.snapshot());
         match store
             .put(settings.object.as_str(), &mut bytes.as_slice())
             .await
@@ -383,7 +383,7 @@ impl NatsSource {
         bytes: &[u8],
         state: &stream::State,
     ) -> Result<u64, String> {
-        let checkpoint = snapshot::decode(bytes).map_err(|e| e.to_string())?;
+        let checkpoint = checkpoint::decode(bytes).map_err(|e| e.to_string())?;
         let next = checkpoint.stream_sequence + 1;
         if next < state.first_sequence || next > state.last_sequence + 1 {
             return Err(format!(

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Two builds of the kvroute gateway side by side, in front of the same simulated workers, with
-# the same requests interleaved (as benches/gateway_vs_sglang.sh does for routers): latency at
+# the same requests interleaved (as scripts/bench/gateway_vs_sglang.sh does for routers): latency at
 # concurrency 1 (text and image, the targets alternating request by request) and throughput at
 # concurrency 64, REPS times; after each scenario, each gateway's CPU per request (its own turns
 # plus the KV events it ingests during all of them).
 #
-# Usage: benches/gateway_ab.sh OLD_KVROUTE NEW_KVROUTE
+# Usage: scripts/bench/gateway_ab.sh OLD_KVROUTE NEW_KVROUTE
 #   e.g. git stash; cargo build --release -p kvroute; cp target/release/kvroute /tmp/kvroute-old
 #        git stash pop; cargo build --release -p kvroute; cp target/release/kvroute /tmp/kvroute-new
-#        benches/gateway_ab.sh /tmp/kvroute-old /tmp/kvroute-new
+#        scripts/bench/gateway_ab.sh /tmp/kvroute-old /tmp/kvroute-new
 #
 # Not part of CI. Environment: REPS (default 2). The fleet (nats-server, 2 `kvroute worker-sim`,
 # the load generator) is built from this checkout.
@@ -17,11 +17,11 @@ set -euo pipefail
 [ $# -eq 2 ] || { echo "usage: $0 OLD_KVROUTE NEW_KVROUTE" >&2; exit 2; }
 OLD="$1"
 NEW="$2"
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 REPS="${REPS:-2}"
 
-# shellcheck source=benches/fleet.sh
+# shellcheck source=scripts/bench/fleet.sh
 . "$ROOT/benches/fleet.sh"
 start_fleet 2
 

@@ -2,7 +2,7 @@
 # Instructions per request in the kvroute gateway, measured with callgrind (stable on a noisy
 # machine, unlike wall-clock time): nats-server, 2 `kvroute worker-sim` with infinite speeds and
 # `kvroute serve --no-snapshots` under `valgrind --tool=callgrind --instr-atstart=no`, as in
-# benches/gateway_vs_sglang.sh. After an uninstrumented warm-up, instrumentation is switched on
+# scripts/bench/gateway_vs_sglang.sh. After an uninstrumented warm-up, instrumentation is switched on
 # for IMG_REQUESTS image requests (the 704 KB JPEG data URL request of loadgen) and dumped, then
 # for TEXT_REQUESTS text requests and dumped. Prints instructions per request; the dumps stay
 # in OUT for callgrind_annotate.
@@ -15,7 +15,7 @@
 #   TEXT_REQUESTS  measured text requests (default 200)
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 OUT="${OUT:-$(mktemp -d)}"
 IMG_REQUESTS="${IMG_REQUESTS:-100}"
@@ -25,7 +25,7 @@ for tool in valgrind callgrind_control; do
   command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 1; }
 done
 
-# shellcheck source=benches/fleet.sh
+# shellcheck source=scripts/bench/fleet.sh
 . "$ROOT/benches/fleet.sh"
 start_fleet 2
 

@@ -3,11 +3,11 @@
 # on the same trace, worker count and block size, with no eviction. Not part of CI: it installs
 # Dynamo's wheels (about 80 MB) into a virtualenv.
 #
-#   benches/dynamo_replay/run.sh [TRACE.jsonl[.gz]] [WORKERS]
+#   scripts/bench/dynamo_replay/run.sh [TRACE.jsonl[.gz]] [WORKERS]
 #
 # Writes target/dynamo-replay/{dynamo.jsonl,kvroute.json} and prints a Markdown table.
 set -euo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/../../.."
 TRACE=${1:-tests/fixtures/traces/conversation_trace.jsonl.gz}
 WORKERS=${2:-16}
 BLOCK_SIZE=512
@@ -36,7 +36,7 @@ case "$TRACE" in
 esac
 
 echo "== Dynamo 1.6.1 mocker replay (kv_router, round_robin), $WORKERS workers" >&2
-DYN_LOG=warn RUST_LOG=warn "$VENV/bin/python" benches/dynamo_replay/dynamo_replay.py "$plain" \
+DYN_LOG=warn RUST_LOG=warn "$VENV/bin/python" scripts/bench/dynamo_replay/dynamo_replay.py "$plain" \
     --workers "$WORKERS" --block-size "$BLOCK_SIZE" > "$OUT/dynamo.jsonl"
 
 echo "== kvroute replay, $WORKERS workers" >&2

@@ -28,7 +28,7 @@
 # on this machine.
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 VENV="${SGLANG_VENV:-/work/venv-sglang}"
 SGLANG_ROUTER="${SGLANG_ROUTER:-0.3.2}"
@@ -46,7 +46,7 @@ if ! "$VENV/bin/python" -c 'import sglang_router' 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q "sglang-router==$SGLANG_ROUTER"
 fi
-# shellcheck source=benches/fleet.sh
+# shellcheck source=scripts/bench/fleet.sh
 . "$ROOT/benches/fleet.sh"
 start_fleet "$WORKERS"
 
