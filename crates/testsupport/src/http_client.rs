@@ -95,6 +95,14 @@ impl HttpClient {
     }
 }
 
+/// Checks the rest of a stream whose worker died mid-way: an OpenAI error event with code
+/// `worker_failed`, then the end marker.
+pub fn assert_cut_stream(rest: &[u8]) {
+    let rest = String::from_utf8_lossy(rest);
+    assert!(rest.contains("\"code\":\"worker_failed\""), "{rest}");
+    assert!(rest.ends_with("data: [DONE]\n\n"), "{rest}");
+}
+
 /// Waits (up to 20 s) until something accepts connections on 127.0.0.1:`port`.
 pub async fn wait_for_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -172,6 +180,18 @@ impl Router {
                 "the index never saw {blocks} cached blocks: {table}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Sends `requests` one-token chats, each of a new prompt, and checks that every one
+    /// succeeds on another worker than `avoided` (a dead worker, say).
+    pub async fn assert_avoids(&self, avoided: u64, requests: usize) {
+        for n in 0..requests {
+            let body = serde_json::json!({"model": "m", "max_tokens": 1,
+                "messages": [{"role": "user", "content": format!("after {n}")}]});
+            let reply = self.chat(&body).await;
+            assert_eq!(reply.status, 200, "{:?}", reply.body);
+            assert_ne!(reply.header("x-kvroute-worker"), avoided.to_string());
         }
     }
 

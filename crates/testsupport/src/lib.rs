@@ -20,7 +20,7 @@ mod http_client;
 mod nats;
 mod process;
 
-pub use http_client::{wait_for_port, HttpClient, Reply, Router};
+pub use http_client::{assert_cut_stream, wait_for_port, HttpClient, Reply, Router};
 pub use nats::{free_port, nats_server_binary, NatsServer};
 pub use process::{kvroute_command, Processes};
 
