@@ -126,6 +126,15 @@ pub enum TokenError {
     /// No token rule is known for this model type.
     #[error("no visual token rule for model type {0:?}")]
     UnknownModel(String),
+    /// The family is known, but its count depends on something kvroute cannot see or has
+    /// not verified against the family's processor; refused rather than guessed.
+    #[error("visual tokens of model type {model_type:?} are not counted: {reason}")]
+    Unsupported {
+        /// The model type.
+        model_type: String,
+        /// Why it is refused.
+        reason: &'static str,
+    },
     /// The HF processor rejects this aspect ratio (Qwen: `absolute aspect ratio must be
     /// smaller than 200`).
     #[error("absolute aspect ratio must be smaller than {max}, got {width}x{height}")]
@@ -149,6 +158,16 @@ pub enum TokenError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ExpandError {
+    /// The placeholder at this token offset is not the next item's kind (an image where a
+    /// video was expected, or the reverse).
+    #[error("placeholder at token {at} is not of the next media item's kind")]
+    PlaceholderOrder {
+        /// Offset in the unexpanded prompt.
+        at: usize,
+    },
+    /// An image's pad count is not a whole number of rows, or it has no rows.
+    #[error("an image's visual tokens do not form whole rows")]
+    Rows,
     /// The rendered prompt holds a different number of placeholders than images were given.
     #[error("prompt has {placeholders} image placeholders but {images} images were given")]
     PlaceholderCount {
@@ -178,4 +197,22 @@ pub enum MediaError {
     /// The URL could not be fetched.
     #[error(transparent)]
     Fetch(#[from] FetchError),
+    /// The video bytes were refused.
+    #[error(transparent)]
+    Video(#[from] VideoError),
+}
+
+/// Why a video's header was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VideoError {
+    /// Not an MP4 (ISO base media) file: no `ftyp` box.
+    #[error("not an MP4 file (the only video container whose header is read)")]
+    NotMp4,
+    /// The box structure is broken.
+    #[error("corrupt MP4 file: {0}")]
+    Malformed(&'static str),
+    /// A valid file whose frame count or size the engine's decoder may see differently.
+    #[error("unsupported MP4 file: {0}")]
+    Unsupported(&'static str),
 }

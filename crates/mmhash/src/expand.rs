@@ -5,13 +5,15 @@ use crate::error::ExpandError;
 use kvroute_protocol::{BlockExtraInfo, BlockMmObjectInfo, MediaId, MediaSpan};
 
 /// How a model's prompt marks an image and what its processor turns the mark into:
-/// `placeholder` becomes `prefix`, then `pad` once per visual token, then `suffix`. The media
-/// span covers that whole replacement, as vLLM's `PlaceholderRange` does (for the Qwen and
-/// LLaVA presets, which have no prefix or suffix, that is exactly the pads).
+/// `placeholder` becomes `prefix`, then `pad` once per visual token (rows separated by
+/// `row_break` when the family has one), then `suffix`. The media span covers that whole
+/// replacement, as vLLM's `PlaceholderRange` does (for the Qwen and LLaVA presets, which have
+/// no prefix or suffix, that is exactly the pads), widened by `span_extend` tokens on each side.
 ///
-/// For a model whose processor wraps the pads in text (Gemma 3: `"\n\n<start_of_image>"`, 256
-/// `<image_soft_token>`, `"<end_of_image>\n\n"`), take the prefix and suffix ids from its
-/// tokenizer.
+/// Gemma 3's processor also wraps the replacement in `"\n\n"` text, which the tokenizer merges
+/// with neighbouring newlines; the caller inserts that text before tokenizing, and
+/// `span_extend` `(1, 1)` makes the span start at the token holding the leading `"\n\n"` and end
+/// after the one holding the trailing one, as vLLM's Gemma 3 processor reports it.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PlaceholderSpec {
     /// The one token the chat template renders per image.
@@ -20,8 +22,12 @@ pub struct PlaceholderSpec {
     pub prefix: Vec<u32>,
     /// The token repeated once per visual token.
     pub pad: u32,
+    /// The token between two rows of pads (Pixtral's `[IMG_BREAK]`).
+    pub row_break: Option<u32>,
     /// Tokens inserted after the pads.
     pub suffix: Vec<u32>,
+    /// Tokens before and after the replacement that its span also covers.
+    pub span_extend: (usize, usize),
 }
 
 /// `<|image_pad|>` in the Qwen2-VL, Qwen2.5-VL and Qwen3-VL tokenizers.
@@ -44,22 +50,144 @@ impl PlaceholderSpec {
 
     /// A placeholder that the processor repeats, with nothing around it.
     pub fn repeat(token: u32) -> Self {
+        Self::wrapped(token, Vec::new(), token, Vec::new())
+    }
+
+    /// `placeholder` replaced by `prefix`, the pads, `suffix`; no row breaks, no wider span.
+    pub fn wrapped(placeholder: u32, prefix: Vec<u32>, pad: u32, suffix: Vec<u32>) -> Self {
         Self {
-            placeholder: token,
-            prefix: Vec::new(),
-            pad: token,
-            suffix: Vec::new(),
+            placeholder,
+            prefix,
+            pad,
+            row_break: None,
+            suffix,
+            span_extend: (0, 0),
         }
+    }
+
+    /// Tokens that replace the placeholder of an image of `rows` rows of `tokens / rows`
+    /// pads.
+    fn replacement_len(&self, image: &ImageTokens) -> Option<usize> {
+        let breaks = match self.row_break {
+            Some(_) => image.rows.saturating_sub(1),
+            None => 0,
+        };
+        (self.prefix.len() + self.suffix.len())
+            .checked_add(breaks)?
+            .checked_add(image.tokens)
     }
 }
 
-/// One image to expand: its id and its visual token count.
+/// A family's image placeholder by the text of its tokens, to be looked up in the checkpoint's
+/// tokenizer ([`PlaceholderTokens::resolve`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PlaceholderTokens {
+    /// What the chat template renders once per image.
+    pub placeholder: &'static str,
+    /// Tokens the processor puts before the pads.
+    pub prefix: &'static [&'static str],
+    /// The visual token.
+    pub pad: &'static str,
+    /// Between rows of pads.
+    pub row_break: Option<&'static str>,
+    /// Tokens the processor puts after the pads.
+    pub suffix: &'static [&'static str],
+    /// Text the processor puts around the whole replacement (Gemma 3: `"\n\n"`), which the
+    /// caller inserts around the placeholder's text before tokenizing: it merges with
+    /// neighbouring text.
+    pub text_around: Option<&'static str>,
+}
+
+impl PlaceholderTokens {
+    /// The placeholder of a `model_type` that [`VisionTokenRule::for_model_type`] counts
+    /// (`pixtral` for Pixtral 12B), as its Hugging Face processor expands it.
+    ///
+    /// [`VisionTokenRule::for_model_type`]: crate::VisionTokenRule::for_model_type
+    ///
+    /// ```
+    /// use kvroute_mmhash::PlaceholderTokens;
+    ///
+    /// let gemma = PlaceholderTokens::for_model_type("gemma3").unwrap();
+    /// assert_eq!(gemma.pad, "<image_soft_token>");
+    /// assert_eq!(gemma.text_around, Some("\n\n"));
+    /// assert!(PlaceholderTokens::for_model_type("bert").is_none());
+    /// ```
+    pub fn for_model_type(model_type: &str) -> Option<Self> {
+        const fn repeat(token: &'static str) -> PlaceholderTokens {
+            PlaceholderTokens {
+                placeholder: token,
+                prefix: &[],
+                pad: token,
+                row_break: None,
+                suffix: &[],
+                text_around: None,
+            }
+        }
+        Some(match model_type.to_ascii_lowercase().as_str() {
+            "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "qwen3_vl_moe" => repeat("<|image_pad|>"),
+            "llava" | "llava_next" | "llava_onevision" => repeat("<image>"),
+            "gemma3" => Self {
+                placeholder: "<start_of_image>",
+                prefix: &["<start_of_image>"],
+                pad: "<image_soft_token>",
+                row_break: None,
+                suffix: &["<end_of_image>"],
+                text_around: Some("\n\n"),
+            },
+            "internvl" => Self {
+                placeholder: "<IMG_CONTEXT>",
+                prefix: &["<img>"],
+                pad: "<IMG_CONTEXT>",
+                row_break: None,
+                suffix: &["</img>"],
+                text_around: None,
+            },
+            "mistral3" | "pixtral" => Self {
+                placeholder: "[IMG]",
+                prefix: &[],
+                pad: "[IMG]",
+                row_break: Some("[IMG_BREAK]"),
+                suffix: &["[IMG_END]"],
+                text_around: None,
+            },
+            _ => return None,
+        })
+    }
+
+    /// The spec with each token's id from `token_id`; `None` when one is missing.
+    pub fn resolve(&self, token_id: impl Fn(&str) -> Option<u32>) -> Option<PlaceholderSpec> {
+        let ids = |texts: &[&str]| texts.iter().map(|&t| token_id(t)).collect::<Option<Vec<_>>>();
+        let around = usize::from(self.text_around.is_some());
+        Some(PlaceholderSpec {
+            placeholder: token_id(self.placeholder)?,
+            prefix: ids(self.prefix)?,
+            pad: token_id(self.pad)?,
+            row_break: match self.row_break {
+                Some(text) => Some(token_id(text)?),
+                None => None,
+            },
+            suffix: ids(self.suffix)?,
+            span_extend: (around, around),
+        })
+    }
+}
+
+/// One image to expand: its id and its visual tokens, `rows` rows of `tokens / rows`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ImageTokens {
     /// The media id.
     pub id: MediaId,
     /// Visual tokens (pads) the image occupies.
     pub tokens: usize,
+    /// Rows the pads form (1 for families without row breaks; `tokens` is a multiple of it).
+    pub rows: usize,
+}
+
+impl ImageTokens {
+    /// `tokens` pads in one row.
+    pub fn new(id: MediaId, tokens: usize) -> Self {
+        Self { id, tokens, rows: 1 }
+    }
 }
 
 /// The engine's view of a prompt.
@@ -83,7 +211,7 @@ pub struct Expanded {
 /// const START: u32 = 151_652;
 /// const END: u32 = 151_653;
 /// let prompt = [1, START, QWEN_IMAGE_PAD, END, 2];
-/// let out = expand(&prompt, &PlaceholderSpec::qwen_vl(), &[ImageTokens { id: MediaId(9), tokens: 3 }])?;
+/// let out = expand(&prompt, &PlaceholderSpec::qwen_vl(), &[ImageTokens::new(MediaId(9), 3)])?;
 /// assert_eq!(out.tokens, [1, START, QWEN_IMAGE_PAD, QWEN_IMAGE_PAD, QWEN_IMAGE_PAD, END, 2]);
 /// assert_eq!(out.spans, [MediaSpan::new(2, 3, MediaId(9))]);
 /// # Ok::<(), kvroute_mmhash::ExpandError>(())
@@ -93,42 +221,100 @@ pub fn expand(
     spec: &PlaceholderSpec,
     images: &[ImageTokens],
 ) -> Result<Expanded, ExpandError> {
-    let placeholders = tokens.iter().filter(|&&t| t == spec.placeholder).count();
-    if placeholders != images.len() {
+    let items: Vec<(&PlaceholderSpec, ImageTokens)> =
+        images.iter().map(|&image| (spec, image)).collect();
+    expand_mixed(tokens, &items)
+}
+
+/// [`expand`] for media of several kinds in one prompt (images and videos), each with its own
+/// spec, in prompt order: the `i`-th placeholder found must be the `i`-th item's.
+///
+/// ```
+/// use kvroute_mmhash::{expand_mixed, ImageTokens, PlaceholderSpec};
+/// use kvroute_protocol::{MediaId, MediaSpan};
+///
+/// let (image, video) = (PlaceholderSpec::repeat(7), PlaceholderSpec::repeat(8));
+/// let items = [(&video, ImageTokens::new(MediaId(1), 2)), (&image, ImageTokens::new(MediaId(2), 1))];
+/// let out = expand_mixed(&[8, 0, 7], &items)?;
+/// assert_eq!(out.tokens, [8, 8, 0, 7]);
+/// assert_eq!(out.spans, [MediaSpan::new(0, 2, MediaId(1)), MediaSpan::new(3, 1, MediaId(2))]);
+/// # Ok::<(), kvroute_mmhash::ExpandError>(())
+/// ```
+pub fn expand_mixed(
+    tokens: &[u32],
+    items: &[(&PlaceholderSpec, ImageTokens)],
+) -> Result<Expanded, ExpandError> {
+    let mut kinds: Vec<u32> = items.iter().map(|(spec, _)| spec.placeholder).collect();
+    kinds.sort_unstable();
+    kinds.dedup();
+    let is_placeholder = |token: &u32| kinds.binary_search(token).is_ok();
+    let placeholders = tokens.iter().filter(|t| is_placeholder(t)).count();
+    if placeholders != items.len() {
         return Err(ExpandError::PlaceholderCount {
             placeholders,
-            images: images.len(),
+            images: items.len(),
         });
     }
-    let around = spec.prefix.len() + spec.suffix.len();
-    let len = images
+    if items
         .iter()
-        .try_fold(tokens.len() - placeholders, |len, image| {
-            len.checked_add(around)?.checked_add(image.tokens)
+        .any(|(_, image)| image.rows == 0 || image.tokens % image.rows != 0)
+    {
+        return Err(ExpandError::Rows);
+    }
+    let len = items
+        .iter()
+        .try_fold(tokens.len() - placeholders, |len, (spec, image)| {
+            len.checked_add(spec.replacement_len(image)?)
         });
     let len = len.ok_or(ExpandError::Overflow)?;
     let mut out = Expanded {
         tokens: Vec::new(),
-        spans: Vec::with_capacity(images.len()),
+        spans: Vec::with_capacity(items.len()),
     };
     out.tokens
         .try_reserve_exact(len)
         .map_err(|_| ExpandError::Overflow)?;
-    let mut images = images.iter();
     let mut rest = tokens;
-    while let Some(at) = rest.iter().position(|&t| t == spec.placeholder) {
+    for (spec, image) in items {
+        // As many placeholders as items: counted above.
+        let Some(at) = rest.iter().position(is_placeholder) else {
+            break;
+        };
+        if rest[at] != spec.placeholder {
+            return Err(ExpandError::PlaceholderOrder {
+                at: tokens.len() - rest.len() + at,
+            });
+        }
         out.tokens.extend_from_slice(&rest[..at]);
         rest = &rest[at + 1..];
-        // As many images as placeholders: counted above.
-        let Some(image) = images.next() else { break };
         let start = out.tokens.len();
         out.tokens.extend_from_slice(&spec.prefix);
-        out.tokens.resize(out.tokens.len() + image.tokens, spec.pad);
+        match spec.row_break {
+            Some(row_break) if image.rows > 1 => {
+                let cols = image.tokens / image.rows;
+                for row in 0..image.rows {
+                    if row > 0 {
+                        out.tokens.push(row_break);
+                    }
+                    out.tokens.resize(out.tokens.len() + cols, spec.pad);
+                }
+            }
+            _ => out.tokens.resize(out.tokens.len() + image.tokens, spec.pad),
+        }
         out.tokens.extend_from_slice(&spec.suffix);
-        out.spans
-            .push(MediaSpan::new(start, out.tokens.len() - start, image.id));
+        let end = out.tokens.len();
+        out.spans.push(MediaSpan::new(start, end - start, image.id));
     }
     out.tokens.extend_from_slice(rest);
+    let total = out.tokens.len();
+    for (span, (spec, _)) in out.spans.iter_mut().zip(items) {
+        let (before, after) = spec.span_extend;
+        if (before, after) != (0, 0) {
+            let start = span.start.saturating_sub(before);
+            let end = span.end().saturating_add(after).min(total);
+            *span = MediaSpan::new(start, end - start, span.id);
+        }
+    }
     Ok(out)
 }
 
@@ -197,19 +383,30 @@ mod tests {
 
     #[test]
     fn span_covers_prefix_pads_and_suffix() {
-        let spec = PlaceholderSpec {
-            placeholder: 7,
-            prefix: vec![1, 7],
-            pad: 9,
-            suffix: vec![8, 1],
-        };
-        let images = [ImageTokens {
-            id: MediaId(5),
-            tokens: 3,
-        }];
+        let spec = PlaceholderSpec::wrapped(7, vec![1, 7], 9, vec![8, 1]);
+        let images = [ImageTokens::new(MediaId(5), 3)];
         let out = expand(&[0, 7, 0], &spec, &images).unwrap();
         assert_eq!(out.tokens, [0, 1, 7, 9, 9, 9, 8, 1, 0]);
         assert_eq!(out.spans, [MediaSpan::new(1, 7, MediaId(5))]);
+    }
+
+    #[test]
+    fn rows_are_separated_and_the_span_widened() {
+        let spec = PlaceholderSpec {
+            row_break: Some(4),
+            span_extend: (1, 1),
+            ..PlaceholderSpec::wrapped(7, vec![], 9, vec![5])
+        };
+        let images = [ImageTokens {
+            id: MediaId(5),
+            tokens: 6,
+            rows: 3,
+        }];
+        let out = expand(&[0, 7, 0], &spec, &images).unwrap();
+        assert_eq!(out.tokens, [0, 9, 9, 4, 9, 9, 4, 9, 9, 5, 0]);
+        assert_eq!(out.spans, [MediaSpan::new(0, 11, MediaId(5))]);
+        let ragged = [ImageTokens { rows: 4, ..images[0] }];
+        assert_eq!(expand(&[7], &spec, &ragged), Err(ExpandError::Rows));
     }
 
     #[test]

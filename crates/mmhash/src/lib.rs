@@ -1,6 +1,7 @@
 //! Media input for kvroute: what an image part of a request means for routing.
 //!
-//! It owns, for one image: where the bytes come from (base64 `data:` URLs, raw bytes, and
+//! It owns, for one image (and the MP4 header and Qwen-VL token count of a video, [`probe_video`],
+//! [`QwenVideo`]): where the bytes come from (base64 `data:` URLs, raw bytes, and
 //! http(s) URLs fetched under an SSRF-safe [`FetchPolicy`], off by default), what they are
 //! (format from magic bytes, dimensions and EXIF orientation from the header alone, cheap
 //! completeness checks, a pixel cap that refuses decompression bombs before any pixel is
@@ -31,7 +32,7 @@
 //! assert_eq!(tokens, 4); // scaled up to 56x56 by min_pixels
 //!
 //! let prompt = [151_652, QWEN_IMAGE_PAD, 151_653];
-//! let images = [ImageTokens { id: loaded.image.id, tokens }];
+//! let images = [ImageTokens::new(loaded.image.id, tokens)];
 //! let expanded = expand(&prompt, &PlaceholderSpec::qwen_vl(), &images)?;
 //! assert_eq!(expanded.tokens.len(), 6);
 //! assert_eq!(expanded.spans[0].start, 1);
@@ -48,12 +49,13 @@ mod id;
 mod pipeline;
 mod source;
 mod tokens;
+mod video;
 
-pub use error::{ExpandError, FetchError, ImageError, MediaError, TokenError};
+pub use error::{ExpandError, FetchError, ImageError, MediaError, TokenError, VideoError};
 pub use exif::Orientation;
 pub use expand::{
-    block_media_info, expand, Expanded, ImageTokens, PlaceholderSpec, LLAVA_IMAGE_TOKEN,
-    QWEN_IMAGE_PAD,
+    block_media_info, expand, expand_mixed, Expanded, ImageTokens, PlaceholderSpec, PlaceholderTokens,
+    LLAVA_IMAGE_TOKEN, QWEN_IMAGE_PAD,
 };
 pub use fetch::{fetch, is_public, FetchPolicy, Fetched};
 pub use format::ImageFormat;
@@ -64,10 +66,12 @@ pub use id::{
 };
 pub use kvroute_protocol::{BlockExtraInfo, BlockMmObjectInfo, MediaId, MediaSpan};
 pub use pipeline::{
-    LoadedImage, MediaConfig, MediaProcessor, PreparedImage, DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS,
+    LoadedImage, LoadedVideo, MediaConfig, MediaProcessor, PreparedImage, DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
 };
 pub use source::ImageSource;
+pub use video::{probe_video, FrameSampling, QwenVideo, VideoInfo};
 pub use tokens::{
-    AnyRes, Resized, SmartResize, VisionTokenRule, GEMMA3_TOKENS, LLAVA_1_5_TOKENS,
-    QWEN_MAX_ASPECT_RATIO,
+    AnyRes, PatchGrid, Resized, SmartResize, Tiles, TokenGrid, VisionTokenRule, GEMMA3_TOKENS,
+    LLAVA_1_5_TOKENS, QWEN_MAX_ASPECT_RATIO,
 };

@@ -8,6 +8,7 @@ use crate::id::{
     PixelDigest,
 };
 use crate::source::ImageSource;
+use crate::video::{probe_video, VideoInfo};
 use kvroute_protocol::MediaId;
 
 /// Pillow's `DecompressionBombError` threshold (twice `Image.MAX_IMAGE_PIXELS`): HF
@@ -188,14 +189,58 @@ impl MediaProcessor {
     /// Prepares an OpenAI `image_url.url` value: a base64 `data:` URL, or an http(s) URL when
     /// the fetch policy enables fetching (it is off by default).
     pub async fn load(&self, url: &str, uuid: Option<&str>) -> Result<LoadedImage, MediaError> {
-        let (bytes, declared) = match ImageSource::parse(url, self.config.max_bytes)? {
+        let (bytes, declared) = self.bytes_of(url).await?;
+        let image = self.prepare(&bytes, declared.as_deref(), uuid)?;
+        Ok(LoadedImage { bytes, image })
+    }
+
+    /// Prepares an OpenAI `video_url.url` value (sources as for [`load`](Self::load)): the
+    /// MP4 header read by [`probe_video`], the id from the file's bytes (whatever the
+    /// [`IdMode`]: no frame is decoded) or the client's `uuid`.
+    pub async fn load_video(
+        &self,
+        url: &str,
+        uuid: Option<&str>,
+    ) -> Result<LoadedVideo, MediaError> {
+        let (bytes, _) = self.bytes_of(url).await?;
+        let info = probe_video(&bytes)?;
+        let (id, id_source) = match uuid {
+            Some(uuid) => (media_id_from_uuid(uuid), IdSource::Client(uuid.to_owned())),
+            None => (
+                media_id_from_digest(&blake3_digest_from(&bytes, self.config.parallel_hash_from)),
+                IdSource::Content(IdMode::Bytes),
+            ),
+        };
+        Ok(LoadedVideo {
+            bytes,
+            info,
+            id,
+            id_source,
+        })
+    }
+
+    /// The bytes of a `data:` or http(s) URL and their declared type.
+    async fn bytes_of(&self, url: &str) -> Result<(Vec<u8>, Option<String>), MediaError> {
+        Ok(match ImageSource::parse(url, self.config.max_bytes)? {
             ImageSource::Data { mime, bytes } => (bytes, mime.map(str::to_owned)),
             ImageSource::Remote(url) => {
                 let fetched = fetch(url, &self.config.fetch, self.config.max_bytes).await?;
                 (fetched.bytes, fetched.content_type)
             }
-        };
-        let image = self.prepare(&bytes, declared.as_deref(), uuid)?;
-        Ok(LoadedImage { bytes, image })
+        })
     }
+}
+
+/// A video loaded from a URL: its bytes, header and identity.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct LoadedVideo {
+    /// The file as received.
+    pub bytes: Vec<u8>,
+    /// What its header says.
+    pub info: VideoInfo,
+    /// The media id hashed into the blocks.
+    pub id: MediaId,
+    /// Where the id comes from.
+    pub id_source: IdSource,
 }

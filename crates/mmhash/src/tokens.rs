@@ -8,7 +8,16 @@
 //!   the `default` feature select strategy.
 //! * LLaVA-NeXT: `LlavaNextProcessor._get_number_of_features` with `select_best_resolution`
 //!   (`image_processing_utils.py`) over `image_grid_pinpoints`.
+//! * LLaVA-OneVision: `LlavaOnevisionProcessor._get_number_of_features`: the LLaVA-NeXT grid
+//!   without CLS, shrunk when it exceeds `anyres_max_9` tiles' worth of features.
 //! * Gemma 3: `Gemma3Processor`: `mm_tokens_per_image` soft tokens per image (pan and scan off).
+//! * InternVL3: `GotOcr2ImageProcessor.get_number_of_image_patches` (tiles of the best aspect
+//!   ratio plus a thumbnail) times `InternVLProcessor.image_seq_length`.
+//! * Pixtral, Mistral 3: `PixtralProcessor`: the image scaled into `longest_edge`, a grid of
+//!   `patch_size * spatial_merge_size` cells, one break token per row.
+//!
+//! Every rule is checked case by case against the processors themselves
+//! (`tests/fixtures/processors`).
 
 use crate::error::TokenError;
 
@@ -136,6 +145,9 @@ pub struct AnyRes {
     pub num_additional_image_tokens: u32,
     /// `vision_feature_select_strategy == "default"`, which drops the CLS feature.
     pub drop_cls: bool,
+    /// LLaVA-OneVision's `vision_aspect_ratio` `anyres_max_N`: a grid larger than N tiles'
+    /// worth of features (by more than 10%) is scaled down to about that; `None` for LLaVA-NeXT.
+    pub max_num_patches: Option<u32>,
 }
 
 impl AnyRes {
@@ -147,6 +159,23 @@ impl AnyRes {
             grid_pinpoints: vec![(336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008)],
             num_additional_image_tokens: 1,
             drop_cls: true,
+            max_num_patches: None,
+        }
+    }
+
+    /// The llava-hf LLaVA-OneVision checkpoints (`llava-onevision-qwen2-*-ov-hf`): SigLIP at 384
+    /// px with patch 14 (27x27 = 729 features per tile, no CLS, strategy `full`), pinpoints of
+    /// 1x1 to 6x6 tiles, `anyres_max_9`.
+    pub fn llava_onevision() -> Self {
+        Self {
+            patch_size: 14,
+            tile_size: 384,
+            grid_pinpoints: (1..=6)
+                .flat_map(|h| (1..=6).map(move |w| (384 * h, 384 * w)))
+                .collect(),
+            num_additional_image_tokens: 0,
+            drop_cls: false,
+            max_num_patches: Some(9),
         }
     }
 
@@ -182,8 +211,16 @@ impl AnyRes {
             let new_w = python_int_round7(w * (current_h as f64 / h));
             current_w -= (current_w - new_w).div_euclid(2) * 2;
         }
-        let unpadded = current_h * current_w;
-        let newlines = current_h;
+        let mut unpadded = current_h * current_w;
+        let mut newlines = current_h;
+        if let Some(max) = self.max_num_patches {
+            let ratio = (unpadded as f64 / (f64::from(max) * (patches * patches) as f64)).sqrt();
+            if ratio > 1.1 {
+                let rows = python_floordiv(current_h as f64, ratio) as i64;
+                unpadded = rows * python_floordiv(current_w as f64, ratio) as i64;
+                newlines = rows;
+            }
+        }
         let base = patches * patches + i64::from(self.num_additional_image_tokens);
         let total = unpadded + newlines + base - i64::from(self.drop_cls);
         u32::try_from(total).map_err(|_| TokenError::Overflow)
@@ -226,6 +263,175 @@ fn python_int_round7(x: f64) -> i64 {
     }
 }
 
+/// Python's float floor division `a // b` for finite positive operands: CPython computes it
+/// from `fmod`, which can differ from `floor(a / b)` when the quotient rounds up to an integer.
+fn python_floordiv(a: f64, b: f64) -> f64 {
+    let rem = a % b;
+    let div = (a - rem) / b;
+    let floor = div.floor();
+    if div - floor > 0.5 {
+        floor + 1.0
+    } else {
+        floor
+    }
+}
+
+/// InternVL's dynamic tiling (`GotOcr2ImageProcessor` with `crop_to_patches`): the grid of
+/// `min_tiles..=max_tiles` tiles whose aspect ratio is closest to the image's, plus a thumbnail
+/// tile when there is more than one, each tile `tokens_per_tile` tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tiles {
+    /// Tile side (`size`, 448).
+    pub tile_size: u32,
+    /// `min_patches` (1).
+    pub min_tiles: u32,
+    /// `max_patches` (12).
+    pub max_tiles: u32,
+    /// `image_seq_length` of the processor (256).
+    pub tokens_per_tile: u32,
+}
+
+impl Tiles {
+    /// The InternVL3 `-hf` checkpoints.
+    pub const INTERNVL3: Tiles = Tiles {
+        tile_size: 448,
+        min_tiles: 1,
+        max_tiles: 12,
+        tokens_per_tile: 256,
+    };
+
+    /// Tiles the image is cut into, thumbnail included.
+    ///
+    /// ```
+    /// use kvroute_mmhash::Tiles;
+    ///
+    /// assert_eq!(Tiles::INTERNVL3.tiles(448, 448)?, 1);
+    /// assert_eq!(Tiles::INTERNVL3.tiles(896, 448)?, 3); // 2x1 and the thumbnail
+    /// # Ok::<(), kvroute_mmhash::TokenError>(())
+    /// ```
+    pub fn tiles(&self, width: u32, height: u32) -> Result<u32, TokenError> {
+        if width == 0 || height == 0 {
+            return Err(TokenError::Degenerate("zero width or height"));
+        }
+        if self.max_tiles <= 1 {
+            return Ok(1);
+        }
+        // get_all_supported_aspect_ratios: (columns, rows) by width then height, stably sorted
+        // by tile count.
+        let mut grids: Vec<(u32, u32)> = (1..=self.max_tiles)
+            .flat_map(|w| (1..=self.max_tiles).map(move |h| (w, h)))
+            .filter(|&(w, h)| (self.min_tiles..=self.max_tiles).contains(&(w * h)))
+            .collect();
+        grids.sort_by_key(|&(w, h)| w * h);
+        let aspect = f64::from(width) / f64::from(height);
+        let area = u64::from(width) * u64::from(height);
+        let tile_area = 0.5 * f64::from(self.tile_size) * f64::from(self.tile_size);
+        let (mut best, mut best_diff) = ((1, 1), f64::INFINITY);
+        for (w, h) in grids {
+            let diff = (aspect - f64::from(w) / f64::from(h)).abs();
+            if diff < best_diff {
+                (best, best_diff) = ((w, h), diff);
+            } else if diff == best_diff && area as f64 > tile_area * f64::from(w * h) {
+                best = (w, h);
+            }
+        }
+        let count = best.0 * best.1;
+        Ok(if count > 1 { count + 1 } else { 1 })
+    }
+
+    /// Visual tokens: tiles times tokens per tile.
+    pub fn tokens(&self, width: u32, height: u32) -> Result<u32, TokenError> {
+        self.tiles(width, height)?
+            .checked_mul(self.tokens_per_tile)
+            .ok_or(TokenError::Overflow)
+    }
+}
+
+/// Pixtral and Mistral 3 (`PixtralProcessor`): the image scaled down (never up) to fit a
+/// `longest_edge` square, floor-rounded, then covered by `cell`-pixel cells (`patch_size *
+/// spatial_merge_size`); one token per cell, rows ended by a break token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PatchGrid {
+    /// `size.longest_edge`: 1024 (Pixtral 12B), 1540 (Mistral Small 3.1).
+    pub longest_edge: u32,
+    /// `patch_size * spatial_merge_size`: 16 (Pixtral 12B), 28 (Mistral Small 3.1).
+    pub cell: u32,
+}
+
+impl PatchGrid {
+    /// `mistral-community/pixtral-12b`.
+    pub const PIXTRAL_12B: PatchGrid = PatchGrid {
+        longest_edge: 1024,
+        cell: 16,
+    };
+
+    /// `mistralai/Mistral-Small-3.1-24B-Instruct-2503` (patch 14, spatial merge 2).
+    pub const MISTRAL3: PatchGrid = PatchGrid {
+        longest_edge: 1540,
+        cell: 28,
+    };
+
+    /// Rows and columns of cells.
+    ///
+    /// ```
+    /// use kvroute_mmhash::{PatchGrid, TokenGrid};
+    ///
+    /// assert_eq!(PatchGrid::PIXTRAL_12B.grid(640, 480)?, TokenGrid { rows: 30, cols: 40 });
+    /// # Ok::<(), kvroute_mmhash::TokenError>(())
+    /// ```
+    pub fn grid(&self, width: u32, height: u32) -> Result<TokenGrid, TokenError> {
+        if width == 0 || height == 0 {
+            return Err(TokenError::Degenerate("zero width or height"));
+        }
+        if self.cell == 0 || self.longest_edge == 0 {
+            return Err(TokenError::Degenerate("zero cell or longest edge"));
+        }
+        let (mut h, mut w) = (f64::from(height), f64::from(width));
+        let edge = f64::from(self.longest_edge);
+        let ratio = (h / edge).max(w / edge);
+        if ratio > 1.0 {
+            h = (h / ratio).floor();
+            w = (w / ratio).floor();
+        }
+        // A side scaled below one pixel: the processor would resize to zero and fail.
+        if h < 1.0 || w < 1.0 {
+            return Err(TokenError::Degenerate("a side scales to zero pixels"));
+        }
+        let cells = |side: f64| (side as u32 - 1) / self.cell + 1;
+        Ok(TokenGrid {
+            rows: cells(h),
+            cols: cells(w),
+        })
+    }
+}
+
+/// Where one image's visual tokens go: `rows` rows of `cols` tokens. Families without a row
+/// structure have a single row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TokenGrid {
+    /// Rows.
+    pub rows: u32,
+    /// Tokens per row.
+    pub cols: u32,
+}
+
+impl TokenGrid {
+    /// One row of `count` tokens.
+    pub fn flat(count: u32) -> Self {
+        Self {
+            rows: 1,
+            cols: count,
+        }
+    }
+
+    /// All visual tokens (`rows * cols`).
+    pub fn tokens(&self) -> Result<u32, TokenError> {
+        self.rows
+            .checked_mul(self.cols)
+            .ok_or(TokenError::Overflow)
+    }
+}
+
 /// A model family's visual token rule.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -236,6 +442,10 @@ pub enum VisionTokenRule {
     AnyRes(AnyRes),
     /// A fixed count whatever the size: LLaVA-1.5 (576), Gemma 3 (256).
     Fixed(u32),
+    /// InternVL dynamic tiles.
+    Tiles(Tiles),
+    /// Pixtral and Mistral 3: a grid of cells with row breaks.
+    PatchGrid(PatchGrid),
 }
 
 /// LLaVA-1.5 (CLIP ViT-L/14 at 336 px): `(336/14)^2 + 1 - 1` tokens per image.
@@ -247,7 +457,10 @@ pub const GEMMA3_TOKENS: u32 = 256;
 impl VisionTokenRule {
     /// The rule for a Hugging Face `model_type` (`config.json`), with the public checkpoints'
     /// processor settings: `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `llava`
-    /// (LLaVA-1.5), `llava_next`, `gemma3`. Any other type is an error, never a guess.
+    /// (LLaVA-1.5), `llava_next`, `llava_onevision`, `gemma3`, `internvl` (InternVL3 `-hf`),
+    /// `mistral3`, `pixtral` (Pixtral 12B, whose `config.json` says `llava` with a `pixtral`
+    /// vision tower: pass `pixtral`). Llama 4 and Phi-4-multimodal are
+    /// [`TokenError::Unsupported`]; any other type is [`TokenError::UnknownModel`], never a guess.
     ///
     /// ```
     /// use kvroute_mmhash::{TokenError, VisionTokenRule};
@@ -263,8 +476,33 @@ impl VisionTokenRule {
             "qwen3_vl" | "qwen3_vl_moe" => Ok(Self::SmartResize(SmartResize::QWEN3_VL)),
             "llava" => Ok(Self::Fixed(LLAVA_1_5_TOKENS)),
             "llava_next" => Ok(Self::AnyRes(AnyRes::llava_v1_6())),
+            "llava_onevision" => Ok(Self::AnyRes(AnyRes::llava_onevision())),
             "gemma3" => Ok(Self::Fixed(GEMMA3_TOKENS)),
+            "internvl" => Ok(Self::Tiles(Tiles::INTERNVL3)),
+            "mistral3" => Ok(Self::PatchGrid(PatchGrid::MISTRAL3)),
+            "pixtral" => Ok(Self::PatchGrid(PatchGrid::PIXTRAL_12B)),
+            "llama4" => Err(TokenError::Unsupported {
+                model_type: model_type.to_owned(),
+                reason: "its image processor needs torch, so no count was checked against it",
+            }),
+            "phi4_multimodal" | "phi4mm" => Err(TokenError::Unsupported {
+                model_type: model_type.to_owned(),
+                reason: "its image processor needs torch, so no count was checked against it",
+            }),
+            "internvl_chat" => Err(TokenError::Unsupported {
+                model_type: model_type.to_owned(),
+                reason: "the remote-code InternVL processor is not ported; serve the -hf checkpoint",
+            }),
             _ => Err(TokenError::UnknownModel(model_type.to_owned())),
+        }
+    }
+
+    /// Where the visual tokens of one `width` x `height` image go: rows of tokens for Pixtral
+    /// and Mistral 3, a single row for every other family.
+    pub fn grid(&self, width: u32, height: u32) -> Result<TokenGrid, TokenError> {
+        match self {
+            Self::PatchGrid(rule) => rule.grid(width, height),
+            _ => self.tokens(width, height).map(TokenGrid::flat),
         }
     }
 
@@ -275,6 +513,8 @@ impl VisionTokenRule {
             Self::SmartResize(rule) => rule.tokens(width, height),
             Self::AnyRes(rule) => rule.tokens(width, height),
             Self::Fixed(count) => Ok(*count),
+            Self::Tiles(rule) => rule.tokens(width, height),
+            Self::PatchGrid(rule) => rule.grid(width, height)?.tokens(),
         }
     }
 }
@@ -363,6 +603,15 @@ mod tests {
         assert_eq!(python_int_round7(35.99999999), 36);
         assert_eq!(python_int_round7(35.9999), 35);
         assert_eq!(python_int_round7(36.0), 36);
+    }
+
+    #[test]
+    fn python_floor_division() {
+        assert_eq!(python_floordiv(7.0, 2.0), 3.0);
+        assert_eq!(python_floordiv(1.0, 0.1), 9.0); // floor(1 / 0.1) is 10
+        assert_eq!(python_floordiv(10.0, 0.1), 99.0);
+        assert_eq!(python_floordiv(48.0, 1.2), 40.0);
+        assert_eq!(python_floordiv(0.0, 1.5), 0.0);
     }
 
     #[test]

@@ -33,12 +33,26 @@ fn naive_expand(
         next += 1;
         let start = out.len();
         out.extend(&spec.prefix);
-        for _ in 0..image.tokens {
-            out.push(spec.pad);
+        for row in 0..image.rows {
+            match spec.row_break {
+                Some(row_break) if row > 0 => out.push(row_break),
+                _ => {}
+            }
+            for _ in 0..image.tokens / image.rows {
+                out.push(spec.pad);
+            }
         }
         out.extend(&spec.suffix);
-        spans.push(MediaSpan::new(start, out.len() - start, image.id));
+        spans.push((start, out.len(), image.id));
     }
+    let (before, after) = spec.span_extend;
+    let spans = spans
+        .into_iter()
+        .map(|(start, end, id)| {
+            let start = start.saturating_sub(before);
+            MediaSpan::new(start, (end + after).min(out.len()) - start, id)
+        })
+        .collect();
     (out, spans)
 }
 
@@ -87,9 +101,10 @@ fn prompt_and_images() -> impl Strategy<Value = (Vec<u32>, Vec<ImageTokens>)> {
     )
     .prop_flat_map(|tokens| {
         let count = tokens.iter().filter(|&&t| t == PLACEHOLDER).count();
-        let image = (0u64..4, 0usize..40).prop_map(|(id, tokens)| ImageTokens {
+        let image = (0u64..4, 0usize..14, 1usize..4).prop_map(|(id, cols, rows)| ImageTokens {
             id: media_id(id),
-            tokens,
+            tokens: cols * rows,
+            rows,
         });
         (Just(tokens), prop::collection::vec(image, count))
     })
@@ -101,13 +116,14 @@ fn spec() -> impl Strategy<Value = PlaceholderSpec> {
         (
             prop::collection::vec(10u32..12, 0..3),
             20u32..22,
-            prop::collection::vec(12u32..14, 0..3)
+            prop::collection::vec(12u32..14, 0..3),
+            prop::option::of(30u32..32),
+            (0usize..3, 0usize..3),
         )
-            .prop_map(|(prefix, pad, suffix)| PlaceholderSpec {
-                placeholder: PLACEHOLDER,
-                prefix,
-                pad,
-                suffix
+            .prop_map(|(prefix, pad, suffix, row_break, span_extend)| PlaceholderSpec {
+                row_break,
+                span_extend,
+                ..PlaceholderSpec::wrapped(PLACEHOLDER, prefix, pad, suffix)
             }),
     ]
 }
@@ -146,7 +162,7 @@ proptest! {
 
     #[test]
     fn wrong_image_count_is_an_error((tokens, mut images) in prompt_and_images(), extra in 0u64..4) {
-        images.push(ImageTokens { id: media_id(extra), tokens: 1 });
+        images.push(ImageTokens::new(media_id(extra), 1));
         let is_count_error = matches!(
             expand(&tokens, &PlaceholderSpec::repeat(PLACEHOLDER), &images),
             Err(ExpandError::PlaceholderCount { .. })

@@ -25,7 +25,9 @@ pub enum PreprocessError {
         #[source]
         source: MediaError,
     },
-    /// The image's visual tokens could not be counted (e.g. an aspect ratio the model refuses).
+    /// The image's or video's visual tokens could not be counted: a size the model refuses,
+    /// or a family (or video) whose count kvroute does not know
+    /// ([`TokenError::Unsupported`], code `unsupported_media`).
     #[error("{param}: {source}")]
     VisualTokens {
         /// The image part at fault.
@@ -66,6 +68,10 @@ impl PreprocessError {
         match self {
             Self::InvalidRequest { .. } => "invalid_request",
             Self::Image { .. } => "invalid_image",
+            Self::VisualTokens {
+                source: TokenError::Unsupported { .. },
+                ..
+            } => "unsupported_media",
             Self::VisualTokens { .. } => "invalid_image_size",
             Self::Template(_) => "chat_template_error",
             Self::Placeholders(_) => "image_placeholder_mismatch",

@@ -2,8 +2,10 @@
 //!
 //! It owns request parsing and validation ([`ChatRequest`], [`CompletionRequest`]), Hugging
 //! Face chat templates ([`ChatTemplate`], rendered as transformers renders them), tokenization
-//! with an exact cache of conversation segments ([`TextTokenizer`]), and image expansion
-//! through `kvroute-mmhash` ([`Preprocessor`]). A default model, Qwen2-VL, is built in
+//! with an exact cache of conversation segments ([`TextTokenizer`]), and image and video
+//! expansion through `kvroute-mmhash` ([`Preprocessor`]) for every family it counts (Qwen2-VL,
+//! Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Gemma 3, InternVL3,
+//! Mistral 3, Pixtral; videos for Qwen2-VL and Qwen2.5-VL). A default model, Qwen2-VL, is built in
 //! ([`ModelFiles::bundled_qwen2_vl`]) so nothing needs downloading.
 //!
 //! It does not hash blocks (`kvroute-blockhash` takes a [`Prompt`]'s tokens and media spans),
@@ -41,7 +43,7 @@ mod unicode_classes;
 
 pub use error::PreprocessError;
 pub use model::ModelFiles;
-pub use preprocessor::{PreprocessConfig, Preprocessor, Prompt, PromptImage};
+pub use preprocessor::{PreprocessConfig, Preprocessor, Prompt, PromptImage, PromptVideo};
 pub use request::{ChatRequest, CompletionPrompt, CompletionRequest, ImagePart, Role};
 pub use template::ChatTemplate;
 pub use tokenize::{SegmentCacheConfig, SegmentCacheStats, TextTokenizer};

@@ -13,7 +13,8 @@ pub struct ModelFiles {
     pub tokenizer_json: Vec<u8>,
     /// The chat template source.
     pub chat_template: String,
-    /// `config.json`'s `model_type` (`qwen2_vl`, ...), which selects the visual token rule.
+    /// `config.json`'s `model_type` (`qwen2_vl`, ...), which selects the visual token rule;
+    /// `pixtral` for a `llava` config whose vision tower is Pixtral (Pixtral 12B).
     pub model_type: Option<String>,
     /// Special tokens passed to the template (`bos_token`, `eos_token`, ...).
     pub special_tokens: Map<String, Value>,
@@ -22,6 +23,9 @@ pub struct ModelFiles {
     pub end_of_turn: Option<String>,
     /// `preprocessor_config.json`, whose pixel limits override the family defaults.
     pub preprocessor_config: Option<Value>,
+    /// `video_preprocessor_config.json`, whose pixel limits apply to video frames (without
+    /// it, transformers' video processor loads `preprocessor_config.json`'s).
+    pub video_preprocessor_config: Option<Value>,
 }
 
 impl ModelFiles {
@@ -29,7 +33,7 @@ impl ModelFiles {
     /// template from `chat_template.jinja`, else `chat_template.json`, else
     /// `tokenizer_config.json` (the order transformers prefers), special tokens from
     /// `tokenizer_config.json`, `model_type` from `config.json`, and
-    /// `preprocessor_config.json` when present.
+    /// `preprocessor_config.json` and `video_preprocessor_config.json` when present.
     pub fn from_dir(dir: &Path) -> Result<Self, PreprocessError> {
         let tokenizer_json = match read_optional(&dir.join("tokenizer.json"))? {
             Some(bytes) => bytes,
@@ -48,15 +52,25 @@ impl ModelFiles {
                 .or_else(|| tokenizer_config.as_ref().and_then(template_of))
                 .ok_or_else(|| model_error(dir, "has no chat template"))?,
         };
-        let model_type = read_json(&dir.join("config.json"))?
-            .and_then(|config| config.get("model_type")?.as_str().map(str::to_owned));
-        Ok(Self::assemble(
+        let model_type = read_json(&dir.join("config.json"))?.and_then(|config| {
+            let model_type = config.get("model_type")?.as_str()?;
+            let vision = config
+                .get("vision_config")
+                .and_then(|vision| vision.get("model_type")?.as_str());
+            Some(match (model_type, vision) {
+                ("llava", Some("pixtral")) => "pixtral".to_owned(),
+                _ => model_type.to_owned(),
+            })
+        });
+        let mut files = Self::assemble(
             tokenizer_json,
             chat_template,
             model_type,
             tokenizer_config.as_ref(),
             read_json(&dir.join("preprocessor_config.json"))?,
-        ))
+        );
+        files.video_preprocessor_config = read_json(&dir.join("video_preprocessor_config.json"))?;
+        Ok(files)
     }
 
     /// Qwen2-VL (`Qwen/Qwen2-VL-2B-Instruct`'s template and processor settings, the Qwen2
@@ -104,6 +118,7 @@ impl ModelFiles {
             special_tokens,
             end_of_turn,
             preprocessor_config,
+            video_preprocessor_config: None,
         }
     }
 }

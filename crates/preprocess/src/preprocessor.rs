@@ -6,7 +6,9 @@ use crate::request::{ChatRequest, CompletionPrompt, CompletionRequest, ImagePart
 use crate::template::ChatTemplate;
 use crate::tokenize::{SegmentCacheConfig, SegmentCacheStats, TextTokenizer};
 use kvroute_mmhash::{
-    expand, ImageInfo, ImageTokens, MediaConfig, MediaProcessor, PlaceholderSpec, VisionTokenRule,
+    expand_mixed, FrameSampling, ImageInfo, ImageTokens, MediaConfig, MediaProcessor,
+    PlaceholderSpec, PlaceholderTokens, QwenVideo, SmartResize, TokenError, VideoInfo,
+    VisionTokenRule,
 };
 use kvroute_protocol::{MediaId, MediaSpan};
 use serde_json::Value;
@@ -21,6 +23,8 @@ pub struct PreprocessConfig {
     pub max_prompt_tokens: Option<usize>,
     /// The tokenization cache for conversation segments; `None` turns it off.
     pub segment_cache: Option<SegmentCacheConfig>,
+    /// How the engine samples video frames (vLLM's default: 32 frames spread evenly).
+    pub video_sampling: FrameSampling,
 }
 
 impl Default for PreprocessConfig {
@@ -29,6 +33,7 @@ impl Default for PreprocessConfig {
             media: MediaConfig::default(),
             max_prompt_tokens: None,
             segment_cache: Some(SegmentCacheConfig::default()),
+            video_sampling: FrameSampling::VLLM_DEFAULT,
         }
     }
 }
@@ -51,6 +56,14 @@ impl PreprocessConfig {
         self.segment_cache = cache;
         self
     }
+
+    /// Sets how the engine samples video frames: what vLLM's `--media-io-kwargs '{"video":
+    /// {"num_frames": N}}'` says ([`FrameSampling::Uniform`]), or, with `num_frames` -1 and the
+    /// processor sampling, [`FrameSampling::Fps`].
+    pub fn with_video_sampling(mut self, sampling: FrameSampling) -> Self {
+        self.video_sampling = sampling;
+        self
+    }
 }
 
 /// One image of a prompt.
@@ -69,16 +82,45 @@ pub struct PromptImage {
     pub info: ImageInfo,
 }
 
+/// One video of a prompt.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct PromptVideo {
+    /// The media id hashed into the blocks (of the file's bytes, or of the client's `uuid`).
+    pub id: MediaId,
+    /// The identity to forward to the engine as the part's `uuid`, as for images.
+    pub forward_uuid: String,
+    /// Visual tokens the engine gives the video.
+    pub tokens: usize,
+    /// Frames the engine samples (before pairing them into temporal patches).
+    pub frames: u64,
+    /// What the file's header says.
+    pub info: VideoInfo,
+}
+
 /// A request as the engine will see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub struct Prompt {
-    /// Token ids, every image placeholder expanded to its visual tokens.
+    /// Token ids, every image and video placeholder expanded to its visual tokens.
     pub tokens: Vec<u32>,
-    /// Where each image's tokens are, in prompt order.
+    /// Where each image's and video's tokens are, in prompt order.
     pub media: Vec<MediaSpan>,
     /// The images, in prompt order.
     pub images: Vec<PromptImage>,
+    /// The videos, in prompt order.
+    pub videos: Vec<PromptVideo>,
+}
+
+impl Prompt {
+    fn text(tokens: Vec<u32>) -> Self {
+        Self {
+            tokens,
+            media: Vec::new(),
+            images: Vec::new(),
+            videos: Vec::new(),
+        }
+    }
 }
 
 /// Turns OpenAI requests into [`Prompt`]s for one model. Build once, share (`Sync`).
@@ -87,8 +129,12 @@ pub struct Preprocessor {
     template: ChatTemplate,
     tokenizer: TextTokenizer,
     media: MediaProcessor,
-    vision: Option<VisionTokenRule>,
+    vision: Result<VisionTokenRule, TokenError>,
     placeholder: Option<PlaceholderSpec>,
+    /// Gemma 3: the placeholder's text and what replaces it before tokenizing (the
+    /// processor's `"\n\n"` around the image).
+    text_around: Option<(String, String)>,
+    video: Result<(QwenVideo, PlaceholderSpec), TokenError>,
     max_prompt_tokens: Option<usize>,
 }
 
@@ -96,7 +142,8 @@ impl Preprocessor {
     /// A preprocessor for the model in `files`.
     ///
     /// A model whose type has no visual token rule still serves text-only requests; requests
-    /// with images are then refused with a clear error rather than routed on a guess.
+    /// with images (or videos) are then refused with a clear error rather than routed on a
+    /// guess.
     pub fn new(files: &ModelFiles, config: PreprocessConfig) -> Result<Self, PreprocessError> {
         let tokenizer = TextTokenizer::from_bytes(
             &files.tokenizer_json,
@@ -104,18 +151,25 @@ impl Preprocessor {
             config.segment_cache,
         )?;
         let template = ChatTemplate::new(&files.chat_template, files.special_tokens.clone())?;
-        let vision = files
-            .model_type
-            .as_deref()
-            .and_then(|model_type| VisionTokenRule::for_model_type(model_type).ok())
-            .map(|rule| with_checkpoint_pixels(rule, files.preprocessor_config.as_ref()));
-        let placeholder = placeholder_for(files.model_type.as_deref(), &tokenizer);
+        let model_type = files.model_type.as_deref().unwrap_or("");
+        let vision = VisionTokenRule::for_model_type(model_type)
+            .map(|rule| with_checkpoint_config(rule, files.preprocessor_config.as_ref()));
+        let tokens = PlaceholderTokens::for_model_type(model_type);
+        let placeholder = tokens.and_then(|tokens| tokens.resolve(|t| tokenizer.token_id(t)));
+        let text_around = tokens.and_then(|tokens| {
+            let around = tokens.text_around?;
+            let placeholder = tokens.placeholder;
+            Some((placeholder.to_owned(), format!("{around}{placeholder}{around}")))
+        });
+        let video = video_rule(model_type, files, config.video_sampling, &tokenizer);
         Ok(Self {
             template,
             tokenizer,
             media: MediaProcessor::new(config.media),
             vision,
             placeholder,
+            text_around,
+            video,
             max_prompt_tokens: config.max_prompt_tokens,
         })
     }
@@ -127,15 +181,17 @@ impl Preprocessor {
             request.add_generation_prompt,
             &request.template_kwargs,
         )?;
-        let tokens = self.tokenizer.encode_chat(&text)?;
-        let prompt = if request.images.is_empty() {
-            Prompt {
-                tokens,
-                media: Vec::new(),
-                images: Vec::new(),
-            }
+        let prompt = if request.images.is_empty() && request.videos.is_empty() {
+            Prompt::text(self.tokenizer.encode_chat(&text)?)
         } else {
-            self.expand_images(tokens, &request.images).await?
+            let text = match &self.text_around {
+                Some((placeholder, replacement)) if !request.images.is_empty() => {
+                    text.replace(placeholder.as_str(), replacement)
+                }
+                _ => text,
+            };
+            let tokens = self.tokenizer.encode_chat(&text)?;
+            self.expand_media(tokens, request).await?
         };
         self.check_length(prompt)
     }
@@ -147,11 +203,7 @@ impl Preprocessor {
             CompletionPrompt::Text(text) => self.tokenizer.encode_with_special_tokens(text)?,
             CompletionPrompt::Tokens(ids) => ids.clone(),
         };
-        self.check_length(Prompt {
-            tokens,
-            media: Vec::new(),
-            images: Vec::new(),
-        })
+        self.check_length(Prompt::text(tokens))
     }
 
     /// The tokenizer (and its cache statistics).
@@ -164,17 +216,57 @@ impl Preprocessor {
         self.tokenizer.cache_stats()
     }
 
-    async fn expand_images(
+    async fn expand_media(
         &self,
         tokens: Vec<u32>,
-        parts: &[ImagePart<'_>],
+        request: &ChatRequest<'_>,
     ) -> Result<Prompt, PreprocessError> {
-        let (Some(vision), Some(placeholder)) = (&self.vision, &self.placeholder) else {
-            return Err(PreprocessError::InvalidRequest {
-                message: "this model takes no images (no visual token rule for its model type)"
-                    .to_owned(),
-                param: parts.first().map(ImagePart::param),
-            });
+        let (images, image_tokens) = self.load_images(&request.images).await?;
+        let (videos, video_tokens) = self.load_videos(request).await?;
+        // Images and videos in conversation order, as the template renders their placeholders.
+        let mut items: Vec<((usize, usize), (&PlaceholderSpec, ImageTokens))> =
+            Vec::with_capacity(images.len() + videos.len());
+        if let Some(spec) = &self.placeholder {
+            let at = request.images.iter().map(|p| (p.message, p.part));
+            items.extend(at.zip(image_tokens.into_iter().map(|t| (spec, t))));
+        }
+        if let Ok((_, spec)) = &self.video {
+            let at = request.videos.iter().map(|p| (p.message, p.part));
+            items.extend(at.zip(video_tokens.into_iter().map(|t| (spec, t))));
+        }
+        items.sort_by_key(|(at, _)| *at);
+        let items: Vec<_> = items.into_iter().map(|(_, item)| item).collect();
+        let expanded = expand_mixed(&tokens, &items).map_err(PreprocessError::Placeholders)?;
+        Ok(Prompt {
+            tokens: expanded.tokens,
+            media: expanded.spans,
+            images,
+            videos,
+        })
+    }
+
+    async fn load_images(
+        &self,
+        parts: &[ImagePart<'_>],
+    ) -> Result<(Vec<PromptImage>, Vec<ImageTokens>), PreprocessError> {
+        let Some(first) = parts.first() else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let vision = match (&self.vision, &self.placeholder) {
+            (Ok(vision), Some(_)) => vision,
+            (Err(source @ TokenError::Unsupported { .. }), _) => {
+                return Err(PreprocessError::VisualTokens {
+                    param: first.param(),
+                    source: source.clone(),
+                })
+            }
+            _ => {
+                return Err(PreprocessError::InvalidRequest {
+                    message: "this model takes no images (no visual token rule for its model type)"
+                        .to_owned(),
+                    param: Some(first.param()),
+                })
+            }
         };
         let loads = parts.iter().map(|part| async move {
             self.media
@@ -191,33 +283,83 @@ impl Preprocessor {
         let mut counts = Vec::with_capacity(parts.len());
         for (part, loaded) in parts.iter().zip(loaded) {
             let image = loaded.image;
-            let count = vision
-                .tokens(image.info.width, image.info.height)
+            let grid = vision
+                .grid(image.info.width, image.info.height)
+                .and_then(|grid| Ok((grid, grid.tokens()?)))
                 .map_err(|source| PreprocessError::VisualTokens {
                     param: part.param(),
                     source,
-                })? as usize;
+                })?;
+            let ((grid, count), id) = (grid, image.id);
             counts.push(ImageTokens {
-                id: image.id,
-                tokens: count,
+                id,
+                tokens: count as usize,
+                rows: grid.rows as usize,
             });
             images.push(PromptImage {
-                id: image.id,
-                forward_uuid: part
-                    .uuid
-                    .clone()
-                    .unwrap_or_else(|| kvroute_mmhash::forward_uuid(image.id)),
-                tokens: count,
+                id,
+                forward_uuid: forward_uuid(part, id),
+                tokens: count as usize,
                 info: image.info,
             });
         }
-        let expanded =
-            expand(&tokens, placeholder, &counts).map_err(PreprocessError::Placeholders)?;
-        Ok(Prompt {
-            tokens: expanded.tokens,
-            media: expanded.spans,
-            images,
-        })
+        Ok((images, counts))
+    }
+
+    async fn load_videos(
+        &self,
+        request: &ChatRequest<'_>,
+    ) -> Result<(Vec<PromptVideo>, Vec<ImageTokens>), PreprocessError> {
+        let parts = &request.videos;
+        let Some(first) = parts.first() else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let (rule, _) = self
+            .video
+            .as_ref()
+            .map_err(|source| PreprocessError::VisualTokens {
+                param: first.param(),
+                source: source.clone(),
+            })?;
+        let rule = with_request_sampling(*rule, request.field("mm_processor_kwargs")).map_err(
+            |message| PreprocessError::InvalidRequest {
+                message: message.to_owned(),
+                param: Some("mm_processor_kwargs".to_owned()),
+            },
+        )?;
+        let loads = parts.iter().map(|part| async move {
+            self.media
+                .load_video(&part.url, part.uuid.as_deref())
+                .await
+                .map_err(|source| PreprocessError::Image {
+                    param: part.param(),
+                    source,
+                })
+        });
+        let loaded = futures_util::future::try_join_all(loads).await?;
+        let mut videos = Vec::with_capacity(parts.len());
+        let mut counts = Vec::with_capacity(parts.len());
+        for (part, video) in parts.iter().zip(loaded) {
+            let count = |info: &VideoInfo| {
+                let frames = rule.sampling.frames(info, rule.temporal_patch)?;
+                let tokens = usize::try_from(rule.tokens(info)?).map_err(|_| TokenError::Overflow)?;
+                Ok((frames, tokens))
+            };
+            let (frames, tokens) =
+                count(&video.info).map_err(|source| PreprocessError::VisualTokens {
+                    param: part.param(),
+                    source,
+                })?;
+            counts.push(ImageTokens::new(video.id, tokens));
+            videos.push(PromptVideo {
+                id: video.id,
+                forward_uuid: forward_uuid(part, video.id),
+                tokens,
+                frames,
+                info: video.info,
+            });
+        }
+        Ok((videos, counts))
     }
 
     fn check_length(&self, prompt: Prompt) -> Result<Prompt, PreprocessError> {
@@ -231,12 +373,48 @@ impl Preprocessor {
     }
 }
 
-/// The checkpoint's own pixel limits (`min_pixels`/`max_pixels`, or `size.shortest_edge` /
-/// `size.longest_edge` in newer configs) override the family defaults, as the engine loads them.
-fn with_checkpoint_pixels(rule: VisionTokenRule, config: Option<&Value>) -> VisionTokenRule {
-    let (VisionTokenRule::SmartResize(mut resize), Some(config)) = (&rule, config) else {
+/// The client's own `uuid` when it sent one, else the content id's marker form.
+fn forward_uuid(part: &ImagePart<'_>, id: MediaId) -> String {
+    part.uuid
+        .clone()
+        .unwrap_or_else(|| kvroute_mmhash::forward_uuid(id))
+}
+
+/// The checkpoint's own processor settings override the family defaults, as the engine loads
+/// them: Qwen's pixel limits (`min_pixels`/`max_pixels`, or `size.shortest_edge` /
+/// `size.longest_edge` in newer configs), LLaVA-NeXT's and LLaVA-OneVision's
+/// `image_grid_pinpoints`.
+fn with_checkpoint_config(rule: VisionTokenRule, config: Option<&Value>) -> VisionTokenRule {
+    let Some(config) = config else {
         return rule;
     };
+    match rule {
+        VisionTokenRule::SmartResize(resize) => {
+            VisionTokenRule::SmartResize(with_pixel_limits(resize, config))
+        }
+        VisionTokenRule::AnyRes(mut anyres) => {
+            let pinpoints = config
+                .get("image_grid_pinpoints")
+                .and_then(Value::as_array)
+                .and_then(|points| {
+                    points
+                        .iter()
+                        .map(|point| {
+                            let side = |i: usize| u32::try_from(point.get(i)?.as_u64()?).ok();
+                            Some((side(0)?, side(1)?))
+                        })
+                        .collect::<Option<Vec<_>>>()
+                });
+            if let Some(pinpoints) = pinpoints.filter(|p| !p.is_empty()) {
+                anyres.grid_pinpoints = pinpoints;
+            }
+            VisionTokenRule::AnyRes(anyres)
+        }
+        other => other,
+    }
+}
+
+fn with_pixel_limits(mut resize: SmartResize, config: &Value) -> SmartResize {
     let get = |flat: &str, nested: &str| {
         config
             .get(flat)
@@ -249,21 +427,97 @@ fn with_checkpoint_pixels(rule: VisionTokenRule, config: Option<&Value>) -> Visi
     if let Some(max) = get("max_pixels", "longest_edge") {
         resize.max_pixels = max;
     }
-    VisionTokenRule::SmartResize(resize)
+    resize
 }
 
-/// The token the template renders once per image and the processor repeats once per visual
-/// token: Qwen-VL's `<|image_pad|>`, LLaVA's `<image>`. Families whose processor inserts more
-/// than repeated pads (Gemma 3 wraps them in text) have none yet, so their images are refused
-/// rather than routed on a wrong expansion.
-fn placeholder_for(model_type: Option<&str>, tokenizer: &TextTokenizer) -> Option<PlaceholderSpec> {
-    let model_type = model_type?.to_ascii_lowercase();
-    let token = if model_type.starts_with("qwen") {
-        "<|image_pad|>"
-    } else if model_type.starts_with("llava") {
-        "<image>"
-    } else {
-        return None;
+/// The video rule of a model: Qwen2-VL and Qwen2.5-VL, with the pixel limits transformers'
+/// video processor loads (`video_preprocessor_config.json`, else `preprocessor_config.json`).
+fn video_rule(
+    model_type: &str,
+    files: &ModelFiles,
+    sampling: FrameSampling,
+    tokenizer: &TextTokenizer,
+) -> Result<(QwenVideo, PlaceholderSpec), TokenError> {
+    match model_type.to_ascii_lowercase().as_str() {
+        "qwen2_vl" | "qwen2_5_vl" => {
+            let pad = tokenizer
+                .token_id("<|video_pad|>")
+                .ok_or(TokenError::Unsupported {
+                    model_type: model_type.to_owned(),
+                    reason: "its tokenizer has no <|video_pad|> token",
+                })?;
+            let mut rule = QwenVideo {
+                sampling,
+                ..QwenVideo::QWEN2_VL
+            };
+            let config = files
+                .video_preprocessor_config
+                .as_ref()
+                .or(files.preprocessor_config.as_ref());
+            if let Some(config) = config {
+                rule.resize = with_pixel_limits(rule.resize, config);
+                if let Some(t) = config.get("temporal_patch_size").and_then(Value::as_u64) {
+                    rule.temporal_patch = t;
+                }
+            }
+            Ok((rule, PlaceholderSpec::repeat(pad)))
+        }
+        "qwen3_vl" | "qwen3_vl_moe" => Err(TokenError::Unsupported {
+            model_type: model_type.to_owned(),
+            reason: "Qwen3-VL writes each frame's timestamp into the prompt, which depends on the \
+                     engine's frame times; not ported",
+        }),
+        _ => Err(TokenError::Unsupported {
+            model_type: model_type.to_owned(),
+            reason: "videos are counted for Qwen2-VL and Qwen2.5-VL only",
+        }),
+    }
+}
+
+/// A request's own frame sampling (`mm_processor_kwargs`: `fps`, `min_frames`, `max_frames`)
+/// applies where the processor samples frames ([`FrameSampling::Fps`]); with vLLM's loader
+/// sampling (the default) the engine's count of such a request is not known, so it is refused.
+fn with_request_sampling(
+    mut rule: QwenVideo,
+    kwargs: Option<&Value>,
+) -> Result<QwenVideo, &'static str> {
+    const KEYS: [&str; 5] = ["fps", "min_frames", "max_frames", "num_frames", "do_sample_frames"];
+    let Some(kwargs) = kwargs.and_then(Value::as_object) else {
+        return Ok(rule);
     };
-    tokenizer.token_id(token).map(PlaceholderSpec::repeat)
+    if !KEYS.iter().any(|key| kwargs.contains_key(*key)) {
+        return Ok(rule);
+    }
+    let FrameSampling::Fps {
+        fps,
+        min_frames,
+        max_frames,
+    } = rule.sampling
+    else {
+        return Err("frame sampling in mm_processor_kwargs is not supported: the deployment's \
+                    video loader picks the frames");
+    };
+    let number = |key: &str| kwargs.get(key).filter(|v| !v.is_null());
+    if number("num_frames").is_some() || number("do_sample_frames") == Some(&Value::Bool(false)) {
+        return Err("num_frames and do_sample_frames=false in mm_processor_kwargs are not supported");
+    }
+    let fps = match number("fps") {
+        Some(value) => value
+            .as_f64()
+            .filter(|fps| fps.is_finite() && *fps > 0.0)
+            .ok_or("mm_processor_kwargs.fps must be a positive number")?,
+        None => fps,
+    };
+    let frames = |key: &str, default: u64| match number(key) {
+        Some(value) => value
+            .as_u64()
+            .ok_or("mm_processor_kwargs frame counts must be non-negative integers"),
+        None => Ok(default),
+    };
+    rule.sampling = FrameSampling::Fps {
+        fps,
+        min_frames: frames("min_frames", min_frames)?,
+        max_frames: frames("max_frames", max_frames)?,
+    };
+    Ok(rule)
 }

@@ -42,7 +42,7 @@ impl Role {
     }
 }
 
-/// One image part of a message.
+/// One image (or video) part of a message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ImagePart<'a> {
@@ -87,9 +87,11 @@ pub struct ChatRequest<'a> {
     pub max_tokens: Option<u64>,
     /// Every image part, in conversation order.
     pub images: Vec<ImagePart<'a>>,
+    /// Every video part (`video_url`, as vLLM takes it), in conversation order.
+    pub videos: Vec<ImagePart<'a>>,
     /// The messages as the chat template sees them: image parts become `{"type": "image"}`
-    /// (what HF templates expect), text parts stay, other keys pass through (but for an
-    /// `image_url` member on a part that is not an image).
+    /// and video parts `{"type": "video"}` (what HF templates expect), text parts stay, other
+    /// keys pass through (but for `image_url` and `video_url` members on other parts).
     pub template_messages: Vec<Value>,
     /// `add_generation_prompt` (a vLLM extension; default true).
     pub add_generation_prompt: bool,
@@ -144,17 +146,19 @@ impl<'a> ChatRequest<'a> {
             }
             None => return Err(invalid("is required", "messages")),
         };
-        let mut images = Vec::new();
+        let mut media = MediaParts::default();
         let mut template_messages = Vec::with_capacity(messages.len());
         for (index, message) in messages.into_iter().enumerate() {
-            template_messages.push(template_message(body, index, message, &mut images)?);
+            template_messages.push(template_message(body, index, message, &mut media)?);
         }
+        let MediaParts { images, videos } = media;
         Ok(Self {
             body,
             model,
             stream,
             max_tokens,
             images,
+            videos,
             template_messages,
             add_generation_prompt,
             template_kwargs,
@@ -181,11 +185,18 @@ impl<'a> ChatRequest<'a> {
     }
 }
 
+/// The image and video parts found so far.
+#[derive(Default)]
+struct MediaParts<'a> {
+    images: Vec<ImagePart<'a>>,
+    videos: Vec<ImagePart<'a>>,
+}
+
 fn template_message<'a>(
     body: &'a str,
     index: usize,
     message: RawMessage<'a>,
-    images: &mut Vec<ImagePart<'a>>,
+    media: &mut MediaParts<'a>,
 ) -> Result<Value, PreprocessError> {
     let path = format!("messages[{index}]");
     let RawMessage::Object {
@@ -218,7 +229,7 @@ fn template_message<'a>(
             for (part_index, part) in parts.into_iter().enumerate() {
                 let part_path = format!("{path}.content[{part_index}]");
                 template_parts.push(template_part(
-                    body, index, part_index, &part_path, part, images,
+                    body, index, part_index, &part_path, part, media,
                 )?);
             }
             Value::Array(template_parts)
@@ -241,11 +252,12 @@ fn template_part<'a>(
     part_index: usize,
     path: &str,
     part: RawPart<'a>,
-    images: &mut Vec<ImagePart<'a>>,
+    media: &mut MediaParts<'a>,
 ) -> Result<Value, PreprocessError> {
     let RawPart::Object {
         members,
         image_url,
+        video_url,
         first_key,
     } = part
     else {
@@ -256,62 +268,65 @@ fn template_part<'a>(
         Some(_) => return Err(invalid("must be a string", &format!("{path}.type"))),
         None => return Err(invalid("is required", &format!("{path}.type"))),
     };
-    match kind {
-        "text" => match members.get("text") {
-            Some(Value::String(_)) => Ok(Value::Object(members)),
-            _ => Err(invalid("must be a string", &format!("{path}.text"))),
-        },
-        "image_url" => {
-            let url = match image_url {
-                Some(RawImageUrl::Url(url)) => url,
-                Some(RawImageUrl::Raw(url)) => Cow::Borrowed(
-                    str_in(body, url).ok_or_else(|| not_json(&"a string outside the body"))?,
-                ),
-                Some(RawImageUrl::NoUrl) => {
-                    return Err(invalid(
-                        "must be a string",
-                        &format!("{path}.image_url.url"),
-                    ))
-                }
-                // Some clients send the URL directly, as a string (`Url` above).
-                Some(RawImageUrl::Other) | None => {
-                    return Err(invalid(
-                        "must be an object with a url",
-                        &format!("{path}.image_url"),
-                    ))
-                }
-            };
-            let uuid = match members.get("uuid") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(uuid)) if !uuid.is_empty() => Some(uuid.clone()),
-                Some(_) => {
-                    return Err(invalid(
-                        "must be a non-empty string",
-                        &format!("{path}.uuid"),
-                    ))
-                }
-            };
-            let insert_at = if members.contains_key("uuid") {
-                None
-            } else {
-                first_key.and_then(|key| quote_before(body, key))
-            };
-            images.push(ImagePart {
-                message,
-                part: part_index,
-                url,
-                uuid,
-                insert_at,
-            });
-            let mut placeholder = Map::new();
-            placeholder.insert("type".to_owned(), Value::String("image".to_owned()));
-            Ok(Value::Object(placeholder))
+    let (url, key, template_type, list) = match kind {
+        "text" => {
+            return match members.get("text") {
+                Some(Value::String(_)) => Ok(Value::Object(members)),
+                _ => Err(invalid("must be a string", &format!("{path}.text"))),
+            }
         }
-        other => Err(invalid(
-            &format!("has unsupported content part type {other:?} (supported: text, image_url)"),
-            &format!("{path}.type"),
-        )),
-    }
+        "image_url" => (image_url, "image_url", "image", &mut media.images),
+        "video_url" => (video_url, "video_url", "video", &mut media.videos),
+        other => {
+            return Err(invalid(
+                &format!(
+                    "has unsupported content part type {other:?} (supported: text, image_url, video_url)"
+                ),
+                &format!("{path}.type"),
+            ))
+        }
+    };
+    let url = match url {
+        Some(RawImageUrl::Url(url)) => url,
+        Some(RawImageUrl::Raw(url)) => Cow::Borrowed(
+            str_in(body, url).ok_or_else(|| not_json(&"a string outside the body"))?,
+        ),
+        Some(RawImageUrl::NoUrl) => {
+            return Err(invalid("must be a string", &format!("{path}.{key}.url")))
+        }
+        // Some clients send the URL directly, as a string (`Url` above).
+        Some(RawImageUrl::Other) | None => {
+            return Err(invalid(
+                "must be an object with a url",
+                &format!("{path}.{key}"),
+            ))
+        }
+    };
+    let uuid = match members.get("uuid") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(uuid)) if !uuid.is_empty() => Some(uuid.clone()),
+        Some(_) => {
+            return Err(invalid(
+                "must be a non-empty string",
+                &format!("{path}.uuid"),
+            ))
+        }
+    };
+    let insert_at = if members.contains_key("uuid") {
+        None
+    } else {
+        first_key.and_then(|key| quote_before(body, key))
+    };
+    list.push(ImagePart {
+        message,
+        part: part_index,
+        url,
+        uuid,
+        insert_at,
+    });
+    let mut placeholder = Map::new();
+    placeholder.insert("type".to_owned(), Value::String(template_type.to_owned()));
+    Ok(Value::Object(placeholder))
 }
 
 /// `bytes`, a slice of `body`, as the `str` it is.

@@ -13,6 +13,8 @@ struct Parsed {
     max_tokens: Option<u64>,
     /// (message, part, url, uuid)
     images: Vec<(usize, usize, String, Option<String>)>,
+    /// (message, part, url, uuid)
+    videos: Vec<(usize, usize, String, Option<String>)>,
     template_messages: Vec<Value>,
     add_generation_prompt: bool,
     template_kwargs: Map<String, Value>,
@@ -26,18 +28,8 @@ fn outcome(result: Result<ChatRequest<'_>, PreprocessError>) -> Outcome {
             model: request.model,
             stream: request.stream,
             max_tokens: request.max_tokens,
-            images: request
-                .images
-                .into_iter()
-                .map(|image| {
-                    (
-                        image.message,
-                        image.part,
-                        image.url.into_owned(),
-                        image.uuid,
-                    )
-                })
-                .collect(),
+            images: request.images.into_iter().map(tuple).collect(),
+            videos: request.videos.into_iter().map(tuple).collect(),
             template_messages: request.template_messages,
             add_generation_prompt: request.add_generation_prompt,
             template_kwargs: request.template_kwargs,
@@ -45,6 +37,10 @@ fn outcome(result: Result<ChatRequest<'_>, PreprocessError>) -> Outcome {
         Err(PreprocessError::InvalidRequest { message, param }) => Err((message, param)),
         Err(other) => Err((other.to_string(), None)),
     }
+}
+
+fn tuple(part: ImagePart<'_>) -> (usize, usize, String, Option<String>) {
+    (part.message, part.part, part.url.into_owned(), part.uuid)
 }
 
 /// The reference: parse into a `Value`, then validate it as `ChatRequest` did before the
@@ -81,23 +77,28 @@ fn reference(body: &[u8]) -> Outcome {
         Some(_) => return Err(err(invalid("must be an array of messages", "messages"))),
         None => return Err(err(invalid("is required", "messages"))),
     };
-    let mut images = Vec::new();
+    let mut media = Images::default();
     let mut template_messages = Vec::new();
     for (index, message) in messages.iter().enumerate() {
-        template_messages.push(reference_message(index, message, &mut images).map_err(err)?);
+        template_messages.push(reference_message(index, message, &mut media).map_err(err)?);
     }
     Ok(Parsed {
         model,
         stream,
         max_tokens,
-        images,
+        images: media.images,
+        videos: media.videos,
         template_messages,
         add_generation_prompt,
         template_kwargs,
     })
 }
 
-type Images = Vec<(usize, usize, String, Option<String>)>;
+#[derive(Default)]
+struct Images {
+    images: Vec<(usize, usize, String, Option<String>)>,
+    videos: Vec<(usize, usize, String, Option<String>)>,
+}
 
 fn reference_message(
     index: usize,
@@ -163,26 +164,22 @@ fn reference_part(
             Some(Value::String(_)) => {
                 let mut part = part.clone();
                 part.shift_remove("image_url");
+                part.shift_remove("video_url");
                 Ok(Value::Object(part))
             }
             _ => Err(invalid("must be a string", &format!("{path}.text"))),
         },
-        "image_url" => {
-            let url = match part.get("image_url") {
+        key @ ("image_url" | "video_url") => {
+            let url = match part.get(key) {
                 Some(Value::Object(image)) => match image.get("url") {
                     Some(Value::String(url)) => url.clone(),
-                    _ => {
-                        return Err(invalid(
-                            "must be a string",
-                            &format!("{path}.image_url.url"),
-                        ))
-                    }
+                    _ => return Err(invalid("must be a string", &format!("{path}.{key}.url"))),
                 },
                 Some(Value::String(url)) => url.clone(),
                 _ => {
                     return Err(invalid(
                         "must be an object with a url",
-                        &format!("{path}.image_url"),
+                        &format!("{path}.{key}"),
                     ))
                 }
             };
@@ -196,11 +193,18 @@ fn reference_part(
                     ))
                 }
             };
-            images.push((message, part_index, url, uuid));
-            Ok(serde_json::json!({"type": "image"}))
+            if key == "image_url" {
+                images.images.push((message, part_index, url, uuid));
+                Ok(serde_json::json!({"type": "image"}))
+            } else {
+                images.videos.push((message, part_index, url, uuid));
+                Ok(serde_json::json!({"type": "video"}))
+            }
         }
         other => Err(invalid(
-            &format!("has unsupported content part type {other:?} (supported: text, image_url)"),
+            &format!(
+                "has unsupported content part type {other:?} (supported: text, image_url, video_url)"
+            ),
             &format!("{path}.type"),
         )),
     }
@@ -261,11 +265,13 @@ fn part() -> BoxedStrategy<Value> {
             "type",
             maybe(mostly(prop_oneof![
                 Just(Value::from("image_url")),
+                Just(Value::from("video_url")),
                 Just(Value::from("text")),
             ])),
         ),
         ("text", maybe(mostly(text().prop_map(Value::String)))),
-        ("image_url", maybe(image_url)),
+        ("image_url", maybe(image_url.clone())),
+        ("video_url", sometimes(image_url)),
         (
             "uuid",
             sometimes(prop_oneof![
@@ -341,7 +347,7 @@ proptest! {
         let parsed = ChatRequest::from_json(text.as_bytes());
         // Each insertion point takes a new member in the right part and leaves valid JSON.
         if let Ok(request) = &parsed {
-            for image in &request.images {
+            for image in request.images.iter().chain(&request.videos) {
                 let Some(at) = image.insert_at else {
                     continue;
                 };
@@ -352,7 +358,7 @@ proptest! {
                     "x"
                 );
             }
-            for image in &request.images {
+            for image in request.images.iter().chain(&request.videos) {
                 let part = &body["messages"][image.message]["content"][image.part];
                 let first = part.as_object().and_then(|part| part.keys().next());
                 let escaped_first = escape_type && first.is_some_and(|key| key == "type");

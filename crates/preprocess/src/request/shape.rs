@@ -66,9 +66,10 @@ pub(super) enum RawContent<'a> {
 
 pub(super) enum RawPart<'a> {
     Object {
-        /// Every member but `image_url`.
+        /// Every member but `image_url` and `video_url`.
         members: Map<String, Value>,
         image_url: Option<RawImageUrl<'a>>,
+        video_url: Option<RawImageUrl<'a>>,
         /// The first key as it is in the body, when it has no escape.
         first_key: Option<&'a str>,
     },
@@ -298,6 +299,7 @@ impl<'de, const FAST: bool> Visitor<'de> for PartVisitor<FAST> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut members = Map::new();
         let mut image_url = None;
+        let mut video_url = None;
         let mut first_key = None;
         let mut first = true;
         while let Some(Str(key)) = map.next_key()? {
@@ -309,6 +311,8 @@ impl<'de, const FAST: bool> Visitor<'de> for PartVisitor<FAST> {
             }
             if key == "image_url" {
                 image_url = Some(map.next_value_seed(ImageUrlVisitor::<FAST>)?);
+            } else if key == "video_url" {
+                video_url = Some(map.next_value_seed(ImageUrlVisitor::<FAST>)?);
             } else {
                 members.insert(key.into_owned(), map.next_value()?);
             }
@@ -316,6 +320,7 @@ impl<'de, const FAST: bool> Visitor<'de> for PartVisitor<FAST> {
         Ok(RawPart::Object {
             members,
             image_url,
+            video_url,
             first_key,
         })
     }
