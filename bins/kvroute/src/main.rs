@@ -6,6 +6,7 @@ mod flags;
 mod hash;
 mod replay;
 mod serve;
+mod tokens;
 mod worker_sim;
 
 use clap::{Parser, Subcommand};
@@ -38,6 +39,9 @@ enum Command {
     WorkerSim(worker_sim::WorkerSimArgs),
     /// Print the block and sequence hashes of a token sequence (Dynamo-compatible).
     Hash(hash::HashArgs),
+    /// Print the prompt kvroute computes for a chat request: token ids, media spans, visual
+    /// tokens per image and video.
+    Tokens(tokens::TokensArgs),
     /// Measure routing quality: replay a trace (or the multimodal workload) through the index
     /// and routing policies against simulated workers, in virtual time.
     Replay(replay::ReplayArgs),
@@ -56,6 +60,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Hash(args) => hash::run(args),
         Command::Config(args) => config::run(args),
+        Command::Tokens(args) => tokens::run(args),
         Command::Replay(args) => replay::run(args),
         Command::Demo(args) => serve_async(|metrics| demo::run(args, metrics)),
         Command::Serve(args) => serve_async(|metrics| serve::run(args, metrics)),

@@ -156,7 +156,12 @@ impl PlaceholderTokens {
 
     /// The spec with each token's id from `token_id`; `None` when one is missing.
     pub fn resolve(&self, token_id: impl Fn(&str) -> Option<u32>) -> Option<PlaceholderSpec> {
-        let ids = |texts: &[&str]| texts.iter().map(|&t| token_id(t)).collect::<Option<Vec<_>>>();
+        let ids = |texts: &[&str]| {
+            texts
+                .iter()
+                .map(|&t| token_id(t))
+                .collect::<Option<Vec<_>>>()
+        };
         let around = usize::from(self.text_around.is_some());
         Some(PlaceholderSpec {
             placeholder: token_id(self.placeholder)?,
@@ -186,7 +191,11 @@ pub struct ImageTokens {
 impl ImageTokens {
     /// `tokens` pads in one row.
     pub fn new(id: MediaId, tokens: usize) -> Self {
-        Self { id, tokens, rows: 1 }
+        Self {
+            id,
+            tokens,
+            rows: 1,
+        }
     }
 }
 
@@ -405,7 +414,10 @@ mod tests {
         let out = expand(&[0, 7, 0], &spec, &images).unwrap();
         assert_eq!(out.tokens, [0, 9, 9, 4, 9, 9, 4, 9, 9, 5, 0]);
         assert_eq!(out.spans, [MediaSpan::new(0, 11, MediaId(5))]);
-        let ragged = [ImageTokens { rows: 4, ..images[0] }];
+        let ragged = [ImageTokens {
+            rows: 4,
+            ..images[0]
+        }];
         assert_eq!(expand(&[7], &spec, &ragged), Err(ExpandError::Rows));
     }
 

@@ -426,9 +426,7 @@ impl TokenGrid {
 
     /// All visual tokens (`rows * cols`).
     pub fn tokens(&self) -> Result<u32, TokenError> {
-        self.rows
-            .checked_mul(self.cols)
-            .ok_or(TokenError::Overflow)
+        self.rows.checked_mul(self.cols).ok_or(TokenError::Overflow)
     }
 }
 
@@ -491,7 +489,8 @@ impl VisionTokenRule {
             }),
             "internvl_chat" => Err(TokenError::Unsupported {
                 model_type: model_type.to_owned(),
-                reason: "the remote-code InternVL processor is not ported; serve the -hf checkpoint",
+                reason:
+                    "the remote-code InternVL processor is not ported; serve the -hf checkpoint",
             }),
             _ => Err(TokenError::UnknownModel(model_type.to_owned())),
         }

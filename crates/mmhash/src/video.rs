@@ -97,8 +97,10 @@ fn video_track(trak: &[u8]) -> Result<Option<VideoInfo>, VideoError> {
         return Err(VideoError::Unsupported("a perspective track matrix"));
     }
     let quarter_turn = match (at(0), at(1), at(3), at(4)) {
-        (Some(ONE), Some(0), Some(0), Some(ONE)) | (Some(MINUS_ONE), Some(0), Some(0), Some(MINUS_ONE)) => false,
-        (Some(0), Some(ONE), Some(MINUS_ONE), Some(0)) | (Some(0), Some(MINUS_ONE), Some(ONE), Some(0)) => true,
+        (Some(ONE), Some(0), Some(0), Some(ONE))
+        | (Some(MINUS_ONE), Some(0), Some(0), Some(MINUS_ONE)) => false,
+        (Some(0), Some(ONE), Some(MINUS_ONE), Some(0))
+        | (Some(0), Some(MINUS_ONE), Some(ONE), Some(0)) => true,
         _ => {
             return Err(VideoError::Unsupported(
                 "a track matrix other than a rotation by quarter turns",
@@ -265,7 +267,8 @@ impl FrameSampling {
                 let wanted = total as f64 / video_fps * fps;
                 let clamped = wanted.max(min_frames as f64).min(max).min(total as f64);
                 let frames = (clamped / patch).floor() * patch;
-                if !(frames >= 1.0) {
+                // NaN (an infinite fps times a zero) fails this test too.
+                if frames.is_nan() || frames < 1.0 {
                     return Err(TokenError::Degenerate("no frame sampled"));
                 }
                 Ok(frames as u64)

@@ -61,13 +61,20 @@ fn every_family_counts_and_expands_as_its_processor() {
             );
             let got = rule.grid(width, height);
             if case.get("error").is_some() {
-                assert!(got.is_err(), "{family} {width}x{height}: {got:?}, processor: {case}");
+                assert!(
+                    got.is_err(),
+                    "{family} {width}x{height}: {got:?}, processor: {case}"
+                );
                 refused += 1;
                 continue;
             }
             let grid = got.unwrap_or_else(|e| panic!("{family} {width}x{height}: {e}"));
             let pads = grid.tokens().unwrap() as usize;
-            assert_eq!(pads as u64, case["pads"].as_u64().unwrap(), "{family} {width}x{height}");
+            assert_eq!(
+                pads as u64,
+                case["pads"].as_u64().unwrap(),
+                "{family} {width}x{height}"
+            );
             let image = ImageTokens {
                 id: MediaId(1),
                 tokens: pads,
@@ -81,6 +88,9 @@ fn every_family_counts_and_expands_as_its_processor() {
             );
             counted += 1;
         }
-        assert!(counted >= 380, "{family}: {counted} counted, {refused} refused");
+        assert!(
+            counted >= 380,
+            "{family}: {counted} counted, {refused} refused"
+        );
     }
 }

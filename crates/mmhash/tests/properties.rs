@@ -120,11 +120,13 @@ fn spec() -> impl Strategy<Value = PlaceholderSpec> {
             prop::option::of(30u32..32),
             (0usize..3, 0usize..3),
         )
-            .prop_map(|(prefix, pad, suffix, row_break, span_extend)| PlaceholderSpec {
-                row_break,
-                span_extend,
-                ..PlaceholderSpec::wrapped(PLACEHOLDER, prefix, pad, suffix)
-            }),
+            .prop_map(
+                |(prefix, pad, suffix, row_break, span_extend)| PlaceholderSpec {
+                    row_break,
+                    span_extend,
+                    ..PlaceholderSpec::wrapped(PLACEHOLDER, prefix, pad, suffix)
+                }
+            ),
     ]
 }
 

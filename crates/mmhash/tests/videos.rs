@@ -24,10 +24,21 @@ fn headers_match_opencv_and_counts_match_vllm_defaults() {
         let info = probe_video(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
         let opencv = &entry["opencv"];
         assert_eq!(info.frames, opencv["frames"].as_u64().unwrap(), "{name}");
-        assert_eq!(u64::from(info.width), opencv["width"].as_u64().unwrap(), "{name}");
-        assert_eq!(u64::from(info.height), opencv["height"].as_u64().unwrap(), "{name}");
+        assert_eq!(
+            u64::from(info.width),
+            opencv["width"].as_u64().unwrap(),
+            "{name}"
+        );
+        assert_eq!(
+            u64::from(info.height),
+            opencv["height"].as_u64().unwrap(),
+            "{name}"
+        );
         let fps = info.fps().unwrap();
-        assert!((fps - opencv["fps"].as_f64().unwrap()).abs() < 1e-6, "{name}: {fps}");
+        assert!(
+            (fps - opencv["fps"].as_f64().unwrap()).abs() < 1e-6,
+            "{name}: {fps}"
+        );
         assert_eq!(
             QwenVideo::QWEN2_VL.tokens(&info).unwrap(),
             tokens.as_u64().unwrap(),

@@ -159,7 +159,10 @@ impl Preprocessor {
         let text_around = tokens.and_then(|tokens| {
             let around = tokens.text_around?;
             let placeholder = tokens.placeholder;
-            Some((placeholder.to_owned(), format!("{around}{placeholder}{around}")))
+            Some((
+                placeholder.to_owned(),
+                format!("{around}{placeholder}{around}"),
+            ))
         });
         let video = video_rule(model_type, files, config.video_sampling, &tokenizer);
         Ok(Self {
@@ -223,8 +226,10 @@ impl Preprocessor {
     ) -> Result<Prompt, PreprocessError> {
         let (images, image_tokens) = self.load_images(&request.images).await?;
         let (videos, video_tokens) = self.load_videos(request).await?;
-        // Images and videos in conversation order, as the template renders their placeholders.
-        let mut items: Vec<((usize, usize), (&PlaceholderSpec, ImageTokens))> =
+        // Images and videos in conversation order (message, part), as the template renders
+        // their placeholders.
+        type At = (usize, usize);
+        let mut items: Vec<(At, (&PlaceholderSpec, ImageTokens))> =
             Vec::with_capacity(images.len() + videos.len());
         if let Some(spec) = &self.placeholder {
             let at = request.images.iter().map(|p| (p.message, p.part));
@@ -342,7 +347,8 @@ impl Preprocessor {
         for (part, video) in parts.iter().zip(loaded) {
             let count = |info: &VideoInfo| {
                 let frames = rule.sampling.frames(info, rule.temporal_patch)?;
-                let tokens = usize::try_from(rule.tokens(info)?).map_err(|_| TokenError::Overflow)?;
+                let tokens =
+                    usize::try_from(rule.tokens(info)?).map_err(|_| TokenError::Overflow)?;
                 Ok((frames, tokens))
             };
             let (frames, tokens) =
@@ -481,7 +487,13 @@ fn with_request_sampling(
     mut rule: QwenVideo,
     kwargs: Option<&Value>,
 ) -> Result<QwenVideo, &'static str> {
-    const KEYS: [&str; 5] = ["fps", "min_frames", "max_frames", "num_frames", "do_sample_frames"];
+    const KEYS: [&str; 5] = [
+        "fps",
+        "min_frames",
+        "max_frames",
+        "num_frames",
+        "do_sample_frames",
+    ];
     let Some(kwargs) = kwargs.and_then(Value::as_object) else {
         return Ok(rule);
     };
@@ -494,12 +506,16 @@ fn with_request_sampling(
         max_frames,
     } = rule.sampling
     else {
-        return Err("frame sampling in mm_processor_kwargs is not supported: the deployment's \
-                    video loader picks the frames");
+        return Err(
+            "frame sampling in mm_processor_kwargs is not supported: the deployment's \
+                    video loader picks the frames",
+        );
     };
     let number = |key: &str| kwargs.get(key).filter(|v| !v.is_null());
     if number("num_frames").is_some() || number("do_sample_frames") == Some(&Value::Bool(false)) {
-        return Err("num_frames and do_sample_frames=false in mm_processor_kwargs are not supported");
+        return Err(
+            "num_frames and do_sample_frames=false in mm_processor_kwargs are not supported",
+        );
     }
     let fps = match number("fps") {
         Some(value) => value

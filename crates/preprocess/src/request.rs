@@ -288,9 +288,9 @@ fn template_part<'a>(
     };
     let url = match url {
         Some(RawImageUrl::Url(url)) => url,
-        Some(RawImageUrl::Raw(url)) => Cow::Borrowed(
-            str_in(body, url).ok_or_else(|| not_json(&"a string outside the body"))?,
-        ),
+        Some(RawImageUrl::Raw(url)) => {
+            Cow::Borrowed(str_in(body, url).ok_or_else(|| not_json(&"a string outside the body"))?)
+        }
         Some(RawImageUrl::NoUrl) => {
             return Err(invalid("must be a string", &format!("{path}.{key}.url")))
         }
