@@ -23,7 +23,7 @@ pub struct TokensArgs {
     file: Option<PathBuf>,
     /// A Hugging Face model directory (tokenizer.json, chat template, config.json,
     /// preprocessor_config.json); without it the bundled Qwen2-VL.
-    #[arg(long, env = "MODEL_DIR")]
+    #[arg(long, env = "KVROUTE_MODEL_DIR")]
     model_dir: Option<PathBuf>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Json)]

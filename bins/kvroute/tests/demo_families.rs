@@ -7,17 +7,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use base64::Engine;
-use kvroute_testsupport::{free_port, wait_for_port, HttpClient, Reply};
+use kvroute_testsupport::{free_port, kvroute_command, HttpClient, Processes, Reply};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const BLOCK_SIZE: u64 = 16;
 
 /// `kvroute demo` on a free port, killed on drop.
 struct Demo {
-    child: Child,
+    _processes: Processes,
     base: String,
     http: HttpClient,
 }
@@ -25,21 +24,20 @@ struct Demo {
 impl Demo {
     async fn start(model_dir: &Path) -> Self {
         let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_kvroute"))
-            .args(["demo", "--workers", "2", "--block-size"])
-            .arg(BLOCK_SIZE.to_string())
-            .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--model-dir")
-            .arg(model_dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        wait_for_port(port).await;
+        let mut processes = Processes::new();
+        processes.spawn(
+            "demo",
+            kvroute_command(env!("CARGO_BIN_EXE_kvroute"))
+                .args(["demo", "--workers", "2", "--block-size"])
+                .arg(BLOCK_SIZE.to_string())
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--model-dir")
+                .arg(model_dir),
+        );
+        processes.wait_for_port(port, "kvroute demo").await;
         Self {
-            child,
+            _processes: processes,
             base: format!("http://127.0.0.1:{port}"),
             http: HttpClient::new(),
         }
@@ -83,13 +81,6 @@ impl Demo {
             predicted
         );
         second
-    }
-}
-
-impl Drop for Demo {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
