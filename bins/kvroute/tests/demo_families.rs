@@ -7,81 +7,29 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use base64::Engine;
-use kvroute_testsupport::{free_port, kvroute_command, HttpClient, Processes, Reply};
-use serde_json::{json, Value};
+use kvroute_testsupport::{free_port, kvroute_command, Processes, Router};
+use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 const BLOCK_SIZE: u64 = 16;
 
-/// `kvroute demo` on a free port, killed on drop.
-struct Demo {
-    _processes: Processes,
-    base: String,
-    http: HttpClient,
-}
-
-impl Demo {
-    async fn start(model_dir: &Path) -> Self {
-        let port = free_port();
-        let mut processes = Processes::new();
-        processes.spawn(
-            "demo",
-            kvroute_command(env!("CARGO_BIN_EXE_kvroute"))
-                .args(["demo", "--workers", "2", "--block-size"])
-                .arg(BLOCK_SIZE.to_string())
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--model-dir")
-                .arg(model_dir),
-        );
-        processes.wait_for_port(port, "kvroute demo").await;
-        Self {
-            _processes: processes,
-            base: format!("http://127.0.0.1:{port}"),
-            http: HttpClient::new(),
-        }
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> Reply {
-        self.http
-            .post_bytes(&format!("{}{path}", self.base), body.to_string())
-            .await
-    }
-
-    /// Sends `request` twice; the repeat must go to the first one's worker, predicted and
-    /// reported as a cache hit of every full block.
-    async fn repeat_is_a_cache_hit(&self, request: &Value) -> Reply {
-        let first = self.post("/v1/chat/completions", request).await;
-        assert_eq!(first.status, 200, "{:?}", first.body);
-        assert_eq!(first.header("x-kvroute-overlap-blocks"), "0");
-        let blocks: u64 = first.header("x-kvroute-prompt-blocks").parse().unwrap();
-        // KV events reach the router asynchronously.
-        for _ in 0..300 {
-            let table = self.post("/v1/route", request).await.body;
-            let best = table["workers"].as_array().unwrap().iter();
-            if best.filter_map(|w| w["overlap_blocks"].as_u64()).max() >= Some(blocks) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let second = self.post("/v1/chat/completions", request).await;
-        assert_eq!(second.status, 200, "{:?}", second.body);
-        assert_eq!(
-            second.header("x-kvroute-worker"),
-            first.header("x-kvroute-worker")
-        );
-        let predicted: u64 = second
-            .header("x-kvroute-predicted-cached-tokens")
-            .parse()
-            .unwrap();
-        assert_eq!(predicted, blocks * BLOCK_SIZE);
-        assert_eq!(
-            second.body["usage"]["prompt_tokens_details"]["cached_tokens"],
-            predicted
-        );
-        second
-    }
+/// `kvroute demo` on a free port with the model directory `model_dir`; the process is killed
+/// when the returned `Processes` drops.
+async fn demo(model_dir: &Path) -> (Processes, Router) {
+    let port = free_port();
+    let mut processes = Processes::new();
+    processes.spawn(
+        "demo",
+        kvroute_command(env!("CARGO_BIN_EXE_kvroute"))
+            .args(["demo", "--workers", "2", "--block-size"])
+            .arg(BLOCK_SIZE.to_string())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--model-dir")
+            .arg(model_dir),
+    );
+    processes.wait_for_port(port, "kvroute demo").await;
+    (processes, Router::new(format!("http://127.0.0.1:{port}")))
 }
 
 fn repo(path: &str) -> PathBuf {
@@ -98,17 +46,19 @@ fn data_url(path: &Path, mime: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gemma3_image_request_repeats_as_a_cache_hit() {
-    let demo = Demo::start(&repo("tests/fixtures/models/gemma3-shaped")).await;
+    let (_demo, router) = demo(&repo("tests/fixtures/models/gemma3-shaped")).await;
     let image = data_url(&repo("tests/fixtures/images/chelsea.png"), "image/png");
     let request = json!({"model": "Qwen/Qwen2-VL-2B-Instruct", "max_tokens": 1, "messages": [
         {"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": image}},
             {"type": "text", "text": "What is in this image?"}]}]});
-    let route = demo.post("/v1/route", &request).await.body;
+    let route = router.route(&request).await;
     // 256 soft tokens, wrapped: the span covers the "\n\n" tokens around them.
     assert_eq!(route["images"][0]["tokens"], 256);
     assert_eq!(route["media_spans"][0]["len"], 260);
-    demo.repeat_is_a_cache_hit(&request).await;
+    router
+        .assert_repeat_is_cache_hit(&request, BLOCK_SIZE)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -129,14 +79,16 @@ async fn a_qwen2_vl_video_request_repeats_as_a_cache_hit() {
         r#"{"model_type": "qwen2_vl"}"#,
     )
     .unwrap();
-    let demo = Demo::start(dir.path()).await;
+    let (_demo, router) = demo(dir.path()).await;
     let video = repo("crates/mmhash/tests/fixtures/videos/bars_640x360_100f_25fps.mp4");
     let request = json!({"model": "Qwen/Qwen2-VL-2B-Instruct", "max_tokens": 1, "messages": [
         {"role": "user", "content": [
             {"type": "video_url", "video_url": {"url": data_url(&video, "video/mp4")}},
             {"type": "text", "text": "What moves?"}]}]});
-    let route = demo.post("/v1/route", &request).await.body;
+    let route = router.route(&request).await;
     // 32 of 100 frames, 16 pairs of 23x13 merged patches.
     assert_eq!(route["media_spans"][0]["len"], 16 * 23 * 13);
-    demo.repeat_is_a_cache_hit(&request).await;
+    router
+        .assert_repeat_is_cache_hit(&request, BLOCK_SIZE)
+        .await;
 }

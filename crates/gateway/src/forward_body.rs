@@ -1,10 +1,10 @@
 //! The body forwarded to the engine: the client's bytes, with the media id the router hashed
-//! added to each image part as its `uuid` (vLLM's multimodal uuid), so engine and router hash
-//! the same identity.
+//! added to each image and video part as its `uuid` (vLLM's multimodal uuid), so engine and
+//! router hash the same identity.
 
 use bytes::Bytes;
 use kvroute_dispatch::ForwardBody;
-use kvroute_preprocess::{ChatRequest, Prompt};
+use kvroute_preprocess::{ChatRequest, ImagePart, Prompt};
 
 /// `body` (the bytes `chat` was parsed from) as the engine should get it. The uuids are
 /// spliced into the client's bytes at the places the parse noted, as chunks around them (a
@@ -16,7 +16,7 @@ pub(crate) fn with_image_uuids(
     chat: &ChatRequest<'_>,
     prompt: &Prompt,
 ) -> ForwardBody {
-    if prompt.images.is_empty() {
+    if prompt.images.is_empty() && prompt.videos.is_empty() {
         return ForwardBody::from(body.clone());
     }
     splice(body, chat, prompt).unwrap_or_else(|| ForwardBody::from(reserialize(chat, prompt)))
@@ -28,12 +28,12 @@ fn splice(body: &Bytes, chat: &ChatRequest<'_>, prompt: &Prompt) -> Option<Forwa
         return None;
     }
     let mut inserts: Vec<(usize, &str)> = Vec::with_capacity(chat.images.len());
-    for (part, image) in chat.images.iter().zip(&prompt.images) {
+    for (part, uuid) in media(chat, prompt) {
         // The client named the image: the engine already gets that uuid.
         if part.uuid.is_some() {
             continue;
         }
-        inserts.push((part.insert_at?, image.forward_uuid.as_str()));
+        inserts.push((part.insert_at?, uuid));
     }
     inserts.sort_unstable_by_key(|(at, _)| *at);
     let mut chunks = Vec::with_capacity(2 * inserts.len() + 1);
@@ -53,11 +53,23 @@ fn splice(body: &Bytes, chat: &ChatRequest<'_>, prompt: &Prompt) -> Option<Forwa
     Some(ForwardBody::from_chunks(chunks))
 }
 
+/// Every image and video part with the uuid to forward for it.
+fn media<'a>(
+    chat: &'a ChatRequest<'_>,
+    prompt: &'a Prompt,
+) -> impl Iterator<Item = (&'a ImagePart<'a>, &'a str)> {
+    let images = chat.images.iter().zip(&prompt.images);
+    let videos = chat.videos.iter().zip(&prompt.videos);
+    images
+        .map(|(part, image)| (part, image.forward_uuid.as_str()))
+        .chain(videos.map(|(part, video)| (part, video.forward_uuid.as_str())))
+}
+
 fn reserialize(chat: &ChatRequest<'_>, prompt: &Prompt) -> Bytes {
     let Ok(mut body) = serde_json::from_str::<serde_json::Value>(chat.body) else {
         return Bytes::copy_from_slice(chat.body.as_bytes());
     };
-    for (part, image) in chat.images.iter().zip(&prompt.images) {
+    for (part, uuid) in media(chat, prompt) {
         let slot = body
             .get_mut("messages")
             .and_then(|messages| messages.get_mut(part.message))
@@ -67,7 +79,7 @@ fn reserialize(chat: &ChatRequest<'_>, prompt: &Prompt) -> Bytes {
         if let Some(slot) = slot {
             slot.insert(
                 "uuid".to_owned(),
-                serde_json::Value::String(image.forward_uuid.clone()),
+                serde_json::Value::String(uuid.to_owned()),
             );
         }
     }
@@ -137,6 +149,25 @@ mod tests {
             spliced["messages"][2]["content"][0]["uuid"],
             parts[0]["uuid"]
         );
+    }
+
+    #[tokio::test]
+    async fn video_parts_get_their_uuid_too() {
+        use base64::Engine;
+        let mp4 = include_bytes!("../../mmhash/tests/fixtures/videos/bars_176x144_7f.mp4");
+        let video = format!(
+            r#"{{"type": "video_url", "video_url": {{"url": "data:video/mp4;base64,{}"}}}}"#,
+            base64::engine::general_purpose::STANDARD.encode(mp4)
+        );
+        let body = format!(
+            r#"{{"model": "m", "messages": [{{"role": "user", "content": [{video}, {}]}}]}}"#,
+            image("")
+        );
+        let (spliced, reference) = forwarded(&body).await;
+        assert_eq!(spliced, reference);
+        let parts = &spliced["messages"][0]["content"];
+        assert_eq!(parts[0]["uuid"].as_str().unwrap().len(), 64);
+        assert_ne!(parts[0]["uuid"], parts[1]["uuid"]);
     }
 
     #[tokio::test]

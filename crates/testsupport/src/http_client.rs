@@ -183,6 +183,33 @@ impl Router {
         }
     }
 
+    /// Sends `body` twice: the first has no cached prefix, the repeat goes to the same worker,
+    /// predicted (`x-kvroute-predicted-cached-tokens`) and reported (`usage`) as a cache hit of
+    /// every full block of `block_size` tokens. Returns the repeat's reply.
+    pub async fn assert_repeat_is_cache_hit(&self, body: &Value, block_size: u64) -> Reply {
+        let first = self.chat(body).await;
+        assert_eq!(first.status, 200, "{:?}", first.body);
+        assert_eq!(first.header("x-kvroute-overlap-blocks"), "0");
+        let blocks: u64 = first.header("x-kvroute-prompt-blocks").parse().unwrap();
+        self.until_overlap(body, blocks).await;
+        let second = self.chat(body).await;
+        assert_eq!(second.status, 200, "{:?}", second.body);
+        assert_eq!(
+            second.header("x-kvroute-worker"),
+            first.header("x-kvroute-worker")
+        );
+        let predicted: u64 = second
+            .header("x-kvroute-predicted-cached-tokens")
+            .parse()
+            .unwrap();
+        assert_eq!(predicted, blocks * block_size);
+        assert_eq!(
+            second.body["usage"]["prompt_tokens_details"]["cached_tokens"],
+            predicted
+        );
+        second
+    }
+
     /// Sends `requests` one-token chats, each of a new prompt, and checks that every one
     /// succeeds on another worker than `avoided` (a dead worker, say).
     pub async fn assert_avoids(&self, avoided: u64, requests: usize) {
