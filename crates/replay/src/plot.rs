@@ -20,6 +20,7 @@
 //! ```
 
 use crate::report::ReplaySummary;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -61,65 +62,107 @@ pub fn policies_svg(summaries: &[ReplaySummary], title: &str) -> Result<String, 
         root.fill(&WHITE).map_err(err)?;
         let root = root.titled(title, ("sans-serif", 20)).map_err(err)?;
         let (left, right) = root.split_horizontally(500);
-        let names: Vec<&str> = summaries.iter().map(|s| s.policy.as_str()).collect();
-        // Segments 0..=last: one per policy.
-        let last = summaries.len().saturating_sub(1) as u32;
-        let name_of = |x: &SegmentValue<u32>| match x {
-            SegmentValue::CenterOf(i) => names.get(*i as usize).copied().unwrap_or("").to_owned(),
-            _ => String::new(),
-        };
-        let bar = |i: usize, value: f64, inset: u32, color: RGBColor| {
-            let i = i as u32;
-            let mut rect = Rectangle::new(
-                [
-                    (SegmentValue::Exact(i), 0.0),
-                    (SegmentValue::Exact(i + 1), value),
-                ],
-                color.filled(),
-            );
-            rect.set_margin(0, 0, inset, inset);
-            rect
-        };
-        let ideal = summaries.first().map_or(0.0, |s| s.ideal_hit_rate);
-        let top = summaries
-            .iter()
-            .map(|s| s.hit_rate)
-            .fold(ideal, f64::max)
-            .max(0.01)
-            * 1.2;
+        hit_rate_panel(&left, summaries)?;
+        ttft_panel(&right, summaries)?;
+        root.present().map_err(err)?;
+    }
+    Ok(svg)
+}
 
-        let mut hits = ChartBuilder::on(&left)
-            .caption("cache hit rate (blocks)", ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(50)
-            .build_cartesian_2d((0..last).into_segmented(), 0.0..top)
-            .map_err(err)?;
-        hits.configure_mesh()
-            .disable_x_mesh()
-            .x_label_formatter(&name_of)
-            .y_label_formatter(&|y| format!("{:.0}%", y * 100.0))
-            .draw()
-            .map_err(err)?;
-        hits.draw_series(
+/// The policies' names under their segments (one segment per policy, `0..=last`).
+fn policy_labels(summaries: &[ReplaySummary]) -> impl Fn(&SegmentValue<u32>) -> String + '_ {
+    |x| match x {
+        SegmentValue::CenterOf(i) => summaries
+            .get(*i as usize)
+            .map_or_else(String::new, |s| s.policy.clone()),
+        _ => String::new(),
+    }
+}
+
+fn last_segment(summaries: &[ReplaySummary]) -> u32 {
+    summaries.len().saturating_sub(1) as u32
+}
+
+/// A bar filling policy `i`'s segment up to `value`, `inset` pixels in from each side.
+fn segment_bar(
+    i: usize,
+    value: f64,
+    inset: u32,
+    color: RGBColor,
+) -> Rectangle<(SegmentValue<u32>, f64)> {
+    let i = i as u32;
+    let mut rect = Rectangle::new(
+        [
+            (SegmentValue::Exact(i), 0.0),
+            (SegmentValue::Exact(i + 1), value),
+        ],
+        color.filled(),
+    );
+    rect.set_margin(0, 0, inset, inset);
+    rect
+}
+
+/// `text` centred over policy `i`'s segment at height `y`.
+fn segment_label(
+    i: usize,
+    y: f64,
+    text: String,
+) -> Text<'static, (SegmentValue<u32>, f64), String> {
+    Text::new(
+        text,
+        (SegmentValue::CenterOf(i as u32), y),
+        ("sans-serif", 13)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Center)),
+    )
+}
+
+fn hit_rate_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    summaries: &[ReplaySummary],
+) -> Result<(), PlotError> {
+    let last = last_segment(summaries);
+    let ideal = summaries.first().map_or(0.0, |s| s.ideal_hit_rate);
+    let top = summaries
+        .iter()
+        .map(|s| s.hit_rate)
+        .fold(ideal, f64::max)
+        .max(0.01)
+        * 1.2;
+    let mut chart = ChartBuilder::on(area)
+        .caption("cache hit rate (blocks)", ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((0..last).into_segmented(), 0.0..top)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_label_formatter(&policy_labels(summaries))
+        .y_label_formatter(&|y| format!("{:.0}%", y * 100.0))
+        .draw()
+        .map_err(err)?;
+    chart
+        .draw_series(
             summaries
                 .iter()
                 .enumerate()
-                .map(|(i, s)| bar(i, s.hit_rate, 12, PALETTE[i % PALETTE.len()])),
+                .map(|(i, s)| segment_bar(i, s.hit_rate, 12, PALETTE[i % PALETTE.len()])),
         )
         .map_err(err)?;
-        hits.draw_series(summaries.iter().enumerate().map(|(i, s)| {
-            Text::new(
+    chart
+        .draw_series(summaries.iter().enumerate().map(|(i, s)| {
+            segment_label(
+                i,
+                s.hit_rate + top * 0.05,
                 format!("{:.1}%", s.hit_rate * 100.0),
-                (SegmentValue::CenterOf(i as u32), s.hit_rate + top * 0.05),
-                ("sans-serif", 13)
-                    .into_font()
-                    .color(&BLACK)
-                    .pos(Pos::new(HPos::Center, VPos::Center)),
             )
         }))
         .map_err(err)?;
-        hits.draw_series(DashedLineSeries::new(
+    chart
+        .draw_series(DashedLineSeries::new(
             [
                 (SegmentValue::Exact(0), ideal),
                 (SegmentValue::Exact(last + 1), ideal),
@@ -131,68 +174,71 @@ pub fn policies_svg(summaries: &[ReplaySummary], title: &str) -> Result<String, 
         .map_err(err)?
         .label(format!("ideal (one infinite cache) {:.1}%", ideal * 100.0))
         .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK));
-        hits.configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .draw()
-            .map_err(err)?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .draw()
+        .map_err(err)
+}
 
-        let slowest = summaries.iter().map(|s| s.ttft_ms.p99).fold(1.0, f64::max) * 1.2;
-        let mut ttft = ChartBuilder::on(&right)
-            .caption("time to first token (virtual ms)", ("sans-serif", 16))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d((0..last).into_segmented(), 0.0..slowest)
-            .map_err(err)?;
-        ttft.configure_mesh()
-            .disable_x_mesh()
-            .x_label_formatter(&name_of)
-            .draw()
-            .map_err(err)?;
-        let (p50, p99) = (PALETTE[0], PALETTE[1]);
-        ttft.draw_series(
-            summaries
-                .iter()
-                .enumerate()
-                .map(|(i, s)| bar(i, s.ttft_ms.p99, 10, p99)),
-        )
-        .map_err(err)?
-        .label("p99")
-        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], p99.filled()));
-        ttft.draw_series(
-            summaries
-                .iter()
-                .enumerate()
-                .map(|(i, s)| bar(i, s.ttft_ms.p50, 24, p50)),
-        )
-        .map_err(err)?
-        .label("p50")
-        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], p50.filled()));
-        ttft.draw_series(summaries.iter().enumerate().map(|(i, s)| {
-            Text::new(
+fn ttft_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    summaries: &[ReplaySummary],
+) -> Result<(), PlotError> {
+    let last = last_segment(summaries);
+    let slowest = summaries.iter().map(|s| s.ttft_ms.p99).fold(1.0, f64::max) * 1.2;
+    let mut chart = ChartBuilder::on(area)
+        .caption("time to first token (virtual ms)", ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((0..last).into_segmented(), 0.0..slowest)
+        .map_err(err)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_label_formatter(&policy_labels(summaries))
+        .draw()
+        .map_err(err)?;
+    // p99 wide, p50 narrower in front of it.
+    for (name, color, inset, value) in [
+        (
+            "p99",
+            PALETTE[1],
+            10,
+            (|s: &ReplaySummary| s.ttft_ms.p99) as fn(&ReplaySummary) -> f64,
+        ),
+        ("p50", PALETTE[0], 24, |s: &ReplaySummary| s.ttft_ms.p50),
+    ] {
+        chart
+            .draw_series(
+                summaries
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| segment_bar(i, value(s), inset, color)),
+            )
+            .map_err(err)?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+    }
+    chart
+        .draw_series(summaries.iter().enumerate().map(|(i, s)| {
+            segment_label(
+                i,
+                s.ttft_ms.p99 + slowest * 0.04,
                 format!("{:.0}", s.ttft_ms.p99),
-                (
-                    SegmentValue::CenterOf(i as u32),
-                    s.ttft_ms.p99 + slowest * 0.04,
-                ),
-                ("sans-serif", 13)
-                    .into_font()
-                    .color(&BLACK)
-                    .pos(Pos::new(HPos::Center, VPos::Center)),
             )
         }))
         .map_err(err)?;
-        ttft.configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .draw()
-            .map_err(err)?;
-        root.present().map_err(err)?;
-    }
-    Ok(svg)
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .draw()
+        .map_err(err)
 }
 
 /// Hit rate over each worker's capacity (log scale), one line per policy, with the ideal.
