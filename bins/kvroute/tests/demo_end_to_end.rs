@@ -3,10 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
 use kvroute_dispatch::Worker;
 use kvroute_events::{in_process_bus, PublisherConfig};
 use kvroute_gateway::{EventsSource, Server, ServerConfig};
@@ -26,8 +23,6 @@ struct Cluster {
     router: Router,
     server: Server,
     sims: Vec<SimWorker>,
-    /// Streams read frame by frame.
-    client: Client<HttpConnector, Full<Bytes>>,
 }
 
 impl Deref for Cluster {
@@ -86,7 +81,6 @@ async fn cluster_with(workers: u64, decode_tokens_per_second: f64, approximate: 
         router: Router::new(format!("http://{}", server.local_addr())),
         server,
         sims,
-        client: Client::builder(TokioExecutor::new()).build_http(),
     }
 }
 
@@ -100,39 +94,15 @@ fn image_request(image: &str, text: &str) -> Value {
 async fn a_repeated_image_request_returns_to_its_worker_with_the_predicted_cache() {
     let cluster = cluster(3, 10_000.0).await;
     let request = image_request("chelsea.png", "What is in this image?");
-    let first = cluster.chat(&request).await;
-    assert_eq!(first.status, 200, "{:?}", first.body);
-    assert_eq!(first.header("x-kvroute-overlap-blocks"), "0");
-    let blocks: u64 = first.header("x-kvroute-prompt-blocks").parse().unwrap();
+    let repeat = cluster
+        .assert_repeat_is_cache_hit(&request, u64::from(BLOCK_SIZE))
+        .await;
+    let blocks: u64 = repeat.header("x-kvroute-prompt-blocks").parse().unwrap();
     assert!(blocks >= 5);
-    cluster.until_overlap(&request, blocks).await;
-
-    let second = cluster.chat(&request).await;
-    assert_eq!(
-        second.header("x-kvroute-worker"),
-        first.header("x-kvroute-worker")
-    );
-    let predicted: u64 = second
-        .header("x-kvroute-predicted-cached-tokens")
-        .parse()
-        .unwrap();
-    assert_eq!(predicted, blocks * u64::from(BLOCK_SIZE));
-    assert_eq!(
-        second.body["usage"]["prompt_tokens_details"]["cached_tokens"],
-        predicted
-    );
-
     // Same text, another image: no phantom overlap anywhere.
-    let other = image_request("coffee.png", "What is in this image?");
-    let table = cluster.route(&other).await;
-    for worker in table["workers"].as_array().unwrap() {
-        assert_eq!(worker["overlap_blocks"], 0, "{table}");
-    }
-    let third = cluster.chat(&other).await;
-    assert_eq!(
-        third.body["usage"]["prompt_tokens_details"]["cached_tokens"],
-        0
-    );
+    cluster
+        .assert_cold(&image_request("coffee.png", "What is in this image?"))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,19 +122,7 @@ async fn requests_without_overlap_spread_across_workers() {
 async fn a_worker_killed_mid_stream_gives_a_clean_error_and_is_avoided() {
     let cluster = cluster(3, 40.0).await;
     let body = json!({"model": "m", "stream": true, "max_tokens": 40, "messages": [{"role": "user", "content": "stream please"}]});
-    let request = http::Request::post(format!("{}/v1/chat/completions", cluster.base))
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let response = cluster.client.request(request).await.unwrap();
-    assert_eq!(response.status(), 200);
-    let victim: u64 = response.headers()["x-kvroute-worker"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut body = response.into_body();
-    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert!(first.starts_with(b"data: "));
+    let (victim, body) = cluster.open_stream(&body).await;
     cluster.sims[(victim - 1) as usize].kill();
     let rest = body.collect().await.unwrap().to_bytes();
     assert_cut_stream(&rest);
@@ -172,13 +130,7 @@ async fn a_worker_killed_mid_stream_gives_a_clean_error_and_is_avoided() {
     // Later requests succeed on the others (retried before the first byte), and the dead
     // worker's circuit opens.
     cluster.assert_avoids(victim, 8).await;
-    let ready = cluster
-        .client
-        .get(format!("{}/ready", cluster.base).parse().unwrap())
-        .await
-        .unwrap();
-    let ready: Value =
-        serde_json::from_slice(&ready.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let ready = cluster.get("/ready").await.body;
     assert_eq!(ready["available_workers"], 2, "{ready}");
 }
 
@@ -230,14 +182,7 @@ async fn a_client_that_disconnects_cancels_the_upstream_request() {
     let cluster = cluster(1, 5.0).await;
     // 50 tokens at 5 tokens/s: 10 s if nobody cancels.
     let body = json!({"model": "m", "stream": true, "max_tokens": 50, "messages": [{"role": "user", "content": "a long answer"}]});
-    let request = http::Request::post(format!("{}/v1/chat/completions", cluster.base))
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let response = cluster.client.request(request).await.unwrap();
-    assert_eq!(response.status(), 200);
-    let mut body = response.into_body();
-    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert!(first.starts_with(b"data: "));
+    let (_, body) = cluster.open_stream(&body).await;
     let load = |cluster: &Cluster| {
         let status = &cluster.server.registry().status(std::time::Instant::now())[0];
         (status.active_requests, cluster.sims[0].running_requests())

@@ -4,10 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
+use http_body_util::BodyExt;
 use kvroute_testsupport::{
     assert_cut_stream, free_port, image_chat_request as image_request, kvroute_command,
     nats_server_binary, Processes, Router,
@@ -120,42 +117,15 @@ async fn serve_and_worker_sims_over_nats() {
 
     // A repeated image request returns to its worker, with the predicted cache.
     let request = image_request("chelsea.png", "What is in this image?");
-    let first = gateway.chat(&request).await;
-    assert_eq!(first.status, 200, "{:?}", first.body);
-    assert_eq!(first.header("x-kvroute-overlap-blocks"), "0");
-    let blocks: u64 = first.header("x-kvroute-prompt-blocks").parse().unwrap();
+    let repeat = gateway
+        .assert_repeat_is_cache_hit(&request, BLOCK_SIZE)
+        .await;
+    let blocks: u64 = repeat.header("x-kvroute-prompt-blocks").parse().unwrap();
     assert!(blocks >= 5);
-    gateway.until_overlap(&request, blocks).await;
-    let second = gateway.chat(&request).await;
-    assert_eq!(second.status, 200, "{:?}", second.body);
-    assert_eq!(
-        second.header("x-kvroute-worker"),
-        first.header("x-kvroute-worker")
-    );
-    let predicted: u64 = second
-        .header("x-kvroute-predicted-cached-tokens")
-        .parse()
-        .unwrap();
-    assert_eq!(predicted, blocks * BLOCK_SIZE);
-    assert_eq!(
-        second.body["usage"]["prompt_tokens_details"]["cached_tokens"],
-        predicted
-    );
-
     // Same text, another image: no phantom overlap anywhere.
     let other = image_request("coffee.png", "What is in this image?");
-    let table = gateway.route(&other).await;
-    let rows = table["workers"].as_array().unwrap();
-    assert_eq!(rows.len() as u64, WORKERS, "{table}");
-    for worker in rows {
-        assert_eq!(worker["overlap_blocks"], 0, "{table}");
-    }
-    let third = gateway.chat(&other).await;
-    assert_eq!(third.status, 200, "{:?}", third.body);
-    assert_eq!(
-        third.body["usage"]["prompt_tokens_details"]["cached_tokens"],
-        0
-    );
+    gateway.until_workers(&other, WORKERS).await;
+    gateway.assert_cold(&other).await;
 
     // Requests without overlap spread across workers.
     let mut chosen = HashSet::new();
@@ -170,22 +140,7 @@ async fn serve_and_worker_sims_over_nats() {
     // A worker process SIGKILLed mid-stream: a clean SSE error for that client, and later
     // requests avoid it.
     let body = json!({"model": "m", "stream": true, "max_tokens": 40, "messages": [{"role": "user", "content": "stream please"}]});
-    let request = http::Request::post(format!("{}/v1/chat/completions", gateway.base))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
-        .unwrap();
-    let streaming: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
-    let response = streaming.request(request).await.unwrap();
-    assert_eq!(response.status(), 200);
-    let victim: u64 = response.headers()["x-kvroute-worker"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut stream = response.into_body();
-    let first_chunk = stream.frame().await.unwrap().unwrap().into_data().unwrap();
-    assert!(first_chunk.starts_with(b"data: "), "{first_chunk:?}");
+    let (victim, stream) = gateway.open_stream(&body).await;
     let victim_process = processes.child(&format!("worker-{victim}"));
     victim_process.kill().unwrap(); // SIGKILL
     victim_process.wait().unwrap();

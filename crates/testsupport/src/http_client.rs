@@ -210,6 +210,42 @@ impl Router {
         second
     }
 
+    /// Checks that no worker holds a prefix of `body` (a new image after the same text, say)
+    /// and that sending it reports no cached tokens.
+    pub async fn assert_cold(&self, body: &Value) {
+        let table = self.route(body).await;
+        for worker in table["workers"].as_array().unwrap() {
+            assert_eq!(worker["overlap_blocks"], 0, "{table}");
+        }
+        let reply = self.chat(body).await;
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert_eq!(
+            reply.body["usage"]["prompt_tokens_details"]["cached_tokens"],
+            0
+        );
+    }
+
+    /// Starts a streaming chat of `body` and reads its first SSE chunk: the worker serving it
+    /// (`x-kvroute-worker`) and the rest of the stream, to be read after that worker is made
+    /// to fail (see [`assert_cut_stream`]).
+    pub async fn open_stream(&self, body: &Value) -> (u64, hyper::body::Incoming) {
+        let request = http::Request::post(format!("{}/v1/chat/completions", self.base))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = self.http.client.request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let worker = response.headers()["x-kvroute-worker"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let mut stream = response.into_body();
+        let first = stream.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert!(first.starts_with(b"data: "), "{first:?}");
+        (worker, stream)
+    }
+
     /// Sends `requests` one-token chats, each of a new prompt, and checks that every one
     /// succeeds on another worker than `avoided` (a dead worker, say).
     pub async fn assert_avoids(&self, avoided: u64, requests: usize) {
