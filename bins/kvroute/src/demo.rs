@@ -32,6 +32,8 @@ fn demo_defaults() -> ServerConfig {
     config.drain_timeout_secs = 10;
     config.events.source = EventsSource::InProcess;
     config.nats.discovery = false;
+    // A loopback demo shows what the cache did; an internet-facing serve does not.
+    config.auth.routing_headers = true;
     config
 }
 

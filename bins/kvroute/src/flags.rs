@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use clap::builder::BoolishValueParser;
 use clap::Args;
 use kvroute_gateway::{
-    EventsSource, ModelConfig, NatsConfig, PolicyName, RoutingConfig, ServerConfig, WorkerConfig,
+    ApiKeyConfig, AuthConfig, EventsSource, LimitsConfig, ModelConfig, NatsConfig, PolicyName,
+    RoutingConfig, ServerConfig, TimeoutsConfig, WorkerConfig,
 };
 use std::fmt::Display;
 use std::net::SocketAddr;
@@ -152,6 +153,124 @@ impl NatsFlags {
     }
 }
 
+/// What one client can make the server hold or compute.
+#[derive(Args, Clone, Debug, Default)]
+pub struct LimitsFlags {
+    #[arg(long, env = "KVROUTE_MAX_CONNECTIONS", help = with_default("Open client connections; one more is accepted and closed at once", defaults().limits.max_connections))]
+    max_connections: Option<usize>,
+    #[arg(long, env = "KVROUTE_MAX_HEADER_BYTES", help = with_default("Largest request head in bytes (at least 8192)", defaults().limits.max_header_bytes))]
+    max_header_bytes: Option<usize>,
+    #[arg(long, env = "KVROUTE_MAX_BODY_BYTES", help = with_default("Largest request body in bytes", defaults().limits.max_body_bytes))]
+    max_body_bytes: Option<usize>,
+    #[arg(long, env = "KVROUTE_HEADER_READ_TIMEOUT_SECS", help = with_default("Seconds a client has to send a request's headers", defaults().limits.header_read_timeout_secs))]
+    header_read_timeout_secs: Option<u64>,
+    #[arg(long, env = "KVROUTE_BODY_READ_TIMEOUT_SECS", help = with_default("Seconds a client has to send a request's body", defaults().limits.body_read_timeout_secs))]
+    body_read_timeout_secs: Option<u64>,
+    #[arg(long, env = "KVROUTE_IDLE_TIMEOUT_SECS", help = with_default("Seconds a connection may stay open with no request in flight", defaults().limits.idle_timeout_secs))]
+    idle_timeout_secs: Option<u64>,
+    #[arg(long, env = "KVROUTE_MAX_REQUESTS_PER_CONNECTION", help = with_default("Requests served on one connection before it is closed", defaults().limits.max_requests_per_connection))]
+    max_requests_per_connection: Option<u64>,
+    #[arg(long, env = "KVROUTE_PREPROCESS_THREADS", help = with_default("Threads that tokenize and process images (0: one per core)", defaults().limits.preprocess_threads))]
+    preprocess_threads: Option<usize>,
+    #[arg(long, env = "KVROUTE_PREPROCESS_QUEUE", help = with_default("Requests that may wait for a preprocessing thread (more get 503)", defaults().limits.preprocess_queue))]
+    preprocess_queue: Option<usize>,
+}
+
+impl LimitsFlags {
+    fn apply(&self, limits: &mut LimitsConfig) {
+        set(&mut limits.max_connections, &self.max_connections);
+        set(&mut limits.max_header_bytes, &self.max_header_bytes);
+        set(&mut limits.max_body_bytes, &self.max_body_bytes);
+        set(
+            &mut limits.header_read_timeout_secs,
+            &self.header_read_timeout_secs,
+        );
+        set(
+            &mut limits.body_read_timeout_secs,
+            &self.body_read_timeout_secs,
+        );
+        set(&mut limits.idle_timeout_secs, &self.idle_timeout_secs);
+        set(
+            &mut limits.max_requests_per_connection,
+            &self.max_requests_per_connection,
+        );
+        set(&mut limits.preprocess_threads, &self.preprocess_threads);
+        set(&mut limits.preprocess_queue, &self.preprocess_queue);
+    }
+}
+
+/// How long a worker may take.
+#[derive(Args, Clone, Debug, Default)]
+pub struct TimeoutsFlags {
+    #[arg(long, env = "KVROUTE_CONNECT_TIMEOUT_MS", help = with_default("Milliseconds to connect to a worker", defaults().timeouts.connect_ms))]
+    connect_timeout_ms: Option<u64>,
+    #[arg(long, env = "KVROUTE_FIRST_BYTE_TIMEOUT_SECS", help = with_default("Seconds to wait for a worker's response headers (a non-streaming response's come with the whole generation)", defaults().timeouts.first_byte_secs))]
+    first_byte_timeout_secs: Option<u64>,
+    #[arg(long, env = "KVROUTE_STREAM_IDLE_TIMEOUT_SECS", help = with_default("Seconds a streamed response may stay silent (0: no limit)", defaults().timeouts.stream_idle_secs))]
+    stream_idle_timeout_secs: Option<u64>,
+    #[arg(long, env = "KVROUTE_TOTAL_TIMEOUT_SECS", help = with_default("Seconds a whole request may take (0: no limit)", defaults().timeouts.total_secs))]
+    total_timeout_secs: Option<u64>,
+}
+
+impl TimeoutsFlags {
+    fn apply(&self, timeouts: &mut TimeoutsConfig) {
+        set(&mut timeouts.connect_ms, &self.connect_timeout_ms);
+        set(&mut timeouts.first_byte_secs, &self.first_byte_timeout_secs);
+        set(
+            &mut timeouts.stream_idle_secs,
+            &self.stream_idle_timeout_secs,
+        );
+        set(&mut timeouts.total_secs, &self.total_timeout_secs);
+    }
+}
+
+/// API keys and what responses reveal.
+#[derive(Args, Clone, Debug, Default)]
+pub struct AuthFlags {
+    /// An API key clients must send as `Authorization: Bearer KEY` (no tenant, not admin);
+    /// repeatable, or comma-separated in KVROUTE_API_KEYS. Replaces the file's keys.
+    #[arg(
+        long = "api-key",
+        env = "KVROUTE_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
+    /// An admin API key (may read /metrics and /v1/route); repeatable, or comma-separated in
+    /// KVROUTE_ADMIN_KEYS. Replaces the file's keys.
+    #[arg(
+        long = "admin-key",
+        env = "KVROUTE_ADMIN_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    admin_keys: Vec<String>,
+    /// A TOML file of API keys (`[[keys]]` tables with key, tenant, admin, max_concurrent,
+    /// requests_per_minute); read again on SIGHUP.
+    #[arg(long, env = "KVROUTE_API_KEYS_FILE")]
+    api_keys_file: Option<PathBuf>,
+    /// Send x-kvroute-overlap-blocks and x-kvroute-predicted-cached-tokens (they reveal
+    /// whether a prompt prefix is cached).
+    #[arg(long, env = "KVROUTE_ROUTING_HEADERS", value_parser = BoolishValueParser::new())]
+    routing_headers: bool,
+}
+
+impl AuthFlags {
+    fn apply(&self, auth: &mut AuthConfig) {
+        if !self.api_keys.is_empty() || !self.admin_keys.is_empty() {
+            let plain = self.api_keys.iter().map(ApiKeyConfig::new);
+            let admin = self.admin_keys.iter().map(|k| ApiKeyConfig::new(k).admin());
+            auth.keys = plain.chain(admin).collect();
+        }
+        if self.api_keys_file.is_some() {
+            auth.keys_file.clone_from(&self.api_keys_file);
+        }
+        if self.routing_headers {
+            auth.routing_headers = true;
+        }
+    }
+}
+
 /// Every `kvroute serve` setting that has a flag.
 #[derive(Args, Clone, Debug, Default)]
 pub struct ServeFlags {
@@ -201,6 +320,12 @@ pub struct ServeFlags {
     breaker_failures: Option<u32>,
     #[arg(long, help = with_default("Seconds a failed worker stays out of rotation before a trial request", defaults().breaker.cooldown_secs))]
     breaker_cooldown_secs: Option<u64>,
+    #[command(flatten)]
+    limits: LimitsFlags,
+    #[command(flatten)]
+    timeouts: TimeoutsFlags,
+    #[command(flatten)]
+    auth: AuthFlags,
 }
 
 impl ServeFlags {
@@ -246,6 +371,9 @@ impl ServeFlags {
             &mut config.breaker.cooldown_secs,
             &self.breaker_cooldown_secs,
         );
+        self.limits.apply(&mut config.limits);
+        self.timeouts.apply(&mut config.timeouts);
+        self.auth.apply(&mut config.auth);
     }
 }
 

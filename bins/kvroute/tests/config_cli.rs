@@ -74,6 +74,34 @@ component = "vllm"
 endpoint = "chat"
 discovery = false
 registration_ttl_secs = 20
+
+[limits]
+max_connections = 100
+max_header_bytes = 16384
+max_body_bytes = 1000000
+header_read_timeout_secs = 3
+body_read_timeout_secs = 4
+idle_timeout_secs = 5
+max_requests_per_connection = 6
+preprocess_threads = 7
+preprocess_queue = 8
+
+[timeouts]
+connect_ms = 500
+first_byte_secs = 900
+stream_idle_secs = 0
+total_secs = 3600
+
+[auth]
+keys_file = "KEYS_FILE"
+routing_headers = true
+
+[[auth.keys]]
+key = "k1"
+
+[[auth.keys]]
+key = "k2"
+admin = true
 "#;
 
 const FLAGS: &[&str] = &[
@@ -101,16 +129,44 @@ const FLAGS: &[&str] = &[
     "--endpoint=chat",
     "--no-discovery",
     "--registration-ttl-secs=20",
+    "--max-connections=100",
+    "--max-header-bytes=16384",
+    "--max-body-bytes=1000000",
+    "--header-read-timeout-secs=3",
+    "--body-read-timeout-secs=4",
+    "--idle-timeout-secs=5",
+    "--max-requests-per-connection=6",
+    "--preprocess-threads=7",
+    "--preprocess-queue=8",
+    "--connect-timeout-ms=500",
+    "--first-byte-timeout-secs=900",
+    "--stream-idle-timeout-secs=0",
+    "--total-timeout-secs=3600",
+    "--api-keys-file=KEYS_FILE",
+    "--routing-headers",
+    "--api-key=k1",
+    "--admin-key=k2",
 ];
+
+/// FILE in `dir`, its keys file next to it; (FILE's path, the keys file's).
+fn write_config(dir: &tempfile::TempDir) -> (std::path::PathBuf, String) {
+    let keys = dir.path().join("keys.toml");
+    std::fs::write(&keys, "[[keys]]\nkey = \"k3\"\ntenant = \"t\"\n").unwrap();
+    let keys = keys.to_str().unwrap().to_owned();
+    let path = dir.path().join("kvroute.toml");
+    std::fs::write(&path, FILE.replace("KEYS_FILE", &keys)).unwrap();
+    (path, keys)
+}
 
 #[test]
 fn a_file_and_the_flags_give_the_same_configuration() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kvroute.toml");
-    std::fs::write(&path, FILE).unwrap();
+    let (path, keys) = write_config(&dir);
+    let keys = keys.as_str();
     let from_file = kvroute(&["config", "check", path.to_str().unwrap()], &[]);
+    let flags: Vec<String> = FLAGS.iter().map(|f| f.replace("KEYS_FILE", keys)).collect();
     let mut check = vec!["config", "check"];
-    check.extend_from_slice(FLAGS);
+    check.extend(flags.iter().map(String::as_str));
     let from_flags = kvroute(&check, &[]);
     assert_eq!(from_file, from_flags);
     // Every setting differs from its default: the comparison covers them all.
@@ -125,8 +181,7 @@ fn a_file_and_the_flags_give_the_same_configuration() {
 #[test]
 fn flags_override_the_file_and_the_environment_fills_in() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("kvroute.toml");
-    std::fs::write(&path, FILE).unwrap();
+    let (path, _) = write_config(&dir);
     let path = path.to_str().unwrap();
     let config = kvroute(
         &["config", "check", path, "--block-size=64"],

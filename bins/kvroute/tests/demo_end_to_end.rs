@@ -45,6 +45,7 @@ async fn cluster_with(workers: u64, decode_tokens_per_second: f64, approximate: 
     config.breaker.failures = 1;
     config.breaker.cooldown_secs = 60;
     config.nats.discovery = false;
+    config.auth.routing_headers = true;
     config.events.source = if approximate {
         EventsSource::None
     } else {

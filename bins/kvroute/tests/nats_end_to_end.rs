@@ -62,6 +62,7 @@ async fn serve_and_worker_sims_over_nats() {
             "32",
         ])
         .args(["--listen", &format!("127.0.0.1:{gateway_port}")])
+        .arg("--routing-headers")
         .args(["--breaker-failures", "1", "--breaker-cooldown-secs", "60"])
         .args(["--registration-ttl-secs", REGISTRATION_TTL_SECS]);
     // Worker 1 is listed; the others are found through their registrations.

@@ -14,13 +14,34 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 /// Forwarding settings.
+///
+/// Only a failure to connect, a broken connection or a 5xx counts against a worker's circuit
+/// breaker and moves on to another worker. A timeout waiting for the first byte, or later for
+/// the stream, does not: a long generation is slow, not broken, and sending it again elsewhere
+/// would only run it twice.
+///
+/// ```
+/// use kvroute_dispatch::ForwardConfig;
+/// use std::time::Duration;
+///
+/// // Non-streaming generations of up to ten minutes.
+/// let config = ForwardConfig::default()
+///     .with_first_byte_timeout(Duration::from_secs(600))
+///     .with_total_timeout(Some(Duration::from_secs(900)));
+/// assert_eq!(config.connect_timeout, Duration::from_secs(2));
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ForwardConfig {
     /// TCP connect timeout per attempt.
     pub connect_timeout: Duration,
-    /// How long to wait for a worker's response headers before trying another.
-    pub response_timeout: Duration,
+    /// How long to wait for a worker's response headers. A non-streaming response's headers
+    /// come with its whole body, so this bounds its generation time.
+    pub first_byte_timeout: Duration,
+    /// Longest silence between two body chunks of a worker's response (`None`: no limit).
+    pub stream_idle_timeout: Option<Duration>,
+    /// Longest time from sending a request to the end of its response (`None`: no limit).
+    pub total_timeout: Option<Duration>,
     /// Workers tried per request (the first choice plus retries elsewhere).
     pub max_attempts: usize,
 }
@@ -29,9 +50,43 @@ impl Default for ForwardConfig {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(2),
-            response_timeout: Duration::from_secs(60),
+            first_byte_timeout: Duration::from_secs(300),
+            stream_idle_timeout: Some(Duration::from_secs(120)),
+            total_timeout: Some(Duration::from_secs(1800)),
             max_attempts: 3,
         }
+    }
+}
+
+impl ForwardConfig {
+    /// Sets the TCP connect timeout.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sets how long to wait for a worker's response headers.
+    pub fn with_first_byte_timeout(mut self, timeout: Duration) -> Self {
+        self.first_byte_timeout = timeout;
+        self
+    }
+
+    /// Sets the longest silence inside a response body.
+    pub fn with_stream_idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.stream_idle_timeout = timeout;
+        self
+    }
+
+    /// Sets the longest time a whole request may take.
+    pub fn with_total_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.total_timeout = timeout;
+        self
+    }
+
+    /// Sets how many workers a request tries.
+    pub fn with_max_attempts(mut self, attempts: usize) -> Self {
+        self.max_attempts = attempts.max(1);
+        self
     }
 }
 
@@ -42,6 +97,15 @@ pub enum ForwardError {
     /// No worker was eligible (none registered, or every circuit open).
     #[error("no worker is available")]
     NoWorkers,
+    /// The worker sent no response headers within the first-byte timeout. Not retried and
+    /// not counted against the worker's breaker (the generation may simply be long).
+    #[error("worker {worker} sent no response within {timeout:?}")]
+    Timeout {
+        /// The worker waited for.
+        worker: kvroute_protocol::WorkerId,
+        /// The first-byte timeout.
+        timeout: Duration,
+    },
     /// Every attempt failed before a response arrived.
     #[error("{attempts} worker(s) failed; last: {last}")]
     AllFailed {
@@ -163,9 +227,10 @@ impl Forwarder {
     }
 
     /// Posts `body` to `path` on the first candidate that answers, in order. Connection
-    /// errors, timeouts and 5xx responses (before any body byte reached the client) count
-    /// against that worker's circuit breaker and move on to the next candidate; any other
-    /// response is returned as is.
+    /// errors and 5xx responses (before any body byte reached the client) count against that
+    /// worker's circuit breaker and move on to the next candidate; a first-byte timeout ends
+    /// the request ([`ForwardError::Timeout`]) without either; any other response is returned
+    /// as is.
     pub async fn post(
         &self,
         registry: &Registry,
@@ -193,11 +258,8 @@ impl Forwarder {
                 registry.record_failure(worker.id, Instant::now());
                 continue;
             };
-            let outcome = tokio::time::timeout(
-                self.config.response_timeout,
-                self.pool.send(&address, request),
-            )
-            .await;
+            let timeout = self.config.first_byte_timeout;
+            let outcome = tokio::time::timeout(timeout, self.pool.send(&address, request)).await;
             match outcome {
                 Ok(Ok(response)) if !response.status().is_server_error() => {
                     registry.record_success(worker.id);
@@ -219,10 +281,10 @@ impl Forwarder {
                     last = Some(format!("worker {}: {error}", worker.id));
                 }
                 Err(_) => {
-                    last = Some(format!(
-                        "worker {} sent no response within {:?}",
-                        worker.id, self.config.response_timeout
-                    ));
+                    return Err(ForwardError::Timeout {
+                        worker: worker.id,
+                        timeout,
+                    })
                 }
             }
             registry.record_failure(worker.id, Instant::now());

@@ -8,8 +8,11 @@ use hyper::body::{Body, Frame, SizeHint};
 use kvroute_dispatch::{LoadGuard, WorkerBody};
 use kvroute_protocol::ErrorBody;
 use metrics::counter;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::time::Sleep;
 
 /// Any error a response body can end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -52,6 +55,10 @@ pub type StreamErrorHook = Box<dyn FnOnce(&hyper::Error) + Send>;
 /// mid-stream, ends an SSE stream with an OpenAI-style error event instead of a silent cut.
 pub struct Passthrough {
     inner: WorkerBody,
+    /// The longest silence allowed between two chunks, and the timer of the current one.
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    /// The end of the request's total time.
+    deadline: Option<Pin<Box<Sleep>>>,
     guard: Option<LoadGuard>,
     first_byte: bool,
     sse: bool,
@@ -73,12 +80,61 @@ impl Passthrough {
     ) -> Self {
         Self {
             inner,
+            idle: None,
+            deadline: None,
             guard: Some(guard),
             first_byte: false,
             sse,
             on_error: Some(on_error),
             predicted_cached_tokens,
             reported_cached_tokens: None,
+        }
+    }
+}
+
+impl Passthrough {
+    /// Ends the body when the worker stays silent for `idle`, or at `deadline`. Neither counts
+    /// against the worker's breaker: a slow generation is not a failed worker.
+    pub fn with_timeouts(mut self, idle: Option<Duration>, deadline: Option<Instant>) -> Self {
+        self.idle = idle.map(|idle| (idle, Box::pin(tokio::time::sleep(idle))));
+        self.deadline = deadline.map(|at| Box::pin(tokio::time::sleep_until(at.into())));
+        self
+    }
+
+    /// Which timeout, if any, has run out.
+    fn timed_out(&mut self, cx: &mut Context<'_>) -> Option<&'static str> {
+        if let Some(deadline) = self.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Some("total");
+            }
+        }
+        if let Some((_, idle)) = self.idle.as_mut() {
+            if idle.as_mut().poll(cx).is_ready() {
+                return Some("stream_idle");
+            }
+        }
+        None
+    }
+
+    /// Ends the body with an error: an SSE error event for a stream, a cut otherwise.
+    fn fail(
+        &mut self,
+        message: String,
+        code: &str,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.guard = None;
+        if self.sse {
+            let event = serde_json::json!({"error": {
+                "message": message,
+                "type": "server_error",
+                "param": null,
+                "code": code,
+            }});
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from(format!(
+                "data: {event}\n\ndata: [DONE]\n\n"
+            ))))))
+        } else {
+            Poll::Ready(Some(Err(message.into())))
         }
     }
 }
@@ -109,8 +165,20 @@ impl Body for Passthrough {
             return Poll::Ready(None);
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => match this.timed_out(cx) {
+                None => Poll::Pending,
+                Some(which) => {
+                    counter!("kvroute_upstream_timeouts_total", "phase" => which).increment(1);
+                    this.fail(
+                        format!("the worker's response ran past the {which} timeout"),
+                        "worker_timeout",
+                    )
+                }
+            },
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some((idle, timer)) = this.idle.as_mut() {
+                    timer.as_mut().reset(tokio::time::Instant::now() + *idle);
+                }
                 if let Some(data) = frame.data_ref() {
                     if !this.first_byte {
                         this.first_byte = true;
@@ -128,20 +196,10 @@ impl Body for Passthrough {
                 if let Some(on_error) = this.on_error.take() {
                     on_error(&error);
                 }
-                this.guard = None;
-                if this.sse {
-                    let event = serde_json::json!({"error": {
-                        "message": format!("the worker failed mid-stream: {error}"),
-                        "type": "server_error",
-                        "param": null,
-                        "code": "worker_failed",
-                    }});
-                    Poll::Ready(Some(Ok(Frame::data(Bytes::from(format!(
-                        "data: {event}\n\ndata: [DONE]\n\n"
-                    ))))))
-                } else {
-                    Poll::Ready(Some(Err(Box::new(error))))
-                }
+                this.fail(
+                    format!("the worker failed mid-stream: {error}"),
+                    "worker_failed",
+                )
             }
             Poll::Ready(None) => {
                 this.guard = None;

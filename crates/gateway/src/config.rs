@@ -5,7 +5,8 @@
 //! live here and nowhere else; `kvroute config example` prints [`ServerConfig::example_toml`].
 
 use kvroute_dispatch::{
-    BreakerConfig, CostConfig, KvAware, LeastLoaded, Random, RoundRobin, RoutingPolicy, Worker,
+    BreakerConfig, CostConfig, ForwardConfig, KvAware, LeastLoaded, Random, RoundRobin,
+    RoutingPolicy, Worker,
 };
 use kvroute_events::{MembershipSettings, StreamSettings};
 use kvroute_preprocess::{ModelFiles, PreprocessConfig, PreprocessError, Preprocessor};
@@ -62,6 +63,12 @@ pub struct ServerConfig {
     pub events: EventsConfig,
     /// The NATS deployment: event stream, worker registrations, snapshots.
     pub nats: NatsConfig,
+    /// What one client can make the server hold or compute.
+    pub limits: LimitsConfig,
+    /// How long a worker may take.
+    pub timeouts: TimeoutsConfig,
+    /// API keys, tenants and what the responses reveal.
+    pub auth: AuthConfig,
 }
 
 impl Default for ServerConfig {
@@ -75,7 +82,238 @@ impl Default for ServerConfig {
             workers: Vec::new(),
             events: EventsConfig::default(),
             nats: NatsConfig::default(),
+            limits: LimitsConfig::default(),
+            timeouts: TimeoutsConfig::default(),
+            auth: AuthConfig::default(),
         }
+    }
+}
+
+/// What one client can make the server hold or compute: connections, bytes, time, and the
+/// preprocessing pool (tokenization and image work run there, off the async runtime).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct LimitsConfig {
+    /// Open client connections; one more is accepted and closed at once.
+    pub max_connections: usize,
+    /// Largest request head (request line and headers), in bytes (at least 8192).
+    pub max_header_bytes: usize,
+    /// Largest request body, in bytes (base64 images make bodies large).
+    pub max_body_bytes: usize,
+    /// Seconds a client has to send a request's headers.
+    pub header_read_timeout_secs: u64,
+    /// Seconds a client has to send a request's whole body.
+    pub body_read_timeout_secs: u64,
+    /// Seconds a connection may stay open with no request in flight and no byte moving.
+    pub idle_timeout_secs: u64,
+    /// Requests served on one connection before it is closed (the client reconnects).
+    pub max_requests_per_connection: u64,
+    /// Threads that tokenize and process images (0: one per core).
+    pub preprocess_threads: usize,
+    /// Requests waiting for a preprocessing thread; more are refused with 503 and
+    /// `retry-after`.
+    pub preprocess_queue: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            max_header_bytes: 64 << 10,
+            max_body_bytes: 32 << 20,
+            header_read_timeout_secs: 10,
+            body_read_timeout_secs: 60,
+            idle_timeout_secs: 75,
+            max_requests_per_connection: 10_000,
+            preprocess_threads: 0,
+            preprocess_queue: 256,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The accept loop's limits.
+    pub fn connection_limits(&self) -> crate::ConnectionLimits {
+        crate::ConnectionLimits::default()
+            .with_max_connections(self.max_connections)
+            .with_max_header_bytes(self.max_header_bytes)
+            .with_header_read_timeout(Duration::from_secs(self.header_read_timeout_secs))
+            .with_idle_timeout(Duration::from_secs(self.idle_timeout_secs))
+            .with_max_requests_per_connection(self.max_requests_per_connection)
+    }
+
+    /// Preprocessing threads: the configured number, or one per core.
+    pub fn preprocess_threads(&self) -> usize {
+        match self.preprocess_threads {
+            0 => std::thread::available_parallelism().map_or(2, usize::from),
+            threads => threads,
+        }
+    }
+}
+
+/// How long a worker may take. Timeouts waiting for a worker never count against its
+/// circuit breaker: a long generation is slow, not broken.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TimeoutsConfig {
+    /// Milliseconds to open a TCP connection to a worker (then the next worker is tried).
+    pub connect_ms: u64,
+    /// Seconds to wait for a worker's response headers. A non-streaming response's headers
+    /// come with the whole generation: raise this for long non-streaming generations.
+    pub first_byte_secs: u64,
+    /// Seconds a streamed response may stay silent (0: no limit).
+    pub stream_idle_secs: u64,
+    /// Seconds a whole request may take, stream included (0: no limit).
+    pub total_secs: u64,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        let forward = ForwardConfig::default();
+        let secs = |timeout: Option<Duration>| timeout.map_or(0, |t| t.as_secs());
+        Self {
+            connect_ms: u64::try_from(forward.connect_timeout.as_millis()).unwrap_or(u64::MAX),
+            first_byte_secs: forward.first_byte_timeout.as_secs(),
+            stream_idle_secs: secs(forward.stream_idle_timeout),
+            total_secs: secs(forward.total_timeout),
+        }
+    }
+}
+
+impl TimeoutsConfig {
+    /// The forwarder's settings.
+    pub fn forward(&self) -> ForwardConfig {
+        let optional = |secs: u64| (secs > 0).then(|| Duration::from_secs(secs));
+        ForwardConfig::default()
+            .with_connect_timeout(Duration::from_millis(self.connect_ms))
+            .with_first_byte_timeout(Duration::from_secs(self.first_byte_secs))
+            .with_stream_idle_timeout(optional(self.stream_idle_secs))
+            .with_total_timeout(optional(self.total_secs))
+    }
+}
+
+/// API keys, tenants, and what responses reveal about the cache.
+///
+/// Without keys the gateway is open (for a trusted network only). With keys, every endpoint
+/// but `/health` and `/ready` needs one, and `/metrics` and `/v1/route` need an admin key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct AuthConfig {
+    /// Keys given in this file.
+    pub keys: Vec<ApiKeyConfig>,
+    /// A TOML file of more keys (`[[keys]]` tables, as here); read again on reload.
+    pub keys_file: Option<PathBuf>,
+    /// Send `x-kvroute-overlap-blocks` and `x-kvroute-predicted-cached-tokens`: they say
+    /// whether a prompt's prefix is cached, which reveals other clients' prompts within a
+    /// cache namespace. Off unless the clients trust each other (or each has its own tenant).
+    pub routing_headers: bool,
+}
+
+/// One API key.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ApiKeyConfig {
+    /// The bearer token clients send (`Authorization: Bearer KEY`).
+    pub key: String,
+    /// The tenant the key belongs to: its requests are hashed in their own cache namespace
+    /// and forwarded with `cache_salt` set to it, so tenants neither share nor probe each
+    /// other's cached prefixes. Keys without a tenant share the default namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// May read `/metrics` and `/v1/route`.
+    #[serde(default)]
+    pub admin: bool,
+    /// Requests in flight at once with this key (more get 429).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+    /// Requests per minute with this key (more get 429 with `retry-after`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
+}
+
+impl std::fmt::Debug for ApiKeyConfig {
+    /// Never prints the key itself (configurations are logged and printed).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKeyConfig")
+            .field("key", &"<redacted>")
+            .field("tenant", &self.tenant)
+            .field("admin", &self.admin)
+            .field("max_concurrent", &self.max_concurrent)
+            .field("requests_per_minute", &self.requests_per_minute)
+            .finish()
+    }
+}
+
+impl ApiKeyConfig {
+    /// A key of no tenant, not admin, without limits.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            tenant: None,
+            admin: false,
+            max_concurrent: None,
+            requests_per_minute: None,
+        }
+    }
+
+    /// An admin key.
+    pub fn admin(mut self) -> Self {
+        self.admin = true;
+        self
+    }
+
+    /// The key's tenant.
+    pub fn with_tenant(mut self, tenant: impl Into<String>) -> Self {
+        self.tenant = Some(tenant.into());
+        self
+    }
+}
+
+/// The keys file's form.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysFile {
+    #[serde(default)]
+    keys: Vec<ApiKeyConfig>,
+}
+
+impl AuthConfig {
+    /// Every key: those of this section, then the keys file's; checked (non-empty, no key
+    /// twice, no empty tenant).
+    pub fn load_keys(&self) -> Result<Vec<ApiKeyConfig>, ConfigError> {
+        let mut keys = self.keys.clone();
+        if let Some(path) = &self.keys_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let file: KeysFile = toml::from_str(&text)?;
+            keys.extend(file.keys);
+        }
+        let invalid = |why: String| ConfigError::Invalid {
+            field: "auth.keys",
+            why,
+        };
+        let mut seen = HashSet::new();
+        for (n, key) in keys.iter().enumerate() {
+            if key.key.trim().is_empty() || key.key.chars().any(char::is_whitespace) {
+                return Err(invalid(format!("key {n} is empty or contains spaces")));
+            }
+            if !seen.insert(key.key.as_str()) {
+                return Err(invalid(format!("key {n} is given twice")));
+            }
+            if key.tenant.as_deref().is_some_and(str::is_empty) {
+                return Err(invalid(format!("key {n} has an empty tenant")));
+            }
+            if key.max_concurrent == Some(0) || key.requests_per_minute == Some(0) {
+                return Err(invalid(format!("key {n}: limits must be at least 1")));
+            }
+        }
+        Ok(keys)
     }
 }
 
@@ -490,6 +728,37 @@ impl ServerConfig {
         if self.nats.registration_ttl_secs == 0 {
             return invalid("nats.registration_ttl_secs", "must be at least 1".into());
         }
+        let at_least_one = [
+            ("limits.max_connections", self.limits.max_connections as u64),
+            ("limits.max_body_bytes", self.limits.max_body_bytes as u64),
+            (
+                "limits.header_read_timeout_secs",
+                self.limits.header_read_timeout_secs,
+            ),
+            (
+                "limits.body_read_timeout_secs",
+                self.limits.body_read_timeout_secs,
+            ),
+            ("limits.idle_timeout_secs", self.limits.idle_timeout_secs),
+            (
+                "limits.max_requests_per_connection",
+                self.limits.max_requests_per_connection,
+            ),
+            ("timeouts.connect_ms", self.timeouts.connect_ms),
+            ("timeouts.first_byte_secs", self.timeouts.first_byte_secs),
+        ];
+        for (field, value) in at_least_one {
+            if value == 0 {
+                return invalid(field, "must be at least 1".into());
+            }
+        }
+        if self.limits.max_header_bytes < MIN_HEADER_BYTES {
+            return invalid(
+                "limits.max_header_bytes",
+                format!("must be at least {MIN_HEADER_BYTES}"),
+            );
+        }
+        self.auth.load_keys()?;
         Ok(())
     }
 
@@ -517,6 +786,9 @@ impl ServerConfig {
         EXAMPLE.to_owned()
     }
 }
+
+/// The smallest read buffer hyper's HTTP/1 server accepts.
+pub(crate) const MIN_HEADER_BYTES: usize = 8192;
 
 /// `kvroute config example`; a test checks it parses to the defaults.
 const EXAMPLE: &str = r#"# kvroute server configuration (kvroute serve --config FILE).
@@ -580,6 +852,50 @@ endpoint = "generate"
 discovery = true
 # Seconds a registration lives without a heartbeat.
 registration_ttl_secs = 10
+
+[limits]
+# Open client connections; one more is accepted and closed at once.
+max_connections = 4096
+# Largest request head (request line and headers), in bytes (at least 8192).
+max_header_bytes = 65536
+# Largest request body, in bytes.
+max_body_bytes = 33554432
+# Seconds a client has to send a request's headers, then its whole body.
+header_read_timeout_secs = 10
+body_read_timeout_secs = 60
+# Seconds a connection may stay open with no request in flight.
+idle_timeout_secs = 75
+# Requests served on one connection before it is closed.
+max_requests_per_connection = 10000
+# Threads that tokenize and process images (0: one per core), and requests that may wait
+# for one (more are refused with 503 and retry-after).
+preprocess_threads = 0
+preprocess_queue = 256
+
+[timeouts]
+# Milliseconds to connect to a worker (then the next worker is tried).
+connect_ms = 2000
+# Seconds to wait for a worker's response headers: a non-streaming response's headers come
+# with the whole generation, so raise this for long non-streaming generations.
+first_byte_secs = 300
+# Seconds a streamed response may stay silent, and a whole request may take (0: no limit).
+# No timeout counts against a worker's circuit breaker.
+stream_idle_secs = 120
+total_secs = 1800
+
+[auth]
+# Without keys the gateway is open. With keys, every endpoint but /health and /ready needs
+# `Authorization: Bearer KEY`, and /metrics and /v1/route need an admin key.
+# keys_file = "/etc/kvroute/keys.toml"   # more [[keys]] tables; read again on SIGHUP
+# Send x-kvroute-overlap-blocks and x-kvroute-predicted-cached-tokens (they reveal whether
+# a prefix is cached, i.e. other clients' prompts within the same tenant).
+routing_headers = false
+# [[auth.keys]]
+# key = "sk-..."
+# tenant = "team-a"          # its own cache namespace (forwarded as cache_salt)
+# admin = false              # may read /metrics and /v1/route
+# max_concurrent = 16        # requests in flight (more: 429)
+# requests_per_minute = 600  # (more: 429 with retry-after)
 "#;
 
 #[cfg(test)]

@@ -1,50 +1,68 @@
 //! The body forwarded to the engine: the client's bytes, with the media id the router hashed
 //! added to each image and video part as its `uuid` (vLLM's multimodal uuid), so engine and
-//! router hash the same identity.
+//! router hash the same identity, and a tenant's name as `cache_salt` (vLLM's per-request
+//! prefix cache salt), so the engine keeps tenants' caches apart as the router's namespaces
+//! do.
 
 use bytes::Bytes;
 use kvroute_dispatch::ForwardBody;
 use kvroute_preprocess::{ChatRequest, ImagePart, Prompt};
 
-/// `body` (the bytes `chat` was parsed from) as the engine should get it. The uuids are
-/// spliced into the client's bytes at the places the parse noted, as chunks around them (a
-/// body of several MB of base64 is neither parsed again nor copied); a body where a part
-/// cannot be placed that way (an escaped first key, a `uuid` member already there) is
-/// re-serialized instead.
+/// `body` (the bytes `chat` was parsed from) as the engine should get it, with `salt` as its
+/// `cache_salt` when the caller has a tenant. The additions are spliced into the client's
+/// bytes at the places the parse noted, as chunks around them (a body of several MB of base64
+/// is neither parsed again nor copied); a body where one cannot be placed that way (an escaped
+/// first key, a `uuid` or `cache_salt` member already there) is re-serialized instead.
 pub(crate) fn with_image_uuids(
     body: &Bytes,
     chat: &ChatRequest<'_>,
     prompt: &Prompt,
+    salt: Option<&str>,
 ) -> ForwardBody {
-    if prompt.images.is_empty() && prompt.videos.is_empty() {
+    if prompt.images.is_empty() && prompt.videos.is_empty() && salt.is_none() {
         return ForwardBody::from(body.clone());
     }
-    splice(body, chat, prompt).unwrap_or_else(|| ForwardBody::from(reserialize(chat, prompt)))
+    splice(body, chat, prompt, salt)
+        .unwrap_or_else(|| ForwardBody::from(reserialize(chat, prompt, salt)))
 }
 
-fn splice(body: &Bytes, chat: &ChatRequest<'_>, prompt: &Prompt) -> Option<ForwardBody> {
+fn splice(
+    body: &Bytes,
+    chat: &ChatRequest<'_>,
+    prompt: &Prompt,
+    salt: Option<&str>,
+) -> Option<ForwardBody> {
     // The offsets are into `chat.body`, which must be these very bytes.
     if !std::ptr::eq(chat.body.as_bytes(), body.as_ref()) {
         return None;
     }
-    let mut inserts: Vec<(usize, &str)> = Vec::with_capacity(chat.images.len());
+    let mut inserts: Vec<(usize, &str, &str)> = Vec::with_capacity(chat.images.len() + 1);
+    if let Some(salt) = salt {
+        // The client's own salt must not survive next to the tenant's (JSON parsers keep
+        // the last of two equal keys).
+        if chat.field("cache_salt").is_some() {
+            return None;
+        }
+        let open = body.iter().position(|&b| b == b'{')?;
+        inserts.push((open + 1, "cache_salt", salt));
+    }
     for (part, uuid) in media(chat, prompt) {
         // The client named the image: the engine already gets that uuid.
         if part.uuid.is_some() {
             continue;
         }
-        inserts.push((part.insert_at?, uuid));
+        inserts.push((part.insert_at?, "uuid", uuid));
     }
-    inserts.sort_unstable_by_key(|(at, _)| *at);
+    inserts.sort_by_key(|(at, _, _)| *at);
     let mut chunks = Vec::with_capacity(2 * inserts.len() + 1);
     let mut from = 0;
-    for (at, uuid) in inserts {
+    for (at, key, value) in inserts {
         if at < from || at > body.len() {
             return None;
         }
         chunks.push(body.slice(from..at));
-        let mut member = b"\"uuid\":".to_vec();
-        serde_json::to_writer(&mut member, uuid).ok()?;
+        let mut member = format!("\"{key}\":").into_bytes();
+        serde_json::to_writer(&mut member, value).ok()?;
         member.push(b',');
         chunks.push(Bytes::from(member));
         from = at;
@@ -65,10 +83,13 @@ fn media<'a>(
         .chain(videos.map(|(part, video)| (part, video.forward_uuid.as_str())))
 }
 
-fn reserialize(chat: &ChatRequest<'_>, prompt: &Prompt) -> Bytes {
+fn reserialize(chat: &ChatRequest<'_>, prompt: &Prompt, salt: Option<&str>) -> Bytes {
     let Ok(mut body) = serde_json::from_str::<serde_json::Value>(chat.body) else {
         return Bytes::copy_from_slice(chat.body.as_bytes());
     };
+    if let (Some(salt), Some(fields)) = (salt, body.as_object_mut()) {
+        fields.insert("cache_salt".to_owned(), salt.into());
+    }
     for (part, uuid) in media(chat, prompt) {
         let slot = body
             .get_mut("messages")
@@ -103,12 +124,16 @@ mod tests {
     }
 
     async fn forwarded(body: &str) -> (Value, Value) {
+        salted(body, None).await
+    }
+
+    async fn salted(body: &str, salt: Option<&str>) -> (Value, Value) {
         let preprocessor = preprocessor();
         let bytes = Bytes::copy_from_slice(body.as_bytes());
         let chat = ChatRequest::from_json(&bytes).unwrap();
         let prompt = preprocessor.chat(&chat).await.unwrap();
-        let spliced = with_image_uuids(&bytes, &chat, &prompt);
-        let reference = reserialize(&chat, &prompt);
+        let spliced = with_image_uuids(&bytes, &chat, &prompt, salt);
+        let reference = reserialize(&chat, &prompt, salt);
         (
             serde_json::from_slice(&collect(spliced).await).unwrap(),
             serde_json::from_slice(&reference).unwrap(),
@@ -171,6 +196,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_tenant_salt_is_spliced_and_overrides_the_clients() {
+        for (body, spliced_expected) in [
+            (format!(r#" {{"model": "m", "messages": [{{"role": "user", "content": [{}]}}]}}"#, image("")), true),
+            (r#"{"model": "m", "messages": [{"role": "user", "content": "hi"}]}"#.to_owned(), true),
+            (r#"{"cache_salt": "other", "model": "m", "messages": [{"role": "user", "content": "hi"}]}"#.to_owned(), false),
+        ] {
+            let (spliced, reference) = salted(&body, Some("team-a")).await;
+            assert_eq!(spliced, reference, "{body}");
+            assert_eq!(spliced["cache_salt"], "team-a", "{body}");
+            let chat = ChatRequest::from_json(body.as_bytes()).unwrap();
+            let prompt = preprocessor().chat(&chat).await.unwrap();
+            let bytes = Bytes::copy_from_slice(body.as_bytes());
+            let chat = ChatRequest::from_json(&bytes).unwrap();
+            assert_eq!(splice(&bytes, &chat, &prompt, Some("t")).is_some(), spliced_expected);
+        }
+    }
+
+    #[tokio::test]
     async fn offsets_into_other_bytes_are_not_used() {
         let body = format!(
             r#"{{"model": "m", "messages": [{{"role": "user", "content": [{}]}}]}}"#,
@@ -180,9 +223,9 @@ mod tests {
         let chat = ChatRequest::from_json(body.as_bytes()).unwrap();
         let prompt = preprocessor.chat(&chat).await.unwrap();
         let copy = Bytes::copy_from_slice(body.as_bytes());
-        assert!(splice(&copy, &chat, &prompt).is_none());
+        assert!(splice(&copy, &chat, &prompt, None).is_none());
         let forwarded: Value =
-            serde_json::from_slice(&collect(with_image_uuids(&copy, &chat, &prompt)).await)
+            serde_json::from_slice(&collect(with_image_uuids(&copy, &chat, &prompt, None)).await)
                 .unwrap();
         assert_eq!(
             forwarded["messages"][0]["content"][0]["uuid"],
@@ -225,7 +268,7 @@ mod tests {
             let bytes = Bytes::copy_from_slice(body.as_bytes());
             let chat = ChatRequest::from_json(&bytes).unwrap();
             let prompt = preprocessor.chat(&chat).await.unwrap();
-            assert!(splice(&bytes, &chat, &prompt).is_none(), "{part}");
+            assert!(splice(&bytes, &chat, &prompt, None).is_none(), "{part}");
             let (forwarded, reference) = forwarded(&body).await;
             assert_eq!(forwarded, reference);
             let parts = &forwarded["messages"][0]["content"];

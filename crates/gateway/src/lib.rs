@@ -48,19 +48,22 @@
 //! ```
 
 mod accept;
+mod auth;
 mod body;
 mod config;
+mod cpu;
 mod discovery;
 mod forward_body;
 mod handler;
 mod server;
 mod usage;
 
-pub use accept::serve_http;
+pub use accept::{serve_http, serve_http_with, ConnectionLimits};
 pub use body::{error_response, json_response, BoxError, GatewayBody};
 pub use config::{
-    BreakerSettings, ConfigError, EventsConfig, EventsSource, ModelConfig, NatsConfig, PolicyName,
-    RoutingConfig, ServerConfig, WorkerConfig,
+    ApiKeyConfig, AuthConfig, BreakerSettings, ConfigError, EventsConfig, EventsSource,
+    LimitsConfig, ModelConfig, NatsConfig, PolicyName, RoutingConfig, ServerConfig, TimeoutsConfig,
+    WorkerConfig,
 };
 pub use discovery::follow_membership;
 pub use handler::{bind, Gateway, GatewayConfig, GatewayError, MetricsRender};

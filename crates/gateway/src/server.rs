@@ -6,7 +6,7 @@
 //! shutdown. Embedders add their own middleware around the request handler and their own
 //! routing policy; tests start real servers in-process.
 
-use crate::accept::serve_http;
+use crate::accept::serve_http_with;
 use crate::body::GatewayBody;
 use crate::config::{ConfigError, EventsSource, RoutingConfig, ServerConfig};
 use crate::discovery::follow_membership;
@@ -182,7 +182,11 @@ impl ServerBuilder {
         let policy = SharedPolicy::from_box((self.policy)(&config.routing));
         let mut gateway_config = GatewayConfig::new(&config.model.name, config.model.block_size)
             .with_policy(policy.clone())
-            .with_approximate(config.events.source == EventsSource::None);
+            .with_approximate(config.events.source == EventsSource::None)
+            .with_limits(&config.limits)
+            .with_forward(config.timeouts.forward())
+            .with_api_keys(config.auth.load_keys()?)
+            .with_routing_headers(config.auth.routing_headers);
         if let Some(render) = self.metrics {
             gateway_config = gateway_config.with_metrics(render);
         }
@@ -208,10 +212,11 @@ impl ServerBuilder {
         let (stop, stopped) = watch::channel(false);
         let chain: Arc<[Middleware]> = self.middleware.into();
         let handler_gateway = gateway.clone();
-        let accept = tokio::spawn(serve_http(
+        let accept = tokio::spawn(serve_http_with(
             listener,
             wait_for(stopped),
             None,
+            config.limits.connection_limits(),
             move |request| {
                 Next {
                     gateway: handler_gateway.clone(),
@@ -364,12 +369,17 @@ impl Server {
     }
 
     /// Applies what can change without a restart (static workers, routing policy and
-    /// weights) from `new`, and reports the rest. Counted in `kvroute_config_reloads_total`.
+    /// weights, API keys: the keys file is read again) from `new`, and reports the rest.
+    /// Counted in `kvroute_config_reloads_total`.
     pub fn reload(&self, new: ServerConfig) -> Result<ReloadReport, ConfigError> {
-        if let Err(error) = new.validate() {
-            counter!("kvroute_config_reloads_total", "result" => "invalid").increment(1);
-            return Err(error);
-        }
+        let keys = new.validate().and_then(|()| new.auth.load_keys());
+        let keys = match keys {
+            Ok(keys) => keys,
+            Err(error) => {
+                counter!("kvroute_config_reloads_total", "result" => "invalid").increment(1);
+                return Err(error);
+            }
+        };
         let mut current = self.lock_config();
         let mut report = ReloadReport::default();
         if new.workers != current.workers {
@@ -387,6 +397,10 @@ impl Server {
             self.policy.replace((self.policy_factory)(&new.routing));
             report.applied.push("routing");
         }
+        // Always: the keys file may have changed while the configuration did not.
+        if self.gateway.set_api_keys(&keys).is_ok() {
+            report.applied.push("auth.keys");
+        }
         let restart_only = [
             ("listen", new.listen != current.listen),
             (
@@ -397,6 +411,12 @@ impl Server {
             ("breaker", new.breaker != current.breaker),
             ("events", new.events != current.events),
             ("nats", new.nats != current.nats),
+            ("limits", new.limits != current.limits),
+            ("timeouts", new.timeouts != current.timeouts),
+            (
+                "auth.routing_headers",
+                new.auth.routing_headers != current.auth.routing_headers,
+            ),
         ];
         report.needs_restart = restart_only
             .into_iter()
@@ -406,6 +426,8 @@ impl Server {
         let reloaded_routing = new.routing.clone();
         current.workers = reloaded_workers;
         current.routing = reloaded_routing;
+        current.auth.keys = new.auth.keys;
+        current.auth.keys_file = new.auth.keys_file;
         counter!("kvroute_config_reloads_total", "result" => "ok").increment(1);
         tracing::info!(applied = ?report.applied, needs_restart = ?report.needs_restart, "configuration reloaded");
         Ok(report)

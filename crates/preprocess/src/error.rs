@@ -51,6 +51,15 @@ pub enum PreprocessError {
         /// The configured limit.
         limit: usize,
     },
+    /// The prompt text is too long for any tokenization to fit the limit: refused before
+    /// tokenizing it (no token of the vocabulary is longer than `max_token_bytes`).
+    #[error("the prompt has {bytes} bytes, more than {limit} tokens can hold")]
+    PromptTooLarge {
+        /// Bytes of prompt text.
+        bytes: usize,
+        /// The configured token limit.
+        limit: usize,
+    },
     /// The model bundle is unusable (missing or malformed files, a template that does not
     /// compile, a tokenizer that fails). The operator's doing, not the client's.
     #[error("model: {0}")]
@@ -75,7 +84,7 @@ impl PreprocessError {
             Self::VisualTokens { .. } => "invalid_image_size",
             Self::Template(_) => "chat_template_error",
             Self::Placeholders(_) => "image_placeholder_mismatch",
-            Self::PromptTooLong { .. } => "context_length_exceeded",
+            Self::PromptTooLong { .. } | Self::PromptTooLarge { .. } => "context_length_exceeded",
             Self::Model(_) => "model_error",
         }
     }
@@ -85,7 +94,7 @@ impl PreprocessError {
         match self {
             Self::InvalidRequest { param, .. } => param.as_deref(),
             Self::Image { param, .. } | Self::VisualTokens { param, .. } => Some(param),
-            Self::PromptTooLong { .. } => Some("messages"),
+            Self::PromptTooLong { .. } | Self::PromptTooLarge { .. } => Some("messages"),
             _ => None,
         }
     }

@@ -136,6 +136,8 @@ pub struct Preprocessor {
     text_around: Option<(String, String)>,
     video: Result<(QwenVideo, PlaceholderSpec), TokenError>,
     max_prompt_tokens: Option<usize>,
+    /// Text longer than this cannot fit `max_prompt_tokens` tokens, however it tokenizes.
+    max_prompt_bytes: Option<usize>,
 }
 
 impl Preprocessor {
@@ -165,6 +167,20 @@ impl Preprocessor {
             ))
         });
         let video = video_rule(model_type, files, config.video_sampling, &tokenizer);
+        // A token's vocabulary entry is at least as long as the bytes it stands for (byte-level
+        // BPE maps each byte to one character of one or two UTF-8 bytes), so this bound never
+        // refuses a prompt that would fit.
+        let longest_token = tokenizer
+            .inner()
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let max_prompt_bytes = config
+            .max_prompt_tokens
+            .map(|tokens| tokens.saturating_mul(longest_token));
         Ok(Self {
             template,
             tokenizer,
@@ -174,6 +190,7 @@ impl Preprocessor {
             text_around,
             video,
             max_prompt_tokens: config.max_prompt_tokens,
+            max_prompt_bytes,
         })
     }
 
@@ -184,6 +201,7 @@ impl Preprocessor {
             request.add_generation_prompt,
             &request.template_kwargs,
         )?;
+        self.check_bytes(&text)?;
         let prompt = if request.images.is_empty() && request.videos.is_empty() {
             Prompt::text(self.tokenizer.encode_chat(&text)?)
         } else {
@@ -203,7 +221,10 @@ impl Preprocessor {
     /// do for plain prompts; token ids are used as given).
     pub fn completion(&self, request: &CompletionRequest) -> Result<Prompt, PreprocessError> {
         let tokens = match &request.prompt {
-            CompletionPrompt::Text(text) => self.tokenizer.encode_with_special_tokens(text)?,
+            CompletionPrompt::Text(text) => {
+                self.check_bytes(text)?;
+                self.tokenizer.encode_with_special_tokens(text)?
+            }
             CompletionPrompt::Tokens(ids) => ids.clone(),
         };
         self.check_length(Prompt::text(tokens))
@@ -366,6 +387,20 @@ impl Preprocessor {
             });
         }
         Ok((videos, counts))
+    }
+
+    /// The cheap bound, before tokenizing: tens of megabytes of text would otherwise be
+    /// tokenized in full only to be refused.
+    fn check_bytes(&self, text: &str) -> Result<(), PreprocessError> {
+        match (self.max_prompt_bytes, self.max_prompt_tokens) {
+            (Some(bytes), Some(limit)) if text.len() > bytes => {
+                Err(PreprocessError::PromptTooLarge {
+                    bytes: text.len(),
+                    limit,
+                })
+            }
+            _ => Ok(()),
+        }
     }
 
     fn check_length(&self, prompt: Prompt) -> Result<Prompt, PreprocessError> {

@@ -260,6 +260,19 @@ fn bad_requests_are_typed_errors_with_openai_bodies() {
         "{error}"
     );
     assert_eq!(error.code(), "context_length_exceeded");
+
+    // Far too much text is refused by its length, before tokenizing (which would take
+    // seconds for this much); text that fits the byte bound is still counted in tokens.
+    let body = user(json!("a".repeat(1 << 20))).to_string();
+    let request = ChatRequest::from_json(body.as_bytes()).unwrap();
+    let error = block_on(limited.chat(&request)).unwrap_err();
+    assert!(
+        matches!(error, PreprocessError::PromptTooLarge { limit: 10, .. }),
+        "{error}"
+    );
+    assert_eq!(error.code(), "context_length_exceeded");
+    let fits = preprocessor(PreprocessConfig::default().with_max_prompt_tokens(1 << 20));
+    assert!(block_on(fits.chat(&request)).is_ok());
 }
 
 #[test]
