@@ -373,14 +373,14 @@ impl Gateway {
             .as_ref()
             .map(|tenant| Arc::clone(&tenant.name));
         let runtime = tokio::runtime::Handle::current();
-        let job = move || -> Result<Prepared, Response<GatewayBody>> {
-            let chat = ChatRequest::from_json(&body).map_err(|e| preprocess_error(&e))?;
+        let job = move || -> Result<Prepared, Refused> {
+            let chat = ChatRequest::from_json(&body).map_err(|e| Box::new(preprocess_error(&e)))?;
             inner.check_model(&chat.model)?;
             let started = Instant::now();
             // Image URLs are fetched from this thread too: their decoding is the CPU work.
             let prompt = runtime
                 .block_on(inner.preprocessor.chat(&chat))
-                .map_err(|e| preprocess_error(&e))?;
+                .map_err(|e| Box::new(preprocess_error(&e)))?;
             histogram!("kvroute_preprocess_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             // Tell the engine the media ids we hashed, so its blocks carry the same identity,
@@ -394,7 +394,7 @@ impl Gateway {
         };
         let prepared = match self.inner.cpu.run(job).await {
             Ok(Ok(prepared)) => prepared,
-            Ok(Err(response)) => return response,
+            Ok(Err(response)) => return *response,
             Err(error) => return cpu_error(&error),
         };
         let routed = self.route(prepared.prompt, &caller);
@@ -420,14 +420,14 @@ impl Gateway {
             .tenant
             .as_ref()
             .map(|tenant| Arc::clone(&tenant.name));
-        let job = move || -> Result<Prepared, Response<GatewayBody>> {
+        let job = move || -> Result<Prepared, Refused> {
             let completion =
-                CompletionRequest::from_json(&body).map_err(|e| preprocess_error(&e))?;
+                CompletionRequest::from_json(&body).map_err(|e| Box::new(preprocess_error(&e)))?;
             inner.check_model(&completion.model)?;
             let prompt = inner
                 .preprocessor
                 .completion(&completion)
-                .map_err(|e| preprocess_error(&e))?;
+                .map_err(|e| Box::new(preprocess_error(&e)))?;
             let body = match salt {
                 None => ForwardBody::from(body),
                 Some(salt) => {
@@ -444,7 +444,7 @@ impl Gateway {
         };
         let prepared = match self.inner.cpu.run(job).await {
             Ok(Ok(prepared)) => prepared,
-            Ok(Err(response)) => return response,
+            Ok(Err(response)) => return *response,
             Err(error) => return cpu_error(&error),
         };
         let routed = self.route(prepared.prompt, &caller);
@@ -722,20 +722,23 @@ impl Gateway {
 
 impl Inner {
     /// 404 `model_not_found` (as OpenAI answers) for a model this gateway does not serve.
-    fn check_model(&self, model: &str) -> Result<(), Response<GatewayBody>> {
+    fn check_model(&self, model: &str) -> Result<(), Refused> {
         if model == self.config.model {
             return Ok(());
         }
-        Err(refuse(
+        Err(Box::new(refuse(
             StatusCode::NOT_FOUND,
             ErrorBody::invalid_request(
                 format!("The model `{model}` does not exist or you do not have access to it."),
                 Some("model"),
                 "model_not_found",
             ),
-        ))
+        )))
     }
 }
+
+/// A refusal made on the preprocessing pool (boxed: responses are large).
+type Refused = Box<Response<GatewayBody>>;
 
 /// The numbers the routing headers report.
 struct RoutingFacts {

@@ -8,7 +8,7 @@
 
 use crate::accept::serve_http_with;
 use crate::body::GatewayBody;
-use crate::config::{ConfigError, EventsSource, RoutingConfig, ServerConfig};
+use crate::config::{ApiKeyConfig, ConfigError, EventsSource, RoutingConfig, ServerConfig};
 use crate::discovery::follow_membership;
 use crate::handler::{Gateway, GatewayConfig, GatewayError, MetricsRender};
 use http::{Request, Response};
@@ -180,12 +180,13 @@ impl ServerBuilder {
         }
 
         let policy = SharedPolicy::from_box((self.policy)(&config.routing));
+        let api_keys = config.auth.load_keys()?;
         let mut gateway_config = GatewayConfig::new(&config.model.name, config.model.block_size)
             .with_policy(policy.clone())
             .with_approximate(config.events.source == EventsSource::None)
             .with_limits(&config.limits)
             .with_forward(config.timeouts.forward())
-            .with_api_keys(config.auth.load_keys()?)
+            .with_api_keys(api_keys.clone())
             .with_routing_headers(config.auth.routing_headers);
         if let Some(render) = self.metrics {
             gateway_config = gateway_config.with_metrics(render);
@@ -238,6 +239,7 @@ impl ServerBuilder {
             policy,
             policy_factory: self.policy,
             config: Mutex::new(config),
+            api_keys: Mutex::new(api_keys),
             stop,
             accept,
             tasks,
@@ -272,6 +274,8 @@ pub struct Server {
     policy: SharedPolicy,
     policy_factory: PolicyFactory,
     config: Mutex<ServerConfig>,
+    /// The keys in effect (the keys file's as last read).
+    api_keys: Mutex<Vec<ApiKeyConfig>>,
     stop: watch::Sender<bool>,
     accept: JoinHandle<std::io::Result<()>>,
     tasks: Vec<JoinHandle<()>>,
@@ -397,8 +401,10 @@ impl Server {
             self.policy.replace((self.policy_factory)(&new.routing));
             report.applied.push("routing");
         }
-        // Always: the keys file may have changed while the configuration did not.
-        if self.gateway.set_api_keys(&keys).is_ok() {
+        // Compared as loaded: the keys file may have changed while the configuration did not.
+        let mut api_keys = self.api_keys.lock().unwrap_or_else(|e| e.into_inner());
+        if keys != *api_keys && self.gateway.set_api_keys(&keys).is_ok() {
+            *api_keys = keys;
             report.applied.push("auth.keys");
         }
         let restart_only = [
