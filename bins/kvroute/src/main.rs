@@ -81,6 +81,7 @@ where
     F: FnOnce(kvroute_gateway::MetricsRender) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
+    raise_open_file_limit();
     let handle = metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()?;
     let upkeep = handle.clone();
     let render: kvroute_gateway::MetricsRender = Arc::new(move || handle.render());
@@ -96,6 +97,14 @@ where
         });
         command(render).await
     })
+}
+
+/// Raises the soft limit on open files to the hard limit: the usual soft default (1024) is
+/// a few hundred idle clients away from refusing every new connection.
+fn raise_open_file_limit() {
+    if let Err(error) = rlimit::increase_nofile_limit(u64::MAX) {
+        eprintln!("kvroute: could not raise the open-file limit: {error}");
+    }
 }
 
 /// How often histogram samples are folded into their summaries (the exporter's own default).

@@ -5,8 +5,16 @@
 //! image's identity (`kvroute-blockhash`), looked up in the index (`kvroute-index`, kept current
 //! by `kvroute-events`), routed by cost and streamed to the chosen worker
 //! (`kvroute-dispatch`). Every response says why: `x-kvroute-worker`,
-//! `x-kvroute-overlap-blocks`, `x-kvroute-prompt-blocks`, `x-kvroute-predicted-cached-tokens`;
-//! `POST /v1/route` returns the whole decision table without dispatching.
+//! `x-kvroute-prompt-tokens`, `x-kvroute-prompt-blocks`, and, when
+//! [`AuthConfig::routing_headers`] is on (they tell whether a prefix is cached),
+//! `x-kvroute-overlap-blocks` and `x-kvroute-predicted-cached-tokens`; `POST /v1/route`
+//! returns the whole decision table without dispatching.
+//!
+//! It is built to face the internet: parsing, templates, tokenization and image work run on a
+//! bounded pool off the async runtime (`/health` answers while it is saturated); connections
+//! are limited in number, header and body time, idle time and size ([`ConnectionLimits`]);
+//! API keys ([`ApiKeyConfig`]) gate the endpoints, and a key's tenant gets its own cache
+//! namespace; upstream timeouts ([`TimeoutsConfig`]) never count against a worker's breaker.
 //!
 //! Workers that register themselves in NATS ([`kvroute_events::Registration`]) join and leave
 //! the registry through [`follow_membership`].

@@ -50,6 +50,11 @@ impl HttpClient {
         }
     }
 
+    /// Sends `request` as it is (any method, any headers).
+    pub async fn send(&self, request: http::Request<Full<Bytes>>) -> Reply {
+        Self::read(self.client.request(request).await.unwrap()).await
+    }
+
     /// `GET url`.
     pub async fn get(&self, url: &str) -> Reply {
         let response = self.client.get(url.parse().unwrap()).await.unwrap();
@@ -77,8 +82,8 @@ impl HttpClient {
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        let request = request.body(Full::new(body.into())).unwrap();
-        Self::read(self.client.request(request).await.unwrap()).await
+        self.send(request.body(Full::new(body.into())).unwrap())
+            .await
     }
 
     async fn read(response: http::Response<hyper::body::Incoming>) -> Reply {

@@ -16,10 +16,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test support fails loudly by design
 
+mod edge;
 mod http_client;
 mod nats;
 mod process;
 
+pub use edge::{closed_within, connect_and_send, SlowWorker};
 pub use http_client::{assert_cut_stream, wait_for_port, HttpClient, Reply, Router};
 pub use nats::{free_port, nats_server_binary, NatsServer};
 pub use process::{kvroute_command, Processes};
