@@ -366,6 +366,7 @@ async fn custom_server_routes_with_its_own_policy_behind_its_own_middleware() {
     config.model.block_size = BLOCK_SIZE;
     config.events.source = EventsSource::InProcess;
     config.nats.discovery = false;
+    config.auth.routing_headers = true;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let server = custom_server::builder(config, "secret")
         .listener(listener)
