@@ -142,16 +142,7 @@ where
     F: Future<Output = Response<GatewayBody>> + Send + 'static,
 {
     let graceful = GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(crate::config::MIN_HEADER_BYTES));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    let builder = connection_builder(&limits);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     tokio::pin!(shutdown);
     loop {
@@ -176,48 +167,21 @@ where
         // Streamed chunks must not wait for the peer's delayed ACK.
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(Activity::new());
-        let handle = handle.clone();
-        let service_activity = Arc::clone(&activity);
-        let service = service_fn(move |request: Request<Incoming>| {
-            let close = service_activity.start() >= limits.max_requests_per_connection
-                && request.version() <= Version::HTTP_11;
-            let guard = InFlight(Arc::clone(&service_activity));
-            let response = handle(request);
-            async move {
-                let mut response = response.await;
-                if close {
-                    response
-                        .headers_mut()
-                        .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-                }
-                // The request is in flight until its body is sent (a stream can be long).
-                Ok::<_, std::convert::Infallible>(response.map(|body| {
-                    Tracked {
-                        inner: body,
-                        _guard: guard,
-                    }
-                    .boxed_unsync()
-                }))
-            }
-        });
+        let service = counted_service(
+            handle.clone(),
+            Arc::clone(&activity),
+            limits.max_requests_per_connection,
+        );
         let connection = graceful.watch(
             builder
                 .serve_connection(TokioIo::new(stream), service)
                 .into_owned(),
         );
-        let mut kill = kill.clone();
         let idle_timeout = limits.idle_timeout;
+        let killed = killed(kill.clone());
         tokio::spawn(async move {
             let _slot = slot;
             gauge!("kvroute_connections").increment(1.0);
-            let killed = async {
-                match kill.as_mut() {
-                    Some(kill) => {
-                        let _ = kill.wait_for(|killed| *killed).await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 result = connection => {
                     if let Err(error) = result {
@@ -234,6 +198,75 @@ where
     }
     graceful.shutdown().await;
     Ok(())
+}
+
+/// HTTP/1 and HTTP/2 with the limits' header bounds and header read timeout.
+fn connection_builder(limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(crate::config::MIN_HEADER_BYTES));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
+    builder
+}
+
+/// `handle` as a connection's service: each request counted in `activity` until its response
+/// body is sent, and `connection: close` on the HTTP/1 response that reaches
+/// `max_requests`.
+fn counted_service<H, F>(
+    handle: H,
+    activity: Arc<Activity>,
+    max_requests: u64,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = Response<GatewayBody>,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<Response<GatewayBody>, std::convert::Infallible>>
+                 + Send
+                 + 'static,
+> + Clone
+       + Send
+       + 'static
+where
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<GatewayBody>> + Send + 'static,
+{
+    service_fn(move |request: Request<Incoming>| {
+        let close = activity.start() >= max_requests && request.version() <= Version::HTTP_11;
+        let guard = InFlight(Arc::clone(&activity));
+        let response = handle(request);
+        async move {
+            let mut response = response.await;
+            if close {
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            // The request is in flight until its body is sent (a stream can be long).
+            Ok(response.map(|body| {
+                Tracked {
+                    inner: body,
+                    _guard: guard,
+                }
+                .boxed_unsync()
+            }))
+        }
+    })
+}
+
+/// Completes when `kill` turns true; never without one.
+async fn killed(kill: Option<watch::Receiver<bool>>) {
+    match kill {
+        Some(mut kill) => {
+            let _ = kill.wait_for(|killed| *killed).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// A connection's requests: how many were started, how many are in flight, and when the
