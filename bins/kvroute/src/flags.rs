@@ -135,6 +135,8 @@ pub struct NatsFlags {
     component: Option<String>,
     #[arg(long, env = "KVROUTE_REGISTRATION_TTL_SECS", help = with_default("Seconds a worker registration lives without a heartbeat (workers refresh theirs every third of it)", defaults().nats.registration_ttl_secs))]
     registration_ttl_secs: Option<u64>,
+    #[arg(long, env = "KVROUTE_NATS_REPLICAS", help = with_default("Copies of the event stream, registration bucket and snapshot store in a NATS cluster (3 on a 3-node cluster)", defaults().nats.replicas))]
+    nats_replicas: Option<usize>,
 }
 
 impl NatsFlags {
@@ -143,6 +145,7 @@ impl NatsFlags {
         set(&mut nats.namespace, &self.namespace);
         set(&mut nats.component, &self.component);
         set(&mut nats.registration_ttl_secs, &self.registration_ttl_secs);
+        set(&mut nats.replicas, &self.nats_replicas);
     }
 
     /// The NATS settings these flags give over the defaults.
@@ -316,6 +319,19 @@ pub struct ServeFlags {
     snapshot_interval_secs: Option<u64>,
     #[arg(long, env = "KVROUTE_DRAIN_TIMEOUT_SECS", help = with_default("Seconds in-flight requests may take to finish after SIGTERM or Ctrl-C", defaults().drain_timeout_secs))]
     drain_timeout_secs: Option<u64>,
+    /// Share load with the other `kvroute serve` replicas of this namespace and component over
+    /// NATS, so that each routes knowing every replica's in-flight requests.
+    #[arg(long, env = "KVROUTE_REPLICA_SYNC", value_parser = BoolishValueParser::new())]
+    replica_sync: bool,
+    /// This replica's name among the replicas, e.g. the pod name [default: random].
+    #[arg(long, env = "KVROUTE_REPLICA_NAME")]
+    replica_name: Option<String>,
+    #[arg(long, help = with_default("Milliseconds between this replica's reports of the loads that changed", defaults().replica_sync.interval_ms))]
+    replica_interval_ms: Option<u64>,
+    #[arg(long, help = with_default("Milliseconds between reports of every load (the replica's heartbeat)", defaults().replica_sync.heartbeat_ms))]
+    replica_heartbeat_ms: Option<u64>,
+    #[arg(long, help = with_default("Milliseconds of silence after which a replica's load no longer counts", defaults().replica_sync.expiry_ms))]
+    replica_expiry_ms: Option<u64>,
     #[arg(long, help = with_default("Consecutive failures that take a worker out of rotation", defaults().breaker.failures))]
     breaker_failures: Option<u32>,
     #[arg(long, help = with_default("Seconds a failed worker stays out of rotation before a trial request", defaults().breaker.cooldown_secs))]
@@ -357,6 +373,21 @@ impl ServeFlags {
         if self.no_snapshots {
             config.events.snapshots = false;
         }
+        if self.replica_sync {
+            config.replica_sync.enabled = true;
+        }
+        if self.replica_name.is_some() {
+            config.replica_sync.name.clone_from(&self.replica_name);
+        }
+        set(
+            &mut config.replica_sync.interval_ms,
+            &self.replica_interval_ms,
+        );
+        set(
+            &mut config.replica_sync.heartbeat_ms,
+            &self.replica_heartbeat_ms,
+        );
+        set(&mut config.replica_sync.expiry_ms, &self.replica_expiry_ms);
         set(
             &mut config.events.approximate_ttl_secs,
             &self.approximate_ttl_secs,

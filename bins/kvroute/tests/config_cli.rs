@@ -74,6 +74,14 @@ component = "vllm"
 endpoint = "chat"
 discovery = false
 registration_ttl_secs = 20
+replicas = 3
+
+[replica_sync]
+enabled = true
+name = "gw-1"
+interval_ms = 20
+heartbeat_ms = 500
+expiry_ms = 2000
 
 [limits]
 max_connections = 100
@@ -146,6 +154,12 @@ const FLAGS: &[&str] = &[
     "--routing-headers",
     "--api-key=k1",
     "--admin-key=k2",
+    "--nats-replicas=3",
+    "--replica-sync",
+    "--replica-name=gw-1",
+    "--replica-interval-ms=20",
+    "--replica-heartbeat-ms=500",
+    "--replica-expiry-ms=2000",
 ];
 
 /// FILE in `dir`, its keys file next to it; (FILE's path, the keys file's).

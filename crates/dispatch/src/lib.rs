@@ -1,7 +1,9 @@
 //! Choosing a worker and sending the request there.
 //!
 //! It owns the worker registry (static or registered at run time) with each worker's load
-//! (in-flight requests, blocks still prefilling, KV blocks held) and a circuit breaker ([`Registry`]), the
+//! (in-flight requests, blocks still prefilling, KV blocks held; with several router replicas,
+//! the others' reported load folded in, expiring with a silent replica) and a circuit breaker
+//! ([`Registry`]), the
 //! routing cost (docs/architecture.md) with random tie-breaks and an optional temperature ([`decide`]),
 //! and forwarding over a pooled HTTP client that streams the worker's response through, retrying
 //! on another worker before the first byte ([`Forwarder`]). It does not know about tokens,
@@ -41,5 +43,6 @@ pub use policy::{
 };
 pub use pool::WorkerBody;
 pub use registry::{
-    BreakerConfig, Eligible, InvalidWorkerUrl, LoadGuard, Registry, Worker, WorkerStatus,
+    BreakerConfig, Eligible, InvalidWorkerUrl, LoadGuard, Registry, ReplicaReport, Worker,
+    WorkerStatus,
 };

@@ -177,9 +177,10 @@ pub fn decision_row(prompt_blocks: usize, candidate: CandidateInput) -> Option<C
 /// let mut policy = KvAware::new(CostConfig::default(), 7);
 /// let worker = |id, overlap, active| CandidateInput::idle(WorkerId(id), overlap).with_active_requests(active);
 /// let mut pick = |candidates: &[CandidateInput]| policy.choose(20, candidates).map(|row| row.worker);
-/// // The cache wins while the load gap is smaller than the prefix credit.
-/// assert_eq!(pick(&[worker(1, 8, 3), worker(2, 0, 0)]), Some(WorkerId(1)));
-/// assert_eq!(pick(&[worker(1, 8, 9), worker(2, 0, 0)]), Some(WorkerId(2)));
+/// // The cache wins while the load gap is smaller than the prefix credit (8 blocks at the
+/// // default prefill weight of 3: 24).
+/// assert_eq!(pick(&[worker(1, 8, 20), worker(2, 0, 0)]), Some(WorkerId(1)));
+/// assert_eq!(pick(&[worker(1, 8, 25), worker(2, 0, 0)]), Some(WorkerId(2)));
 /// ```
 #[derive(Debug)]
 pub struct KvAware {

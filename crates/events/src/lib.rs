@@ -10,6 +10,8 @@
 //!
 //! Workers can also register themselves (URL, model, block size) in a NATS KV bucket with a
 //! heartbeat ([`Registration`]); routers follow who joined and left with [`watch_members`].
+//! Router replicas tell each other the load they put on workers ([`join_replicas`]; the
+//! registry in `kvroute-dispatch` folds the reports in).
 //!
 //! The same publisher and ingestor run over an in-process bus ([`in_process_bus`], for
 //! `kvroute demo` and tests) with the same semantics.
@@ -114,6 +116,9 @@ pub use nats::{
     connect, ensure_bucket, ensure_stream, subject_token, watch_members, LeftReason,
     MembershipChange, MembershipSettings, NatsError, NatsPublishConfig, NatsPublisher, NatsSource,
     NatsSourceConfig, Registration, SnapshotSettings, StreamSettings, StreamWire,
+};
+pub use nats::{
+    join_replicas, ReplicaLoadReceiver, ReplicaLoadSender, ReplicaSendError, ReplicaSyncSettings,
 };
 pub use publisher::{Publisher, PublisherConfig};
 pub use stats::IngestStats;

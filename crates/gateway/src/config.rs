@@ -8,7 +8,7 @@ use kvroute_dispatch::{
     BreakerConfig, CostConfig, ForwardConfig, KvAware, LeastLoaded, Random, RoundRobin,
     RoutingPolicy, Worker,
 };
-use kvroute_events::{MembershipSettings, StreamSettings};
+use kvroute_events::{MembershipSettings, ReplicaSyncSettings, StreamSettings};
 use kvroute_preprocess::{ModelFiles, PreprocessConfig, PreprocessError, Preprocessor};
 use kvroute_protocol::WorkerId;
 use serde::{Deserialize, Serialize};
@@ -69,6 +69,8 @@ pub struct ServerConfig {
     pub timeouts: TimeoutsConfig,
     /// API keys, tenants and what the responses reveal.
     pub auth: AuthConfig,
+    /// Sharing load with the other replicas of this router (over NATS).
+    pub replica_sync: ReplicaSyncConfig,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +87,7 @@ impl Default for ServerConfig {
             limits: LimitsConfig::default(),
             timeouts: TimeoutsConfig::default(),
             auth: AuthConfig::default(),
+            replica_sync: ReplicaSyncConfig::default(),
         }
     }
 }
@@ -617,19 +620,26 @@ pub struct NatsConfig {
     pub discovery: bool,
     /// Seconds a worker registration lives without a heartbeat.
     pub registration_ttl_secs: u64,
+    /// Copies of the event stream, the registration bucket and the snapshot store kept by a
+    /// NATS cluster (1 on a single server; 3 on a 3-node cluster survives losing a node).
+    pub replicas: usize,
 }
 
 impl NatsConfig {
     /// The event stream of this namespace and component.
     pub fn stream(&self) -> StreamSettings {
-        StreamSettings::default().for_component(&self.namespace, &self.component)
+        let mut stream = StreamSettings::default().for_component(&self.namespace, &self.component);
+        stream.replicas = self.replicas;
+        stream
     }
 
     /// Where workers of this namespace and component register.
     pub fn membership(&self) -> MembershipSettings {
-        MembershipSettings::default()
+        let mut membership = MembershipSettings::default()
             .for_component(&self.namespace, &self.component)
-            .with_ttl(Duration::from_secs(self.registration_ttl_secs))
+            .with_ttl(Duration::from_secs(self.registration_ttl_secs));
+        membership.replicas = self.replicas;
+        membership
     }
 }
 
@@ -642,7 +652,59 @@ impl Default for NatsConfig {
             endpoint: "generate".to_owned(),
             discovery: true,
             registration_ttl_secs: 10,
+            replicas: 1,
         }
+    }
+}
+
+/// Load sharing between replicas of this router (several `kvroute serve` behind one load
+/// balancer): each tells the others, over NATS core, the load it puts on every worker, so
+/// that none routes as if its own requests were the whole fleet's.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ReplicaSyncConfig {
+    /// Share load with the other replicas of the same namespace and component.
+    pub enabled: bool,
+    /// This replica's name, unique among the replicas (a pod or host name). A restarted
+    /// replica with the same name replaces its previous life at once; without a name, one is
+    /// drawn at random and a crashed replica's load counts until it expires.
+    pub name: Option<String>,
+    /// Milliseconds between reports of the loads that changed.
+    pub interval_ms: u64,
+    /// Milliseconds between reports of every load (a heartbeat).
+    pub heartbeat_ms: u64,
+    /// Milliseconds of silence after which a replica's load no longer counts.
+    pub expiry_ms: u64,
+}
+
+impl Default for ReplicaSyncConfig {
+    fn default() -> Self {
+        let timing = ReplicaSyncSettings::default();
+        Self {
+            enabled: false,
+            name: None,
+            interval_ms: millis(timing.interval),
+            heartbeat_ms: millis(timing.heartbeat),
+            expiry_ms: millis(timing.expiry),
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl ReplicaSyncConfig {
+    /// The subject and timing for `nats`' namespace and component.
+    pub fn settings(&self, nats: &NatsConfig) -> ReplicaSyncSettings {
+        ReplicaSyncSettings::default()
+            .for_component(&nats.namespace, &nats.component)
+            .with_timing(
+                Duration::from_millis(self.interval_ms),
+                Duration::from_millis(self.heartbeat_ms),
+                Duration::from_millis(self.expiry_ms),
+            )
     }
 }
 
@@ -759,6 +821,36 @@ impl ServerConfig {
             );
         }
         self.auth.load_keys()?;
+        if !(1..=5).contains(&self.nats.replicas) {
+            return invalid("nats.replicas", "must be 1 to 5 (what NATS allows)".into());
+        }
+        let sync = &self.replica_sync;
+        if sync.enabled {
+            if sync.interval_ms == 0 {
+                return invalid("replica_sync.interval_ms", "must be at least 1".into());
+            }
+            if sync.heartbeat_ms < sync.interval_ms {
+                return invalid(
+                    "replica_sync.heartbeat_ms",
+                    "must be at least interval_ms".into(),
+                );
+            }
+            if sync.expiry_ms <= sync.heartbeat_ms {
+                return invalid(
+                    "replica_sync.expiry_ms",
+                    "must exceed heartbeat_ms (a live replica would expire)".into(),
+                );
+            }
+            if self.events.source == EventsSource::InProcess {
+                return invalid(
+                    "replica_sync.enabled",
+                    "replicas share load over NATS; an in-process event bus has no NATS".into(),
+                );
+            }
+            if sync.name.as_deref().is_some_and(str::is_empty) {
+                return invalid("replica_sync.name", "must not be empty".into());
+            }
+        }
         Ok(())
     }
 
@@ -816,7 +908,7 @@ max_prompt_tokens = 131072
 policy = "kv-aware"
 # cost = prefill_weight * blocks to prefill + load, where load = blocks still prefilling
 #        + decode_weight * in-flight requests + active_blocks_weight * KV blocks held.
-prefill_weight = 1.0
+prefill_weight = 3.0
 decode_weight = 1.0
 active_blocks_weight = 0.0
 # Softmax temperature over costs (0: always the lowest cost, ties at random).
@@ -852,6 +944,21 @@ endpoint = "generate"
 discovery = true
 # Seconds a registration lives without a heartbeat.
 registration_ttl_secs = 10
+# Copies of the event stream, registration bucket and snapshot store in a NATS cluster
+# (3 on a 3-node cluster survives losing one node).
+replicas = 1
+
+[replica_sync]
+# Share load with the other kvroute replicas of this namespace and component (NATS core),
+# so that each routes knowing the whole fleet's in-flight requests.
+enabled = false
+# This replica's name, unique among replicas (e.g. the pod name); default: random.
+# name = "kvroute-0"
+# Milliseconds between reports of changed loads, between full reports (heartbeat), and of
+# silence before a replica's load stops counting.
+interval_ms = 10
+heartbeat_ms = 1000
+expiry_ms = 3000
 
 [limits]
 # Open client connections; one more is accepted and closed at once.

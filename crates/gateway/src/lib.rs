@@ -17,7 +17,8 @@
 //! namespace; upstream timeouts ([`TimeoutsConfig`]) never count against a worker's breaker.
 //!
 //! Workers that register themselves in NATS ([`kvroute_events::Registration`]) join and leave
-//! the registry through [`follow_membership`].
+//! the registry through [`follow_membership`]; router replicas share the load they put on
+//! workers through [`sync_replicas`].
 //!
 //! It is also the composition root: [`ServerConfig`] is the one typed configuration (TOML file,
 //! defaults in one place) and [`Server::builder`] turns it into a running server (index, event
@@ -63,6 +64,7 @@ mod cpu;
 mod discovery;
 mod forward_body;
 mod handler;
+mod replicas;
 mod server;
 mod usage;
 
@@ -70,11 +72,12 @@ pub use accept::{serve_http, serve_http_with, ConnectionLimits};
 pub use body::{error_response, json_response, BoxError, GatewayBody};
 pub use config::{
     ApiKeyConfig, AuthConfig, BreakerSettings, ConfigError, EventsConfig, EventsSource,
-    LimitsConfig, ModelConfig, NatsConfig, PolicyName, RoutingConfig, ServerConfig, TimeoutsConfig,
-    WorkerConfig,
+    LimitsConfig, ModelConfig, NatsConfig, PolicyName, ReplicaSyncConfig, RoutingConfig,
+    ServerConfig, TimeoutsConfig, WorkerConfig,
 };
 pub use discovery::follow_membership;
 pub use handler::{bind, Gateway, GatewayConfig, GatewayError, MetricsRender};
+pub use replicas::sync_replicas;
 pub use server::{
     stop_signal, Next, ReloadReport, ResponseFuture, Server, ServerBuilder, ServerError,
     ServerStats,

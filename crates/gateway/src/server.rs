@@ -167,7 +167,10 @@ impl ServerBuilder {
         for worker in &config.workers {
             registry.upsert(worker.worker()?);
         }
-        let nats = match config.events.source.uses_nats() || config.discovers_workers() {
+        let uses_nats = config.events.source.uses_nats()
+            || config.discovers_workers()
+            || config.replica_sync.enabled;
+        let nats = match uses_nats {
             true => Some(connect(&config).await?),
             false => None,
         };
@@ -178,6 +181,11 @@ impl ServerBuilder {
                 follow_registrations(&config, client, &registry, &index, ingestor.as_ref()).await?,
             );
         }
+
+        let replica_sync = match (&nats, config.replica_sync.enabled) {
+            (Some(client), true) => Some(spawn_replica_sync(&config, client, &registry).await?),
+            _ => None,
+        };
 
         let policy = SharedPolicy::from_box((self.policy)(&config.routing));
         let api_keys = config.auth.load_keys()?;
@@ -243,6 +251,7 @@ impl ServerBuilder {
             stop,
             accept,
             tasks,
+            replica_sync,
         })
     }
 }
@@ -279,6 +288,9 @@ pub struct Server {
     stop: watch::Sender<bool>,
     accept: JoinHandle<std::io::Result<()>>,
     tasks: Vec<JoinHandle<()>>,
+    /// Stopped after the drain, so that the other replicas count this one's requests until
+    /// they are done.
+    replica_sync: Option<(watch::Sender<bool>, JoinHandle<()>)>,
 }
 
 /// What a server has done so far.
@@ -459,6 +471,15 @@ impl Server {
         for task in &self.tasks {
             task.abort();
         }
+        if let Some((stop, mut task)) = self.replica_sync {
+            stop.send_replace(true);
+            if tokio::time::timeout(REPLICA_LEAVE_TIMEOUT, &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
         if let Some(ingestor) = self.ingestor {
             ingestor.shutdown().await?;
         }
@@ -613,6 +634,40 @@ async fn follow_registrations(
         ingestor.map(Ingestor::control),
         config.model.block_size,
     )))
+}
+
+/// How long a stopping server waits for its leaving report to reach NATS.
+const REPLICA_LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Joins the other replicas and spawns the load sharing; returns its stop switch and task.
+async fn spawn_replica_sync(
+    config: &ServerConfig,
+    client: &async_nats::Client,
+    registry: &Registry,
+) -> Result<(watch::Sender<bool>, JoinHandle<()>), ServerError> {
+    let settings = config.replica_sync.settings(&config.nats);
+    let name = config
+        .replica_sync
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("kvroute-{:016x}", fastrand::u64(..)));
+    let (sender, receiver) = kvroute_events::join_replicas(client.clone(), &settings, &name)
+        .await
+        .map_err(|source| ServerError::Nats {
+            what: "joining the router replicas",
+            url: config.nats.url.clone(),
+            source,
+        })?;
+    tracing::info!(replica = %name, subject = %settings.subject(), "sharing load with the other replicas");
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(crate::sync_replicas(
+        registry.clone(),
+        sender,
+        receiver,
+        settings,
+        wait_for(stopped),
+    ));
+    Ok((stop, task))
 }
 
 async fn wait_for(mut stopped: watch::Receiver<bool>) {

@@ -21,6 +21,9 @@ pub enum ProtocolError {
     /// The bytes are not a valid [`WorkerRecord`](crate::WorkerRecord).
     #[error("malformed worker record: {0}")]
     WorkerRecord(#[source] serde_json::Error),
+    /// The bytes are not a valid [`ReplicaLoad`](crate::ReplicaLoad).
+    #[error("malformed replica load report: {0}")]
+    ReplicaLoad(#[source] serde_json::Error),
 }
 
 /// A KV cache event of one worker: what the router's index is built from.

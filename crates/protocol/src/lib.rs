@@ -3,8 +3,8 @@
 //! It owns the vocabulary: newtypes for workers, data-parallel ranks, block and sequence
 //! hashes and media ids, the KV event model that reads and writes NVIDIA Dynamo's
 //! `RouterEvent` JSON exactly (through serde, plus a fast writer and [`JsonReader`] for the
-//! event pipeline's hot path), the record a worker registers itself with, and OpenAI's error
-//! body. It does no I/O and no hashing.
+//! event pipeline's hot path), the record a worker registers itself with, the load report
+//! router replicas share ([`ReplicaLoad`]), and OpenAI's error body. It does no I/O and no hashing.
 //!
 //! ```
 //! use kvroute_protocol::{RouterEvent, WorkerId};
@@ -20,10 +20,12 @@ mod event;
 mod ids;
 mod json;
 mod openai;
+mod replica;
 mod worker;
 
 pub use event::*;
 pub use ids::{BlockHash, DpRank, MediaId, MediaSpan, SequenceHash, WorkerId};
 pub use json::JsonReader;
 pub use openai::{ErrorBody, ErrorDetail};
+pub use replica::{ReplicaLoad, WorkerLoad};
 pub use worker::WorkerRecord;

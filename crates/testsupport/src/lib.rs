@@ -1,6 +1,7 @@
 //! Test support shared by kvroute's integration tests (never published, never a dependency of
 //! a library): a `nats-server -js` of the test's own on a free port with a temporary store
-//! ([`NatsServer`]), a small JSON-over-HTTP client ([`HttpClient`]) and a gateway under test
+//! ([`NatsServer`]) or a cluster of three ([`NatsCluster`]), a small JSON-over-HTTP client
+//! ([`HttpClient`]) and a gateway under test
 //! ([`Router`]), child processes killed however a test ends ([`Processes`]), and request
 //! fixtures ([`image_chat_request`]).
 //!
@@ -23,7 +24,7 @@ mod process;
 
 pub use edge::{closed_within, connect_and_send, SlowWorker};
 pub use http_client::{assert_cut_stream, wait_for_port, HttpClient, Reply, Router};
-pub use nats::{free_port, nats_server_binary, NatsServer};
+pub use nats::{free_port, nats_server_binary, NatsCluster, NatsServer};
 pub use process::{kvroute_command, Processes};
 
 use base64::Engine;

@@ -1,4 +1,5 @@
-//! A nats-server of the test's own: free port, temporary store, SIGKILL and restart.
+//! A nats-server of the test's own, or a cluster of three: free ports, temporary stores,
+//! SIGKILL and restart.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -40,19 +41,30 @@ pub struct NatsServer {
     pub port: u16,
     store: tempfile::TempDir,
     child: Option<Child>,
+    /// Cluster arguments (name, cluster port, routes) when it is a cluster node.
+    cluster: Vec<String>,
 }
 
 impl NatsServer {
     /// Starts a server and waits until it accepts connections. Panics when nats-server is
     /// missing (scripts/test installs it).
     pub async fn start() -> Self {
-        let mut server = Self {
-            port: free_port(),
-            store: tempfile::tempdir().unwrap(),
-            child: None,
-        };
+        Self::start_with(Vec::new()).await
+    }
+
+    async fn start_with(cluster: Vec<String>) -> Self {
+        let mut server = Self::stopped(free_port(), cluster);
         server.restart().await;
         server
+    }
+
+    fn stopped(port: u16, cluster: Vec<String>) -> Self {
+        Self {
+            port,
+            store: tempfile::tempdir().unwrap(),
+            child: None,
+            cluster,
+        }
     }
 
     /// `nats://127.0.0.1:{port}`.
@@ -68,6 +80,7 @@ impl NatsServer {
             .arg(self.port.to_string())
             .arg("-sd")
             .arg(self.store.path())
+            .args(&self.cluster)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
@@ -94,6 +107,89 @@ impl NatsServer {
         if let Some(mut child) = self.child.take() {
             child.start_kill().unwrap();
             child.wait().await.unwrap();
+        }
+    }
+}
+
+/// Three `nats-server -js` nodes on 127.0.0.1 routed into one cluster (JetStream clustered:
+/// streams, KV buckets and object stores can keep 3 replicas); each node can be killed and
+/// restarted on its ports and store. Killed when dropped.
+pub struct NatsCluster {
+    /// The nodes.
+    pub nodes: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts three nodes and waits until JetStream accepts a stream of 3 replicas.
+    pub async fn start() -> Self {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let routes = ports
+            .iter()
+            .map(|(_, cluster)| format!("nats://127.0.0.1:{cluster}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut nodes: Vec<NatsServer> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, &(client, cluster))| {
+                let args = vec![
+                    "-n".to_owned(),
+                    format!("node{i}"),
+                    "--cluster_name".to_owned(),
+                    "kvroute-test".to_owned(),
+                    "--cluster".to_owned(),
+                    format!("nats://127.0.0.1:{cluster}"),
+                    "--routes".to_owned(),
+                    routes.clone(),
+                ];
+                NatsServer::stopped(client, args)
+            })
+            .collect();
+        for node in &mut nodes {
+            node.restart().await;
+        }
+        let cluster = Self { nodes };
+        cluster.wait_for_jetstream().await;
+        cluster
+    }
+
+    /// Every node's URL, comma-separated (what a client given several seeds takes).
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(NatsServer::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits until the cluster has a JetStream leader that can place 3 replicas (a new or
+    /// restarted cluster elects one within seconds).
+    pub async fn wait_for_jetstream(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let seeds: Vec<async_nats::ServerAddr> = self
+            .nodes
+            .iter()
+            .map(|n| n.url().parse().unwrap())
+            .collect();
+        let client = async_nats::connect(seeds).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        loop {
+            let probe = async_nats::jetstream::stream::Config {
+                name: "KVROUTE_TEST_PROBE".to_owned(),
+                subjects: vec!["kvroute-test.probe".to_owned()],
+                num_replicas: 3,
+                storage: async_nats::jetstream::stream::StorageType::Memory,
+                ..Default::default()
+            };
+            if js.get_or_create_stream(probe).await.is_ok() {
+                let _ = js.delete_stream("KVROUTE_TEST_PROBE").await;
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the NATS cluster has no JetStream leader"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }

@@ -4,6 +4,7 @@
 mod consume;
 mod membership;
 mod publish;
+mod replicas;
 
 pub use consume::{NatsSource, NatsSourceConfig, SnapshotSettings, StreamWire};
 pub use membership::{
@@ -11,6 +12,9 @@ pub use membership::{
 };
 pub(crate) use publish::NatsSender;
 pub use publish::{NatsPublishConfig, NatsPublisher};
+pub use replicas::{
+    join_replicas, ReplicaLoadReceiver, ReplicaLoadSender, ReplicaSendError, ReplicaSyncSettings,
+};
 
 use async_nats::jetstream::{self, stream};
 use std::time::Duration;
@@ -184,15 +188,21 @@ pub(crate) fn escape_token(name: &str, marker: char) -> String {
 
 /// Connects to `url` the way this crate expects: reconnecting forever with a short capped
 /// delay, and retrying the initial connection in the background (so a process may start
-/// before its NATS server).
+/// before its NATS server). `url` may list several servers of a cluster, comma-separated
+/// (`nats://n1:4222,nats://n2:4222`): any one that is up will do.
 pub async fn connect(url: &str) -> Result<async_nats::Client, NatsError> {
+    let servers = url
+        .split(',')
+        .map(|server| server.trim().parse::<async_nats::ServerAddr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| NatsError::Connect(e.into()))?;
     async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
         .max_reconnects(None)
         .reconnect_delay_callback(|attempts| {
             Duration::from_millis(50 * (attempts.min(20) as u64)).max(Duration::from_millis(50))
         })
-        .connect(url)
+        .connect(servers)
         .await
         .map_err(|e| NatsError::Connect(e.into()))
 }
