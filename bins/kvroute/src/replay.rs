@@ -10,8 +10,8 @@ use kvroute_dispatch::CostConfig;
 use kvroute_replay::multimodal::{generate, MultimodalConfig};
 use kvroute_replay::plot::{capacity_svg, policies_svg, CapacityPoint};
 use kvroute_replay::{
-    read_jsonl, replay, write_jsonl, PolicyName, ReplayConfig, ReplaySummary, TraceRequest,
-    Workload,
+    read_jsonl, replay_replicas, spread_simultaneous, write_jsonl, PolicyName, ReplayConfig,
+    ReplaySummary, TraceRequest, Workload,
 };
 use kvroute_sim::WorkerModel;
 use serde_json::json;
@@ -35,6 +35,10 @@ enum Source {
         /// Tokens per hash id in the trace (Mooncake's traces: 512).
         #[arg(long, default_value_t = 512)]
         trace_block_size: u32,
+        /// Spread requests sharing a timestamp evenly over this many milliseconds after it, in
+        /// their order (Mooncake's conversation trace counts time in 3,000 ms steps).
+        #[arg(long)]
+        spread_ms: Option<u64>,
         #[command(flatten)]
         common: Common,
     },
@@ -85,11 +89,21 @@ struct Common {
     #[arg(long, default_value_t = 64)]
     max_concurrency: usize,
     /// Routing cost: weight of the blocks a worker would prefill.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = CostConfig::default().prefill_weight)]
     prefill_weight: f64,
     /// Routing cost: blocks-equivalent of one in-flight request.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = CostConfig::default().decode_weight)]
     decode_weight: f64,
+    /// Routing cost: softmax temperature (0: always the lowest cost, ties at random).
+    #[arg(long, default_value_t = CostConfig::default().temperature)]
+    temperature: f64,
+    /// Router replicas taking turns on arrivals, each knowing the load of its own requests.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    replicas: u64,
+    /// With --replicas: each replica sees the others' load changes this many milliseconds late
+    /// (default: never, as replicas without sync).
+    #[arg(long)]
+    sync_delay_ms: Option<f64>,
     /// Also replay every policy at each of these capacities (blocks per worker, comma-separated)
     /// for the hit rate over capacity plot.
     #[arg(long, value_delimiter = ',')]
@@ -107,6 +121,7 @@ pub fn run(args: ReplayArgs) -> Result<()> {
         Source::Trace {
             file,
             trace_block_size,
+            spread_ms,
             common,
         } => {
             let opened =
@@ -117,7 +132,14 @@ pub fn run(args: ReplayArgs) -> Result<()> {
                 read_jsonl(BufReader::new(opened))
             }
             .with_context(|| format!("reading {}", file.display()))?;
-            let source = json!({ "trace": file.display().to_string() });
+            let mut trace = trace;
+            if let Some(window) = spread_ms {
+                spread_simultaneous(&mut trace, window);
+            }
+            let source = match spread_ms {
+                Some(window) => json!({ "trace": file.display().to_string(), "spread_ms": window }),
+                None => json!({ "trace": file.display().to_string() }),
+            };
             (trace, trace_block_size, common, source)
         }
         Source::Multimodal {
@@ -150,7 +172,8 @@ pub fn run(args: ReplayArgs) -> Result<()> {
     };
     let cost = CostConfig::default()
         .with_prefill_weight(common.prefill_weight)
-        .with_decode_weight(common.decode_weight);
+        .with_decode_weight(common.decode_weight)
+        .with_temperature(common.temperature);
     let model = WorkerModel::default()
         .with_capacity_blocks(common.capacity_blocks)
         .with_speeds(
@@ -158,10 +181,16 @@ pub fn run(args: ReplayArgs) -> Result<()> {
             common.decode_tokens_per_second,
         )
         .with_max_concurrency(common.max_concurrency);
+    let sync_delay_us = match common.sync_delay_ms {
+        Some(ms) if ms.is_finite() && ms >= 0.0 => Some((ms * 1000.0).round() as u64),
+        Some(ms) => anyhow::bail!("--sync-delay-ms {ms} is not a delay"),
+        None => None,
+    };
     let config = ReplayConfig::default()
         .with_workers(common.workers)
         .with_model(model)
-        .with_speedup(common.speedup);
+        .with_speedup(common.speedup)
+        .with_sync_delay_us(sync_delay_us);
 
     let runs = policies.len() * (1 + common.capacity_sweep.len());
     let bar = ProgressBar::new((runs * workload.len()) as u64).with_style(
@@ -172,8 +201,10 @@ pub fn run(args: ReplayArgs) -> Result<()> {
     let run_one = |policy: PolicyName, config: &ReplayConfig| -> Result<ReplaySummary> {
         bar.set_message(policy.as_str());
         let start = bar.position();
-        let mut chosen = policy.build(cost, common.seed);
-        let report = replay(&workload, config, chosen.as_mut(), &mut |done, _| {
+        let mut routers: Vec<_> = (0..common.replicas)
+            .map(|i| policy.build(cost, common.seed.wrapping_add(i)))
+            .collect();
+        let report = replay_replicas(&workload, config, &mut routers, &mut |done, _| {
             bar.set_position(start + done as u64);
         })?;
         Ok(report.summary)

@@ -40,8 +40,8 @@ mod trace;
 mod workload;
 
 pub use report::{Latency, ReplayReport, ReplaySummary, RequestRecord};
-pub use sim::{replay, ReplayConfig, ReplayError};
-pub use trace::{read_jsonl, write_jsonl, TraceError, TraceRequest};
+pub use sim::{replay, replay_replicas, ReplayConfig, ReplayError};
+pub use trace::{read_jsonl, spread_simultaneous, write_jsonl, TraceError, TraceRequest};
 pub use workload::{IdealReuse, Workload};
 
 use kvroute_dispatch::{CostConfig, KvAware, LeastLoaded, Random, RoundRobin, RoutingPolicy};

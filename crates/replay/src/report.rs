@@ -56,6 +56,12 @@ pub struct ReplaySummary {
     pub capacity_blocks: Option<usize>,
     /// Arrival speed-up.
     pub speedup: f64,
+    /// Router replicas taking turns on arrivals (absent from the JSON when 1).
+    #[serde(skip_serializing_if = "one")]
+    pub replicas: usize,
+    /// How late each replica saw the others' load, in virtual milliseconds (`null`: never).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sync_delay_ms: Option<f64>,
     /// Blocks served from a worker's cache over prompt blocks.
     pub hit_rate: f64,
     /// The same for one infinite cache seeing every request.
@@ -86,6 +92,10 @@ pub struct ReplaySummary {
     pub virtual_seconds: f64,
     /// KV events the index skipped (should be 0: the simulated workers' events are consistent).
     pub index_skipped_events: u64,
+}
+
+fn one(n: &usize) -> bool {
+    *n == 1
 }
 
 /// A replay's summary and every request's record.
@@ -143,6 +153,8 @@ pub(crate) fn summarize(
         block_size: workload.block_size(),
         capacity_blocks: config.model.capacity_blocks,
         speedup: config.speedup,
+        replicas: 1,
+        sync_delay_ms: None,
         hit_rate,
         ideal_hit_rate: ideal.hit_rate(),
         fraction_of_ideal: if ideal.reused_blocks == 0 {

@@ -6,8 +6,8 @@ use crate::workload::Workload;
 use kvroute_dispatch::{CandidateInput, LoadGuard, Registry, RoutingPolicy, Worker};
 use kvroute_index::{Index, IndexConfig};
 use kvroute_protocol::{
-    BlockHash, DpRank, KvCacheEvent, KvCacheEventData, KvCacheStoredBlockData, RouterEvent,
-    SequenceHash, WorkerId,
+    BlockHash, DpRank, KvCacheEvent, KvCacheEventData, KvCacheStoredBlockData, ReplicaLoad,
+    RouterEvent, SequenceHash, WorkerId, WorkerLoad,
 };
 use kvroute_sim::{BlockPool, WorkerModel};
 use serde::Serialize;
@@ -25,6 +25,9 @@ pub struct ReplayConfig {
     pub model: WorkerModel,
     /// Arrival times are divided by this (2: the trace twice as fast).
     pub speedup: f64,
+    /// With several routers ([`replay_replicas`]): how late each sees the others' load
+    /// changes, in virtual microseconds (`None`: never, each knows only its own requests).
+    pub sync_delay_us: Option<u64>,
 }
 
 impl Default for ReplayConfig {
@@ -34,6 +37,7 @@ impl Default for ReplayConfig {
             workers: 16,
             model: WorkerModel::default(),
             speedup: 1.0,
+            sync_delay_us: None,
         }
     }
 }
@@ -56,13 +60,20 @@ impl ReplayConfig {
         self.speedup = speedup;
         self
     }
+
+    /// Sets how late routers see each other's load (`None`: never).
+    pub fn with_sync_delay_us(mut self, delay: Option<u64>) -> Self {
+        self.sync_delay_us = delay;
+        self
+    }
 }
 
 /// A replay that cannot run.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReplayError {
-    /// Zero workers, zero concurrency, or a speed or speed-up that is not a positive number.
+    /// Zero workers or routers, zero concurrency, or a speed or speed-up that is not a positive
+    /// number.
     #[error("invalid replay configuration: {0}")]
     Config(&'static str),
     /// The policy returned no worker, or one that is not in the cluster.
@@ -81,11 +92,22 @@ enum Step {
     PrefillDone,
     /// A request's last token.
     Finished,
+    /// A router's load report reaches the other routers.
+    Sync,
 }
 
 struct InFlight {
+    router: usize,
     worker: usize,
     guard: LoadGuard,
+}
+
+/// One router: its own view of the workers' load, and the policy it routes with.
+struct Router<'p> {
+    registry: Registry,
+    policy: &'p mut dyn RoutingPolicy,
+    /// Load reports sent so far.
+    seq: u64,
 }
 
 #[derive(Default)]
@@ -98,12 +120,15 @@ struct SimWorker {
     next_event_id: u64,
 }
 
-struct Engine<'a> {
+struct Engine<'a, 'p> {
     workload: &'a Workload,
     config: ReplayConfig,
     keys: kvroute_dispatch::PrefixKeys,
     index: Index,
-    registry: Registry,
+    routers: Vec<Router<'p>>,
+    /// Load reports in transit, by the index their `Sync` step carries: (sender, report).
+    reports: Vec<Option<(usize, ReplicaLoad)>>,
+    wall: Instant,
     workers: Vec<SimWorker>,
     inflight: Vec<Option<InFlight>>,
     records: Vec<RequestRecord>,
@@ -147,19 +172,81 @@ pub fn replay(
     policy: &mut dyn RoutingPolicy,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ReplayReport, ReplayError> {
+    run(workload, config, vec![policy], progress)
+}
+
+/// Replays `workload` as [`replay`] does, with one router replica per policy taking turns on
+/// arrivals (request `i` goes through router `i % policies.len()`). Each router has its own
+/// [`kvroute_dispatch::Registry`], so it knows the load of its own requests; with
+/// `config.sync_delay_us` set it also receives the others' load reports
+/// ([`kvroute_protocol::ReplicaLoad`], folded in by [`Registry::apply_replica_load`]) that many
+/// microseconds after each change, as replicas publishing over NATS do. They share one index:
+/// every replica reads the same event stream.
+///
+/// ```
+/// use kvroute_dispatch::RoutingPolicy;
+/// use kvroute_replay::{replay_replicas, PolicyName, ReplayConfig, TraceRequest, Workload};
+///
+/// let request = |t, ids: &[u64]| TraceRequest {
+///     timestamp: t, input_length: 512 * ids.len() as u64, output_length: 20,
+///     hash_ids: ids.to_vec(), media_ids: vec![],
+/// };
+/// let trace: Vec<_> = (0..40).map(|i| request(i * 10, &[i % 4, 100 + i])).collect();
+/// let workload = Workload::from_trace(&trace, 512, 512)?;
+/// let config = ReplayConfig::default().with_workers(4).with_sync_delay_us(Some(1_000));
+/// let mut routers: Vec<Box<dyn RoutingPolicy>> =
+///     (0..2).map(|seed| PolicyName::KvAware.build(Default::default(), seed)).collect();
+/// let report = replay_replicas(&workload, &config, &mut routers, &mut |_, _| {})?;
+/// assert_eq!(report.summary.replicas, 2);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub fn replay_replicas(
+    workload: &Workload,
+    config: &ReplayConfig,
+    policies: &mut [Box<dyn RoutingPolicy>],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ReplayReport, ReplayError> {
+    let policies = policies
+        .iter_mut()
+        .map(|p| -> &mut dyn RoutingPolicy { p.as_mut() })
+        .collect();
+    run(workload, config, policies, progress)
+}
+
+fn run(
+    workload: &Workload,
+    config: &ReplayConfig,
+    policies: Vec<&mut dyn RoutingPolicy>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<ReplayReport, ReplayError> {
     validate(config)?;
-    let registry = Registry::default();
-    for id in 1..=config.workers as u64 {
-        let worker = Worker::new(WorkerId(id), format!("http://sim-worker-{id}"))
-            .map_err(|_| ReplayError::Config("worker ids"))?;
-        registry.upsert(worker);
+    let Some(first) = policies.first() else {
+        return Err(ReplayError::Config("at least one router is needed"));
+    };
+    let (name, keys) = (first.name().to_owned(), first.prefix_keys());
+    let replicas = policies.len();
+    let mut routers = Vec::with_capacity(replicas);
+    for policy in policies {
+        let registry = Registry::default();
+        for id in 1..=config.workers as u64 {
+            let worker = Worker::new(WorkerId(id), format!("http://sim-worker-{id}"))
+                .map_err(|_| ReplayError::Config("worker ids"))?;
+            registry.upsert(worker);
+        }
+        routers.push(Router {
+            registry,
+            policy,
+            seq: 0,
+        });
     }
     let mut engine = Engine {
         workload,
         config: *config,
-        keys: policy.prefix_keys(),
+        keys,
         index: Index::new(IndexConfig::default()),
-        registry,
+        routers,
+        reports: Vec::new(),
+        wall: Instant::now(),
         workers: (0..config.workers)
             .map(|_| SimWorker {
                 pool: BlockPool::new(config.model.capacity_blocks),
@@ -175,7 +262,6 @@ pub fn replay(
     let tick = (total / 100).max(1);
     let mut finished = 0;
     let mut next = 0;
-    let wall = Instant::now();
     while finished < total {
         let arrival = workload
             .requests
@@ -187,26 +273,27 @@ pub fn replay(
             // its slot before the next one is routed).
             (Some(at), Some((time, ..))) if at < time => {
                 engine.now = at;
-                engine.route(next, policy, wall)?;
+                engine.route(next)?;
                 next += 1;
             }
             (Some(at), None) => {
                 engine.now = at;
-                engine.route(next, policy, wall)?;
+                engine.route(next)?;
                 next += 1;
             }
-            (_, Some((time, kind, request))) => {
+            (_, Some((time, kind, item))) => {
                 engine.steps.pop();
                 engine.now = time;
                 match kind {
-                    Step::PrefillDone => engine.prefill_done(request),
+                    Step::PrefillDone => engine.prefill_done(item),
                     Step::Finished => {
-                        engine.finish(request);
+                        engine.finish(item);
                         finished += 1;
                         if finished % tick == 0 || finished == total {
                             progress(finished, total);
                         }
                     }
+                    Step::Sync => engine.deliver(item),
                 }
             }
             (None, None) => break,
@@ -216,15 +303,18 @@ pub fn replay(
         let stats = engine.index.stats();
         stats.unknown_parent + stats.invalid_stores + stats.unknown_removals
     };
-    Ok(summarize(
-        policy.name(),
+    let mut report = summarize(
+        &name,
         engine.keys,
         workload,
         config,
         engine.records,
         engine.now,
         skipped,
-    ))
+    );
+    report.summary.replicas = replicas;
+    report.summary.sync_delay_ms = config.sync_delay_us.map(|us| us as f64 / 1000.0);
+    Ok(report)
 }
 
 fn validate(config: &ReplayConfig) -> Result<(), ReplayError> {
@@ -245,13 +335,8 @@ fn micros(amount: u64, per_second: f64) -> u64 {
     (amount as f64 * 1e6 / per_second).ceil() as u64
 }
 
-impl Engine<'_> {
-    fn route(
-        &mut self,
-        request: usize,
-        policy: &mut dyn RoutingPolicy,
-        wall: Instant,
-    ) -> Result<(), ReplayError> {
+impl Engine<'_, '_> {
+    fn route(&mut self, request: usize) -> Result<(), ReplayError> {
         let workload = self.workload;
         let keys = workload.requests[request].keys(self.keys);
         let overlap = self.index.find_matches(keys);
@@ -260,13 +345,15 @@ impl Engine<'_> {
             let entry = by_worker.entry(matched.worker.worker_id).or_default();
             *entry = (*entry).max(matched.matched_blocks);
         }
+        let router_index = request % self.routers.len();
+        let router = &mut self.routers[router_index];
         // The breaker never opens here (simulated workers do not fail); any instant will do.
-        let eligible = self.registry.eligible(wall);
+        let eligible = router.registry.eligible(self.wall);
         let candidates: Vec<CandidateInput> = eligible
             .iter()
             .map(|w| w.candidate(by_worker.get(&w.worker().id).copied().unwrap_or(0)))
             .collect();
-        let row = policy.choose(keys.len(), &candidates);
+        let row = router.policy.choose(keys.len(), &candidates);
         let Some((row, target)) = row.and_then(|row| {
             eligible
                 .iter()
@@ -274,7 +361,7 @@ impl Engine<'_> {
                 .map(|target| (row, target))
         }) else {
             return Err(ReplayError::BadChoice {
-                policy: policy.name().to_owned(),
+                policy: router.policy.name().to_owned(),
                 chosen: row.map(|row| row.worker),
             });
         };
@@ -287,10 +374,58 @@ impl Engine<'_> {
             predicted_blocks: predicted,
             ..RequestRecord::default()
         };
-        self.inflight[request] = Some(InFlight { worker, guard });
+        self.inflight[request] = Some(InFlight {
+            router: router_index,
+            worker,
+            guard,
+        });
+        self.report_load(router_index, worker);
         self.workers[worker].waiting.push_back(request);
         self.advance(worker);
         Ok(())
+    }
+
+    /// Sends router `from`'s load on `worker` to the other routers, if they sync.
+    fn report_load(&mut self, from: usize, worker: usize) {
+        let Some(delay) = self.config.sync_delay_us else {
+            return;
+        };
+        if self.routers.len() < 2 {
+            return;
+        }
+        let id = WorkerId(worker as u64 + 1);
+        let router = &mut self.routers[from];
+        let load = router
+            .registry
+            .local_loads()
+            .into_iter()
+            .find(|load| load.worker_id == id)
+            .unwrap_or(WorkerLoad::idle(id));
+        let report =
+            ReplicaLoad::new(format!("router-{from}"), 0, router.seq).with_workers(vec![load]);
+        router.seq += 1;
+        if delay == 0 {
+            self.apply_report(from, &report);
+        } else {
+            self.reports.push(Some((from, report)));
+            let item = self.reports.len() - 1;
+            self.steps
+                .push(Reverse((self.now + delay, Step::Sync, item)));
+        }
+    }
+
+    fn deliver(&mut self, item: usize) {
+        if let Some((from, report)) = self.reports.get_mut(item).and_then(Option::take) {
+            self.apply_report(from, &report);
+        }
+    }
+
+    fn apply_report(&self, from: usize, report: &ReplicaLoad) {
+        for (i, router) in self.routers.iter().enumerate() {
+            if i != from {
+                router.registry.apply_replica_load(report, self.wall);
+            }
+        }
     }
 
     /// Admits waiting requests and starts the next prefill if the worker is free.
@@ -328,7 +463,8 @@ impl Engine<'_> {
             return;
         };
         inflight.guard.prefill_done();
-        let worker = inflight.worker;
+        let (router, worker) = (inflight.router, inflight.worker);
+        self.report_load(router, worker);
         let workload = self.workload;
         let keyed = &workload.requests[request];
         let record = &mut self.records[request];
@@ -367,8 +503,9 @@ impl Engine<'_> {
     fn finish(&mut self, request: usize) {
         // Dropping the guard takes the request out of the worker's load.
         if let Some(inflight) = self.inflight[request].take() {
-            let worker = inflight.worker;
+            let (router, worker) = (inflight.router, inflight.worker);
             drop(inflight);
+            self.report_load(router, worker);
             self.workers[worker].running -= 1;
             self.advance(worker);
         }

@@ -126,6 +126,37 @@ pub(crate) fn check_media(request: &TraceRequest, line: usize) -> Result<(), Tra
     Ok(())
 }
 
+/// Spreads requests that share a timestamp evenly over the `window_ms` after it, in their
+/// order: request `i` of `k` sharing timestamp `t` arrives at `t + i * window_ms / k`.
+/// Traces that quantize time (Mooncake's conversation trace counts in 3-second steps, up to
+/// 28 requests at one instant) otherwise make every request of a step arrive at once, which no
+/// load balancer in front of router replicas sees. Order is kept when `window_ms` is at most
+/// the gap to the next distinct timestamp.
+///
+/// ```
+/// use kvroute_replay::{spread_simultaneous, TraceRequest};
+///
+/// let at = |t| TraceRequest { timestamp: t, input_length: 1, output_length: 1, hash_ids: vec![0], media_ids: vec![] };
+/// let mut trace = vec![at(0), at(0), at(0), at(0), at(3000)];
+/// spread_simultaneous(&mut trace, 3000);
+/// let times: Vec<u64> = trace.iter().map(|r| r.timestamp).collect();
+/// assert_eq!(times, [0, 750, 1500, 2250, 3000]);
+/// ```
+pub fn spread_simultaneous(trace: &mut [TraceRequest], window_ms: u64) {
+    let mut start = 0;
+    while start < trace.len() {
+        let at = trace[start].timestamp;
+        let len = trace[start..]
+            .iter()
+            .take_while(|r| r.timestamp == at)
+            .count();
+        for (i, request) in trace[start..start + len].iter_mut().enumerate() {
+            request.timestamp = at + window_ms * i as u64 / len as u64;
+        }
+        start += len;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

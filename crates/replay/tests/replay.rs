@@ -147,7 +147,9 @@ fn text_only_routing_chases_phantom_hits_and_media_aware_routing_has_none() {
     );
     assert_eq!(ours.summary.phantom_blocks, 0);
     assert_eq!(ours.summary.requests_with_phantom_hits, 0);
-    assert_eq!(ours.summary.predicted_blocks, ours.summary.cached_blocks);
+    // Never less than predicted (nothing is evicted); sometimes more: a request queued behind
+    // another of its session finds the blocks that one stored while it waited.
+    assert!(ours.summary.cached_blocks >= ours.summary.predicted_blocks);
     assert!(
         text.summary.requests_with_phantom_hits > 30,
         "{:?}",
