@@ -1,9 +1,8 @@
 //! Test support shared by kvroute's integration tests (never published, never a dependency of
 //! a library): a `nats-server -js` of the test's own on a free port with a temporary store
 //! ([`NatsServer`]) or a cluster of three ([`NatsCluster`]), a small JSON-over-HTTP client
-//! ([`HttpClient`]) and a gateway under test
-//! ([`Router`]), child processes killed however a test ends ([`Processes`]), and request
-//! fixtures ([`image_chat_request`]).
+//! ([`HttpClient`]) and a gateway under test ([`Router`]), child processes killed however a
+//! test ends ([`Processes`]), and request fixtures ([`image_chat_request`]).
 //!
 //! It panics on failure by design: a test that cannot set up must fail loudly.
 //!
