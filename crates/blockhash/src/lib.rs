@@ -43,7 +43,7 @@ mod xxh3;
 
 pub use hasher::{BlockHasher, BlockHasherBuilder, HashedBlock};
 pub use kvroute_protocol::{BlockHash, MediaId, MediaSpan, SequenceHash};
-pub use media::{BlockMedia, NoMedia};
+pub use media::{media_id_from_identifier, BlockMedia, NoMedia};
 pub use sequence::{sequence_hash, sequence_hashes_into, SequenceHasher};
 
 /// The XXH3 seed of every Dynamo block and sequence hash before LoRA and namespace salts.

@@ -100,3 +100,32 @@ impl BlockMedia for Vec<Option<BlockExtraInfo>> {
         self.as_slice().is_text_only()
     }
 }
+
+/// The media id of an engine's multimodal identifier, as NVIDIA Dynamo 1.7 reads vLLM's
+/// `extra_keys`: a 64-hex-digit identifier (vLLM's own content hash, or the marker form a
+/// router forwarded as the item's uuid) is the value of its first 16 hex digits; any other
+/// non-empty identifier (a client's own uuid, which vLLM keeps verbatim) is XXH3-64 (seed 0)
+/// of its UTF-8 bytes. `None` for an empty identifier, which names nothing.
+///
+/// A router that gives a client-supplied uuid this id, and forwards the uuid unchanged, gets
+/// back from the engine's events exactly the id it hashed the request with.
+///
+/// ```
+/// use kvroute_blockhash::{media_id_from_identifier, MediaId};
+///
+/// let marker = format!("{:016x}{}", 0x0123_4567_89ab_cdef_u64, "0".repeat(48));
+/// assert_eq!(media_id_from_identifier(&marker), Some(MediaId(0x0123_4567_89ab_cdef)));
+/// assert_eq!(media_id_from_identifier("cat-photo-1"), Some(MediaId(0x6971_6f48_83cc_ef84)));
+/// assert_eq!(media_id_from_identifier(""), None);
+/// ```
+pub fn media_id_from_identifier(identifier: &str) -> Option<MediaId> {
+    if identifier.is_empty() {
+        return None;
+    }
+    if identifier.len() == 64 && identifier.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if let Ok(value) = u64::from_str_radix(&identifier[..16], 16) {
+            return Some(MediaId(value));
+        }
+    }
+    Some(MediaId(xxhash_rust::xxh3::xxh3_64(identifier.as_bytes())))
+}

@@ -131,6 +131,9 @@ pub enum MalformedKind {
     Delivery,
     /// Not a Dynamo envelope of `RouterEvent`s, or not a Dynamo `RouterEvent` JSON.
     Dynamo,
+    /// Not an engine's (vLLM, SGLang) ZeroMQ message or `KVEventBatch`, or an inconsistent
+    /// engine event.
+    Engine,
 }
 
 /// One thing an [`EventSource`] produced.

@@ -96,6 +96,7 @@
 mod bus;
 mod checkpoint;
 mod dynamo;
+mod engine;
 mod ingest;
 mod mirror;
 mod nats;
@@ -108,6 +109,12 @@ pub use bus::{in_process_bus, InProcessBus, InProcessSource};
 pub use dynamo::{
     decode_dynamo_envelope, dynamo_event_subject, encode_dynamo_envelope, DynamoEnvelope,
     DynamoSource, DynamoWireError, MsgpackError,
+};
+pub use engine::{
+    decode_engine_batch, encode_engine_batch, EngineBatch, EngineCache, EngineCacheConfig,
+    EngineEndpoint, EngineEvent, EngineFrames, EngineHash, EnginePublishError, EnginePublisher,
+    EnginePublisherConfig, EngineRemoved, EngineSkip, EngineSource, EngineSourceConfig,
+    EngineStored, EngineWireError, ExtraKey, CACHE_SALT_PREFIX, REPLAY_END,
 };
 pub use ingest::{
     EventSource, IngestConfig, IngestControl, IngestState, Ingestor, MalformedKind, SourceItem,

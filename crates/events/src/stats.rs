@@ -87,6 +87,20 @@ counters! {
     /// Starts whose snapshot was unusable (corrupt, or its sequence no longer in the stream):
     /// the index started empty and every worker was asked for its full state.
     snapshots_unusable => "kvroute_events_snapshots_unusable_total",
+    /// Gaps (or engine restarts) a replay could not fill: the cache's entries were dropped and
+    /// are rebuilt from new events (engine sources).
+    gaps_unhealed => "kvroute_events_gaps_unhealed_total",
+    /// Engine events of a KV cache group other than full attention (sliding window, mamba);
+    /// skipped.
+    engine_other_group => "kvroute_events_engine_other_group_total",
+    /// Engine events of another tier than the GPU pool (offloading connectors); skipped.
+    engine_other_tier => "kvroute_events_engine_other_tier_total",
+    /// Engine stored events continuing a block kvroute does not know; skipped.
+    engine_unknown_parent => "kvroute_events_engine_unknown_parent_total",
+    /// Engine events refused because the engine's block size is not kvroute's.
+    engine_block_size_refused => "kvroute_events_engine_block_size_refused_total",
+    /// Engine caches whose remembered blocks passed the bound: their entries were dropped.
+    engine_overflows => "kvroute_events_engine_overflows_total",
     /// Times the stream consumer was recreated after the connection or the server failed.
     consumer_restarts => "kvroute_events_consumer_restarts_total",
 }
