@@ -133,12 +133,15 @@ pub enum IdSource {
     Client(String),
 }
 
-/// The media id for a client-supplied `uuid`.
+/// The media id for a client-supplied `uuid`, read exactly as the engine's events will name
+/// it ([`kvroute_blockhash::media_id_from_identifier`], NVIDIA Dynamo 1.7's rule): vLLM keeps
+/// the uuid verbatim as the item's identifier and publishes it in `extra_keys`.
 ///
-/// * Dynamo's marker form (16 hex digits then 48 zeros, what Dynamo forwards to vLLM) and any
-///   other 16-or-more hex-digit string (a hex digest, as TensorRT-LLM produces): the value of
-///   its first 16 hex digits, so a client echoing a kvroute or engine id gets that very id.
-/// * Anything else: [`media_id_from_digest`] of blake3 over the string's UTF-8 bytes.
+/// * 64 hex digits (Dynamo's marker form, what [`forward_uuid`] writes, or a vLLM content
+///   hash): the value of its first 16 hex digits, so a client echoing a kvroute or engine id
+///   gets that very id.
+/// * Anything else: XXH3-64 (seed 0) of its UTF-8 bytes. (An empty uuid, which names nothing
+///   to an engine, gets blake3's id of the empty string.)
 ///
 /// ```
 /// use kvroute_mmhash::{forward_uuid, media_id_from_uuid};
@@ -146,16 +149,11 @@ pub enum IdSource {
 ///
 /// let id = MediaId(0x0123_4567_89ab_cdef);
 /// assert_eq!(media_id_from_uuid(&forward_uuid(id)), id);
-/// assert_ne!(media_id_from_uuid("cat-photo-1"), media_id_from_uuid("cat-photo-2"));
+/// assert_eq!(media_id_from_uuid("cat-photo-1"), MediaId(0x6971_6f48_83cc_ef84));
 /// ```
 pub fn media_id_from_uuid(uuid: &str) -> MediaId {
-    let hex_prefix = uuid
-        .get(..16)
-        .filter(|_| uuid.bytes().all(|b| b.is_ascii_hexdigit()));
-    match hex_prefix.and_then(|hex| u64::from_str_radix(hex, 16).ok()) {
-        Some(value) => MediaId(value),
-        None => media_id_from_digest(blake3::hash(uuid.as_bytes()).as_bytes()),
-    }
+    kvroute_blockhash::media_id_from_identifier(uuid)
+        .unwrap_or_else(|| media_id_from_digest(blake3::hash(uuid.as_bytes()).as_bytes()))
 }
 
 /// The `uuid` to forward to the engine for a content-derived id: Dynamo's marker form, 16

@@ -11,6 +11,7 @@ use kvroute_protocol::{
     KvCacheStoredBlockData,
 };
 use rustc_hash::FxHashMap;
+use std::collections::hash_map::Entry;
 
 /// The prefix NVIDIA Dynamo puts before a cache salt it forwards to vLLM, which tells a salt
 /// apart from a LoRA name or a legacy multimodal identifier in `extra_keys`.
@@ -303,16 +304,16 @@ impl EngineCache {
 
     /// Drops one engine block's claim on `sequence`; true when it was the last.
     fn release(&mut self, sequence: SequenceHash) -> bool {
-        match self.refs.get_mut(&sequence) {
-            Some(count) if *count > 1 => {
-                *count -= 1;
+        match self.refs.entry(sequence) {
+            Entry::Occupied(mut count) if *count.get() > 1 => {
+                *count.get_mut() -= 1;
                 false
             }
-            Some(_) => {
-                self.refs.remove(&sequence);
+            Entry::Occupied(count) => {
+                count.remove();
                 true
             }
-            None => false,
+            Entry::Vacant(_) => false,
         }
     }
 

@@ -98,6 +98,19 @@ impl<'a> Reader<'a> {
         })
     }
 
+    /// A `uint64` (how vLLM writes nearly every block hash), consumed; `None` (nothing
+    /// consumed) for any other value.
+    #[inline]
+    pub(crate) fn u64_fast(&mut self) -> Option<u64> {
+        match self.buf[self.pos..] {
+            [0xcf, b0, b1, b2, b3, b4, b5, b6, b7, ..] => {
+                self.pos += 9;
+                Some(u64::from_be_bytes([b0, b1, b2, b3, b4, b5, b6, b7]))
+            }
+            _ => None,
+        }
+    }
+
     /// A non-negative integer that fits `u32`.
     pub(crate) fn u32(&mut self) -> Result<u32, EngineWireError> {
         match self.int()? {
@@ -176,6 +189,29 @@ impl<'a> Reader<'a> {
             }
         };
         self.take(len)
+    }
+
+    /// An array of non-negative integers that fit `u32` (token ids), appended to `out`: the
+    /// hot loop of decoding, one marker match per element without the general paths.
+    pub(crate) fn u32_array(&mut self, out: &mut Vec<u32>) -> Result<(), EngineWireError> {
+        let len = self.array_len()?;
+        out.reserve(len);
+        for _ in 0..len {
+            let rest = &self.buf[self.pos..];
+            let (value, used) = match *rest {
+                [m @ 0x00..=0x7f, ..] => (u32::from(m), 1),
+                [0xcc, b, ..] => (u32::from(b), 2),
+                [0xcd, b0, b1, ..] => (u32::from(u16::from_be_bytes([b0, b1])), 3),
+                [0xce, b0, b1, b2, b3, ..] => (u32::from_be_bytes([b0, b1, b2, b3]), 5),
+                _ => {
+                    out.push(self.u32()?);
+                    continue;
+                }
+            };
+            self.pos += used;
+            out.push(value);
+        }
+        Ok(())
     }
 
     /// An array header. The length is checked against the bytes left (every element takes at

@@ -384,6 +384,17 @@ impl RankTask {
         };
         for event in &batch.events {
             match self.cache.convert(event) {
+                Ok(KvCacheEventData::Removed(removed)) if removed.block_hashes.is_empty() => {}
+                Ok(KvCacheEventData::Removed(removed)) => {
+                    // vLLM sends one BlockRemoved per evicted block: one index event for a run.
+                    if let Some(KvCacheEventData::Removed(last)) =
+                        self.events.last_mut().map(|e| &mut e.event.data)
+                    {
+                        last.block_hashes.extend(removed.block_hashes);
+                    } else {
+                        self.push(KvCacheEventData::Removed(removed));
+                    }
+                }
                 Ok(data) => self.push(data),
                 Err(skip) => self.skipped(skip).await,
             }

@@ -312,6 +312,9 @@ fn i64_of(r: &mut Reader<'_>) -> Result<i64, EngineWireError> {
 }
 
 fn hash(r: &mut Reader<'_>) -> Result<EngineHash, EngineWireError> {
+    if let Some(value) = r.u64_fast() {
+        return Ok(EngineHash(value));
+    }
     if r.at_bin() {
         let bytes = r.bin()?;
         let tail = bytes
@@ -340,11 +343,8 @@ fn hashes(r: &mut Reader<'_>) -> Result<Vec<EngineHash>, EngineWireError> {
 }
 
 fn tokens(r: &mut Reader<'_>) -> Result<Vec<u32>, EngineWireError> {
-    let len = r.array_len()?;
-    let mut out = Vec::with_capacity(len);
-    for _ in 0..len {
-        out.push(r.u32()?);
-    }
+    let mut out = Vec::new();
+    r.u32_array(&mut out)?;
     Ok(out)
 }
 
@@ -406,7 +406,17 @@ fn extra_key(r: &mut Reader<'_>) -> Result<ExtraKey, EngineWireError> {
 /// # Ok::<(), kvroute_events::EngineWireError>(())
 /// ```
 pub fn encode_engine_batch(batch: &EngineBatch) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + batch.events.len() * 128);
+    // Worst case per token (uint32) and hash (uint64), so the buffer never grows.
+    let reserve: usize = batch
+        .events
+        .iter()
+        .map(|event| match event {
+            EngineEvent::Stored(s) => 256 + s.token_ids.len() * 5 + s.block_hashes.len() * 9,
+            EngineEvent::Removed(r) => 64 + r.block_hashes.len() * 9,
+            EngineEvent::Cleared => 32,
+        })
+        .sum();
+    let mut out = Vec::with_capacity(16 + reserve);
     let mut w = Writer { out: &mut out };
     w.array(3);
     w.f64(batch.ts);
