@@ -13,6 +13,10 @@
 //! Router replicas tell each other the load they put on workers ([`join_replicas`]; the
 //! registry in `kvroute-dispatch` folds the reports in).
 //!
+//! It also reads vLLM's and SGLang's own KV events from their ZeroMQ publishers
+//! ([`EngineSource`]), re-hashing each stored block's tokens with kvroute-blockhash and healing
+//! gaps through the engines' replay sockets, and speaks that wire itself ([`EnginePublisher`]).
+//!
 //! The same publisher and ingestor run over an in-process bus ([`in_process_bus`], for
 //! `kvroute demo` and tests) with the same semantics.
 //!

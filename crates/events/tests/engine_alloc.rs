@@ -13,7 +13,8 @@ static ALLOCATOR: PeakAlloc = PeakAlloc;
 
 #[test]
 fn hostile_lengths_allocate_no_more_than_the_frame_allows() {
-    const HEAD: &[u8] = b"\x93\xcb\x41\xda\x55\x6e\x40\xa0\x00\x00\x91\xde\x00\x03\xa4type\xabBlockStored";
+    const HEAD: &[u8] =
+        b"\x93\xcb\x41\xda\x55\x6e\x40\xa0\x00\x00\x91\xde\x00\x03\xa4type\xabBlockStored";
     let frames: Vec<Vec<u8>> = [
         // 4 billion tokens claimed, 64 KiB present.
         &b"\xa9token_ids\xdd\xff\xff\xff\xff"[..],
@@ -37,6 +38,10 @@ fn hostile_lengths_allocate_no_more_than_the_frame_allows() {
         ALLOCATOR.reset_peak_usage();
         assert!(decode_engine_batch(frame).is_err());
         let peak = ALLOCATOR.peak_usage().saturating_sub(before);
-        assert!(peak <= 8 * frame.len(), "peak {peak} bytes for a {} byte frame", frame.len());
+        assert!(
+            peak <= 8 * frame.len(),
+            "peak {peak} bytes for a {} byte frame",
+            frame.len()
+        );
     }
 }

@@ -240,7 +240,10 @@ fn a_block_stored_during_decode_continues_its_prompt() {
                 else {
                     panic!("g stores one block");
                 };
-                assert_eq!(ours.blocks[0].block_hash, expected[&engine.block_hashes[0].0]);
+                assert_eq!(
+                    ours.blocks[0].block_hash,
+                    expected[&engine.block_hashes[0].0]
+                );
             }
         }
     }
@@ -248,11 +251,164 @@ fn a_block_stored_during_decode_continues_its_prompt() {
 
 #[test]
 fn byte_hashes_name_the_same_blocks_as_integer_hashes() {
-    for name in ["a_text_70", "b_shared_prefix", "c_mm_one_image", "f2_eviction"] {
+    for name in [
+        "a_text_70",
+        "b_shared_prefix",
+        "c_mm_one_image",
+        "f2_eviction",
+    ] {
         let ints = decode_engine_batch(&payload(name)).unwrap();
-        let bytes = std::fs::read(dir().join(format!("variants/bytes_hashes/{name}.msgpack")))
-            .unwrap();
+        let bytes =
+            std::fs::read(dir().join(format!("variants/bytes_hashes/{name}.msgpack"))).unwrap();
         let from_bytes = decode_engine_batch(&bytes).unwrap();
         assert_eq!(from_bytes.events, ints.events, "{name}");
     }
+}
+
+/// A fixture made with the engines' own event classes (tests/fixtures/gen_class_fixtures.py).
+fn class_fixture(path: &str) -> (Vec<u8>, Value) {
+    let base = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let bytes = std::fs::read(base.join(format!("{path}.msgpack"))).unwrap();
+    let doc =
+        serde_json::from_slice(&std::fs::read(base.join(format!("{path}.json"))).unwrap()).unwrap();
+    (bytes, doc)
+}
+
+fn ids(doc: &Value, key: &str) -> Vec<u32> {
+    doc["inputs"][key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect()
+}
+
+fn sequence(builder: kvroute_blockhash::BlockHasherBuilder, tokens: &[u32]) -> Vec<SequenceHash> {
+    builder
+        .build()
+        .unwrap()
+        .hash_sequence(tokens, &kvroute_blockhash::NoMedia)
+        .iter()
+        .map(|b| b.sequence)
+        .collect()
+}
+
+#[test]
+fn vllm_class_fixtures_re_encode_and_follow_dynamos_rules() {
+    // A tagged salt is the namespace of the sequence, continuation included.
+    let (bytes, doc) = class_fixture("vllm/classes/tagged_cache_salt");
+    let batch = decode_engine_batch(&bytes).unwrap();
+    assert_eq!(encode_engine_batch(&batch), bytes);
+    let want = sequence(
+        BlockHasher::builder(16).cache_namespace("tenant-1"),
+        &ids(&doc, "token_ids"),
+    );
+    let mut cache = EngineCache::new(EngineCacheConfig::new(16)).unwrap();
+    let mut got = Vec::new();
+    for event in &batch.events {
+        let KvCacheEventData::Stored(stored) = cache.convert(event).unwrap() else {
+            panic!("stores only");
+        };
+        got.extend(stored.blocks.iter().map(|b| b.block_hash));
+    }
+    assert_eq!(got, want);
+
+    // vLLM 0.18's bare 64-hex identifier names an image; the LoRA name beside it does not.
+    let (bytes, doc) = class_fixture("vllm/classes/bare_identifier");
+    let batch = decode_engine_batch(&bytes).unwrap();
+    assert_eq!(encode_engine_batch(&batch), bytes);
+    let identifier = doc["inputs"]["identifier"].as_str().unwrap();
+    let image = [MediaSpan::new(
+        0,
+        16,
+        media_id_from_identifier(identifier).unwrap(),
+    )];
+    let want: Vec<SequenceHash> = BlockHasher::builder(16)
+        .lora_name("adapter-a")
+        .build()
+        .unwrap()
+        .hash_sequence(&ids(&doc, "token_ids"), &image[..])
+        .iter()
+        .map(|b| b.sequence)
+        .collect();
+    let mut cache = EngineCache::new(EngineCacheConfig::new(16)).unwrap();
+    let KvCacheEventData::Stored(stored) = cache.convert(&batch.events[0]).unwrap() else {
+        panic!("a store");
+    };
+    let got: Vec<SequenceHash> = stored.blocks.iter().map(|b| b.block_hash).collect();
+    assert_eq!(got, want);
+    assert!(stored.blocks[1].mm_extra_info.is_none());
+
+    // A sliding-window group's store and removal are skipped; full attention's store is not.
+    let (bytes, _) = class_fixture("vllm/classes/sliding_window_group");
+    let batch = decode_engine_batch(&bytes).unwrap();
+    assert_eq!(encode_engine_batch(&batch), bytes);
+    let mut cache = EngineCache::new(EngineCacheConfig::new(16)).unwrap();
+    let outcomes: Vec<bool> = batch
+        .events
+        .iter()
+        .map(|e| cache.convert(e).is_ok())
+        .collect();
+    assert_eq!(outcomes, [false, true, false]);
+    assert_eq!(cache.convert(&batch.events[0]), Err(EngineSkip::OtherGroup));
+}
+
+#[test]
+fn sglang_payloads_decode_and_index_like_vllms() {
+    let (bytes, doc) = class_fixture("sglang/text_signed_hashes");
+    let batch = decode_engine_batch(&bytes).unwrap();
+    let hashes: Vec<u64> = doc["inputs"]["block_hashes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_i64().unwrap() as u64)
+        .collect();
+    let EngineEvent::Stored(first) = &batch.events[0] else {
+        panic!("a store")
+    };
+    // SGLang leaves the GPU pool's medium out and sends signed hashes.
+    assert_eq!(first.medium, None);
+    assert_eq!(
+        first.block_hashes,
+        [EngineHash(hashes[0]), EngineHash(hashes[1])]
+    );
+    let want = sequence(BlockHasher::builder(16), &ids(&doc, "token_ids"));
+    let mut cache = EngineCache::new(EngineCacheConfig::new(16)).unwrap();
+    let mut index = Index::new(IndexConfig::default());
+    for (id, event) in batch.events.iter().enumerate() {
+        let data = cache.convert(event).unwrap();
+        index.apply_event(&router_event(id as u64, data)).unwrap();
+    }
+    // Three blocks stored, the third removed.
+    assert_eq!(index.find_matches(&want).workers[0].matched_blocks, 2);
+
+    // Its cache_salt field is the namespace; lora_name the LoRA.
+    let (bytes, doc) = class_fixture("sglang/salt_and_lora");
+    let batch = decode_engine_batch(&bytes).unwrap();
+    let want = sequence(
+        BlockHasher::builder(16)
+            .lora_name("adapter-a")
+            .cache_namespace("tenant-1"),
+        &ids(&doc, "token_ids"),
+    );
+    let mut cache = EngineCache::new(EngineCacheConfig::new(16)).unwrap();
+    let KvCacheEventData::Stored(stored) = cache.convert(&batch.events[0]).unwrap() else {
+        panic!("a store");
+    };
+    let got: Vec<SequenceHash> = stored.blocks.iter().map(|b| b.block_hash).collect();
+    assert_eq!(got, want);
+
+    // Its host tier is skipped; AllBlocksCleared clears; the rank is the attention-DP rank.
+    let (bytes, _) = class_fixture("sglang/host_tier_and_clear");
+    let batch = decode_engine_batch(&bytes).unwrap();
+    assert_eq!(batch.dp_rank, Some(1));
+    let mut cache = EngineCache::new(EngineCacheConfig::new(16)).unwrap();
+    assert_eq!(
+        cache.convert(&batch.events[0]),
+        Err(EngineSkip::OtherMedium("CPU_PINNED".into()))
+    );
+    assert_eq!(
+        cache.convert(&batch.events[1]),
+        Ok(KvCacheEventData::Cleared)
+    );
 }

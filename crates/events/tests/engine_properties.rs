@@ -63,9 +63,16 @@ fn engine(p: usize, i: usize) -> EngineHash {
 #[derive(Clone, Debug)]
 enum Op {
     /// Store blocks `from..to` of a prompt (the engine has blocks `..from`, or `from` is 0).
-    Store { prompt: usize, from: usize, len: usize },
+    Store {
+        prompt: usize,
+        from: usize,
+        len: usize,
+    },
     /// Evict one block.
-    Remove { prompt: usize, block: usize },
+    Remove {
+        prompt: usize,
+        block: usize,
+    },
     Clear,
 }
 
@@ -105,7 +112,9 @@ impl Model {
                     medium: Some("GPU".into()),
                     lora_name: lora(prompt).map(str::to_owned),
                     extra_keys: Some(vec![
-                        lora(prompt).map(|n| vec![kvroute_events::ExtraKey::Str(n.into())]);
+                        lora(prompt).map(|n| vec![
+                            kvroute_events::ExtraKey::Str(n.into())
+                        ]);
                         to - from
                     ]),
                     group_idx: Some(0),
@@ -163,7 +172,7 @@ proptest! {
                 .find_matches(&ours(p))
                 .workers
                 .first()
-                .map_or(0, |w| w.matched_blocks as usize);
+                .map_or(0, |w| w.matched_blocks);
             prop_assert_eq!(matched, model.leading(p), "prompt {}", p);
         }
         prop_assert_eq!(cache.len(), model.held.len());
@@ -207,14 +216,26 @@ fn malformed_frames_are_typed_errors() {
         EngineFrames::from_pub(&[b"", b"\x01", &body]),
         Err(EngineWireError::Seq(1))
     );
-    assert_eq!(EngineFrames::from_pub(&[b"kv", &seq, &body]).unwrap().seq, 7);
+    assert_eq!(
+        EngineFrames::from_pub(&[b"kv", &seq, &body]).unwrap().seq,
+        7
+    );
 
     // Not msgpack at all; a map where the batch array belongs; trailing bytes.
-    assert!(matches!(decode_engine_batch(b"\xc1"), Err(EngineWireError::Msgpack { .. })));
-    assert!(matches!(decode_engine_batch(b"\x80"), Err(EngineWireError::Msgpack { .. })));
+    assert!(matches!(
+        decode_engine_batch(b"\xc1"),
+        Err(EngineWireError::Msgpack { .. })
+    ));
+    assert!(matches!(
+        decode_engine_batch(b"\x80"),
+        Err(EngineWireError::Msgpack { .. })
+    ));
     let mut trailing = body.clone();
     trailing.push(0);
-    assert!(matches!(decode_engine_batch(&trailing), Err(EngineWireError::Shape(_))));
+    assert!(matches!(
+        decode_engine_batch(&trailing),
+        Err(EngineWireError::Shape(_))
+    ));
 
     // An unknown event type.
     let unknown = b"\x93\xcb\x41\xda\x55\x6e\x40\xa0\x00\x00\x91\x81\xa4type\xa8Reshaped\x00";
@@ -225,17 +246,28 @@ fn malformed_frames_are_typed_errors() {
 
     // Arrays claiming 4 billion events, block hashes, tokens: refused before any reserve.
     let huge_events = b"\x93\xcb\x41\xda\x55\x6e\x40\xa0\x00\x00\xdd\xff\xff\xff\xff";
-    assert!(matches!(decode_engine_batch(huge_events), Err(EngineWireError::Msgpack { .. })));
+    assert!(matches!(
+        decode_engine_batch(huge_events),
+        Err(EngineWireError::Msgpack { .. })
+    ));
     let mut huge_tokens = b"\x93\xcb\x41\xda\x55\x6e\x40\xa0\x00\x00\x91\x82\xa4type\xabBlockStored\xa9token_ids\xdd\xff\xff\xff\xf0".to_vec();
     huge_tokens.extend_from_slice(&[1; 64]);
-    assert!(matches!(decode_engine_batch(&huge_tokens), Err(EngineWireError::Msgpack { .. })));
+    assert!(matches!(
+        decode_engine_batch(&huge_tokens),
+        Err(EngineWireError::Msgpack { .. })
+    ));
 
     // Nested past the depth limit inside a field that is skipped.
-    let mut deep = b"\x93\xcb\x41\xda\x55\x6e\x40\xa0\x00\x00\x91\x82\xa4type\xb0AllBlocksCleared\xa5extra".to_vec();
+    let mut deep =
+        b"\x93\xcb\x41\xda\x55\x6e\x40\xa0\x00\x00\x91\x82\xa4type\xb0AllBlocksCleared\xa5extra"
+            .to_vec();
     deep.extend(std::iter::repeat_n(0x91u8, 100_000));
     deep.push(0xc0);
     deep.push(0x00);
-    assert!(matches!(decode_engine_batch(&deep), Err(EngineWireError::Msgpack { .. })));
+    assert!(matches!(
+        decode_engine_batch(&deep),
+        Err(EngineWireError::Msgpack { .. })
+    ));
 }
 
 #[test]
@@ -250,28 +282,48 @@ fn events_that_contradict_themselves_are_skipped() {
         })
     };
     // Block count mismatch: 2 hashes, 3 blocks of tokens.
-    assert!(matches!(cache.convert(&stored(2, 12, BLOCK)), Err(EngineSkip::Inconsistent(_))));
+    assert!(matches!(
+        cache.convert(&stored(2, 12, BLOCK)),
+        Err(EngineSkip::Inconsistent(_))
+    ));
     // Another block size than kvroute's.
     assert_eq!(
         cache.convert(&stored(1, 16, 16)),
-        Err(EngineSkip::BlockSize { expected: BLOCK, got: 16 })
+        Err(EngineSkip::BlockSize {
+            expected: BLOCK,
+            got: 16
+        })
     );
     // extra_keys not one per block.
-    let EngineEvent::Stored(mut event) = stored(2, 8, BLOCK) else { unreachable!() };
+    let EngineEvent::Stored(mut event) = stored(2, 8, BLOCK) else {
+        unreachable!()
+    };
     event.extra_keys = Some(vec![None]);
-    assert!(matches!(cache.convert(&EngineEvent::Stored(event.clone())), Err(EngineSkip::Inconsistent(_))));
+    assert!(matches!(
+        cache.convert(&EngineEvent::Stored(event.clone())),
+        Err(EngineSkip::Inconsistent(_))
+    ));
     // A sliding-window group and a CPU tier are skipped, the GPU full-attention one is not.
     event.extra_keys = None;
     event.kv_cache_spec_kind = Some("sliding_window".into());
-    assert_eq!(cache.convert(&EngineEvent::Stored(event.clone())), Err(EngineSkip::OtherGroup));
+    assert_eq!(
+        cache.convert(&EngineEvent::Stored(event.clone())),
+        Err(EngineSkip::OtherGroup)
+    );
     event.kv_cache_spec_kind = None;
     event.medium = Some("CPU".into());
-    assert_eq!(cache.convert(&EngineEvent::Stored(event.clone())), Err(EngineSkip::OtherMedium("CPU".into())));
+    assert_eq!(
+        cache.convert(&EngineEvent::Stored(event.clone())),
+        Err(EngineSkip::OtherMedium("CPU".into()))
+    );
     event.medium = Some("GPU".into());
     assert!(cache.convert(&EngineEvent::Stored(event.clone())).is_ok());
     // A continuation of a block never seen.
     event.parent = Some(EngineHash(99));
-    assert_eq!(cache.convert(&EngineEvent::Stored(event)), Err(EngineSkip::UnknownParent));
+    assert_eq!(
+        cache.convert(&EngineEvent::Stored(event)),
+        Err(EngineSkip::UnknownParent)
+    );
     assert_eq!(cache.len(), 2);
 }
 

@@ -6,8 +6,8 @@
 
 use kvroute_blockhash::{BlockHasher, NoMedia};
 use kvroute_events::{
-    EngineEndpoint, EngineEvent, EngineHash, EnginePublisher, EnginePublisherConfig,
-    EngineSource, EngineSourceConfig, EngineStored, IngestConfig, Ingestor,
+    EngineEndpoint, EngineEvent, EngineHash, EnginePublisher, EnginePublisherConfig, EngineSource,
+    EngineSourceConfig, EngineStored, IngestConfig, Ingestor,
 };
 use kvroute_index::{Index, IndexConfig, SharedIndex};
 use kvroute_protocol::{SequenceHash, WorkerId};
@@ -51,7 +51,7 @@ fn matched(index: &SharedIndex, query: &[SequenceHash]) -> usize {
         .find_matches(query)
         .workers
         .first()
-        .map_or(0, |w| w.matched_blocks as usize)
+        .map_or(0, |w| w.matched_blocks)
 }
 
 async fn publisher(port: u16, replay: u16) -> EnginePublisher {
@@ -114,11 +114,21 @@ async fn gaps_heal_through_replay_and_restarts_rebuild() {
     let deadline = Instant::now() + Duration::from_secs(10);
     engine.publish(vec![fresh.clone()]).await.unwrap();
     while matched(&index, &fresh_ours) < 2 {
-        assert!(Instant::now() < deadline, "the restarted engine was never heard");
+        assert!(
+            Instant::now() < deadline,
+            "the restarted engine was never heard"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
-        engine.publish(vec![EngineEvent::Cleared, fresh.clone()]).await.unwrap();
+        engine
+            .publish(vec![EngineEvent::Cleared, fresh.clone()])
+            .await
+            .unwrap();
     }
-    assert_eq!(matched(&index, &first_ours), 0, "old entries survived the restart");
+    assert_eq!(
+        matched(&index, &first_ours),
+        0,
+        "old entries survived the restart"
+    );
     assert_eq!(matched(&index, &lost_ours), 0);
     assert!(ingestor.stats().incarnation_changes >= 1);
     ingestor.shutdown().await.unwrap();

@@ -3,7 +3,7 @@
 //! stored/removed events, takes time for prefill (uncached tokens only) and decode, and reports
 //! `cached_tokens` from its real pool.
 
-use crate::block_pool::BlockPool;
+use crate::block_pool::{BlockPool, PoolChanges};
 use crate::model::{InvalidModel, WorkerModel};
 use bytes::Bytes;
 use futures_util::stream;
@@ -11,9 +11,11 @@ use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use kvroute_blockhash::{BlockHasher, HashedBlock};
-use kvroute_events::Publisher;
+use kvroute_events::{
+    EngineEvent, EngineHash, EnginePublisher, EngineRemoved, EngineStored, ExtraKey, Publisher,
+};
 use kvroute_gateway::{error_response, json_response, serve_http, BoxError, GatewayBody};
-use kvroute_mmhash::{block_media_info, BlockExtraInfo};
+use kvroute_mmhash::{block_media_info, forward_uuid, BlockExtraInfo};
 use kvroute_preprocess::{ChatRequest, CompletionRequest, Preprocessor, Prompt};
 use kvroute_protocol::{DpRank, ErrorBody, KvCacheStoredBlockData, SequenceHash, WorkerId};
 use serde_json::json;
@@ -90,9 +92,97 @@ struct SimInner {
     slots: Arc<Semaphore>,
     /// Held while a request prefills: prefills run one at a time.
     prefill: Arc<tokio::sync::Mutex<()>>,
-    publisher: Publisher,
+    events: Events,
     killed: tokio::sync::watch::Sender<bool>,
     running: Arc<AtomicU64>,
+}
+
+/// Where a simulated worker's KV events go.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum SimEvents {
+    /// kvroute's own events (its JetStream stream, or the in-process bus).
+    Kvroute(Publisher),
+    /// vLLM's ZeroMQ wire: `BlockStored` with the blocks' tokens and images (as
+    /// `[identifier, offset]`) under the engine's own block hashes, one `BlockRemoved` per
+    /// evicted block, as a vLLM engine publishes them.
+    Vllm(Box<EnginePublisher>),
+}
+
+impl From<Publisher> for SimEvents {
+    fn from(publisher: Publisher) -> Self {
+        Self::Kvroute(publisher)
+    }
+}
+
+impl From<EnginePublisher> for SimEvents {
+    fn from(publisher: EnginePublisher) -> Self {
+        Self::Vllm(Box::new(publisher))
+    }
+}
+
+enum Events {
+    Kvroute(Publisher),
+    Vllm(Box<tokio::sync::Mutex<EnginePublisher>>),
+}
+
+/// The simulated engine's own hash of a block: not the router's (as a real engine's is not),
+/// but one for one with it.
+fn engine_hash(key: SequenceHash) -> EngineHash {
+    EngineHash(key.get().rotate_left(29) ^ 0x6a09_e667_f3bc_c908)
+}
+
+/// The events vLLM publishes for `changes`: removals first (vLLM evicts while allocating, before
+/// the request's blocks are stored), then one `BlockStored` per run of new blocks.
+fn vllm_events(
+    changes: &PoolChanges,
+    hashed: &[HashedBlock],
+    prompt: &Prompt,
+    block_size: usize,
+) -> Vec<EngineEvent> {
+    let removed = changes.removed.iter().map(|&key| {
+        EngineEvent::Removed(EngineRemoved {
+            block_hashes: vec![engine_hash(key)],
+            medium: Some("GPU".into()),
+            group_idx: Some(0),
+        })
+    });
+    let stored = changes.stored.iter().map(|run| {
+        let extra_keys = run
+            .blocks
+            .clone()
+            .map(|i| {
+                let start = i * block_size;
+                let items: Vec<ExtraKey> = prompt
+                    .media
+                    .iter()
+                    .filter(|span| span.touches(start..start + block_size))
+                    .map(|span| {
+                        let offset = span.start as i64 - start as i64;
+                        ExtraKey::Media(forward_uuid(span.id), offset)
+                    })
+                    .collect();
+                (!items.is_empty()).then_some(items)
+            })
+            .collect();
+        EngineEvent::Stored(EngineStored {
+            block_hashes: run
+                .blocks
+                .clone()
+                .map(|i| engine_hash(hashed[i].sequence))
+                .collect(),
+            parent: run.parent.map(engine_hash),
+            token_ids: prompt.tokens[run.blocks.start * block_size..run.blocks.end * block_size]
+                .to_vec(),
+            block_size: block_size as u32,
+            medium: Some("GPU".into()),
+            extra_keys: Some(extra_keys),
+            group_idx: Some(0),
+            kv_cache_spec_kind: Some("full_attention".into()),
+            ..EngineStored::default()
+        })
+    });
+    removed.chain(stored).collect()
 }
 
 /// Counts a request as running and holds its engine slot until dropped (with the response
@@ -119,12 +209,19 @@ impl Drop for Running {
 }
 
 impl SimWorker {
-    /// A worker that publishes its KV events through `publisher`.
+    /// A worker that publishes its KV events through `events` (a kvroute [`Publisher`] or a
+    /// vLLM-wire [`EnginePublisher`]).
     pub fn new(
         config: SimConfig,
         preprocessor: Arc<Preprocessor>,
-        publisher: Publisher,
+        events: impl Into<SimEvents>,
     ) -> Result<Self, SimError> {
+        let events = match events.into() {
+            SimEvents::Kvroute(publisher) => Events::Kvroute(publisher),
+            SimEvents::Vllm(publisher) => {
+                Events::Vllm(Box::new(tokio::sync::Mutex::new(*publisher)))
+            }
+        };
         config.engine.validate()?;
         let hasher = BlockHasher::new(config.block_size)?;
         let pool = Mutex::new(BlockPool::new(config.engine.capacity_blocks));
@@ -137,7 +234,7 @@ impl SimWorker {
                 pool,
                 slots: Arc::new(Semaphore::new(slots)),
                 prefill: Arc::default(),
-                publisher,
+                events,
                 killed: tokio::sync::watch::channel(false).0,
                 running: Arc::default(),
             }),
@@ -313,10 +410,24 @@ impl SimWorker {
             )
             .unwrap_or_default()
         };
-        let events = changes.into_events(|i| engine_block(&hashed, &infos, i));
-        if !events.is_empty() {
-            if let Err(error) = self.inner.publisher.publish(DpRank(0), events).await {
-                tracing::warn!(%error, worker = %self.inner.config.worker_id, "could not publish KV events");
+        let worker = self.inner.config.worker_id;
+        match &self.inner.events {
+            Events::Kvroute(publisher) => {
+                let events = changes.into_events(|i| engine_block(&hashed, &infos, i));
+                if !events.is_empty() {
+                    if let Err(error) = publisher.publish(DpRank(0), events).await {
+                        tracing::warn!(%error, %worker, "could not publish KV events");
+                    }
+                }
+            }
+            Events::Vllm(publisher) => {
+                let block_size = self.inner.config.block_size as usize;
+                let events = vllm_events(&changes, &hashed, prompt, block_size);
+                if !events.is_empty() {
+                    if let Err(error) = publisher.lock().await.publish(events).await {
+                        tracing::warn!(%error, %worker, "could not publish KV events");
+                    }
+                }
             }
         }
         cached_blocks

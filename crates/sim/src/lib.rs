@@ -42,5 +42,5 @@ mod http_worker;
 mod model;
 
 pub use block_pool::{BlockPool, PoolChanges, StoredRun};
-pub use http_worker::{SimConfig, SimError, SimWorker, MAX_COMPLETION_TOKENS};
+pub use http_worker::{SimConfig, SimError, SimEvents, SimWorker, MAX_COMPLETION_TOKENS};
 pub use model::{InvalidModel, WorkerModel};

@@ -209,7 +209,9 @@ impl EngineCache {
             ));
         }
         if event.extra_keys.as_ref().is_some_and(|k| k.len() != blocks) {
-            return Err(EngineSkip::Inconsistent("extra_keys is not one entry per block hash"));
+            return Err(EngineSkip::Inconsistent(
+                "extra_keys is not one entry per block hash",
+            ));
         }
         let parent = match event.parent {
             None => None,
@@ -247,15 +249,17 @@ impl EngineCache {
                 }
                 self.block_hashes
                     .push(block_hasher.hash_block(window, &self.media));
-                infos.push((!self.media.is_empty()).then(|| BlockExtraInfo {
-                    mm_objects: self
-                        .media
-                        .iter()
-                        .map(|&mm_hash| BlockMmObjectInfo {
-                            mm_hash,
-                            offsets: Vec::new(),
-                        })
-                        .collect(),
+                infos.push((!self.media.is_empty()).then(|| {
+                    BlockExtraInfo {
+                        mm_objects: self
+                            .media
+                            .iter()
+                            .map(|&mm_hash| BlockMmObjectInfo {
+                                mm_hash,
+                                offsets: Vec::new(),
+                            })
+                            .collect(),
+                    }
                 }));
             }
         } else {

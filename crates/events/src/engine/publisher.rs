@@ -23,6 +23,9 @@ pub struct EnginePublisherConfig {
     pub buffer_steps: usize,
     /// The data-parallel rank written into every batch.
     pub dp_rank: u32,
+    /// Sequence numbers numbered and buffered for replay but never sent live, as if the
+    /// network dropped them: for tests of gap healing.
+    pub lost_batches: Vec<u64>,
 }
 
 impl EnginePublisherConfig {
@@ -34,12 +37,20 @@ impl EnginePublisherConfig {
             topic: String::new(),
             buffer_steps: 10_000,
             dp_rank: 0,
+            lost_batches: Vec::new(),
         }
     }
 
     /// This configuration answering replay requests on `endpoint`.
     pub fn with_replay(mut self, endpoint: impl Into<String>) -> Self {
         self.replay_endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// This configuration dropping the live messages of `seqs` (see
+    /// [`EnginePublisherConfig::lost_batches`]).
+    pub fn with_lost_batches(mut self, seqs: Vec<u64>) -> Self {
+        self.lost_batches = seqs;
         self
     }
 
@@ -84,6 +95,7 @@ pub struct EnginePublisher {
     endpoint: String,
     replay_endpoint: Option<String>,
     replay_task: Option<JoinHandle<()>>,
+    lost_batches: Vec<u64>,
 }
 
 impl std::fmt::Debug for EnginePublisher {
@@ -140,6 +152,7 @@ impl EnginePublisher {
             endpoint,
             replay_endpoint,
             replay_task,
+            lost_batches: config.lost_batches,
         })
     }
 
@@ -167,6 +180,9 @@ impl EnginePublisher {
     /// Publishes a batch as given (its own timestamp and rank).
     pub async fn publish_batch(&mut self, batch: &EngineBatch) -> Result<u64, EnginePublishError> {
         let (seq, payload) = self.number(batch);
+        if self.lost_batches.contains(&seq) {
+            return Ok(seq);
+        }
         let message = ZmqMessage::try_from(vec![
             self.topic.clone(),
             Bytes::copy_from_slice(&seq.to_be_bytes()),

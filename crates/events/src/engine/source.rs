@@ -142,7 +142,10 @@ impl EngineSource {
                     .and_then(|e| offset_port(e, rank));
                 let cache = EngineCache::new(self.config.cache);
                 let (Some(endpoint), Ok(cache)) = (endpoint, cache) else {
-                    let detail = format!("worker {}: unusable endpoint or block size", worker.worker_id);
+                    let detail = format!(
+                        "worker {}: unusable endpoint or block size",
+                        worker.worker_id
+                    );
                     let _ = tx.try_send(SourceItem::malformed(MalformedKind::Engine, detail));
                     continue;
                 };
@@ -166,7 +169,6 @@ impl EngineSource {
         }
         self.items = Some(rx);
     }
-
 }
 
 impl EventSource for EngineSource {

@@ -224,7 +224,9 @@ fn decode_event(r: &mut Reader<'_>) -> Result<EngineEvent, EngineWireError> {
         })),
         Some("BlockRemoved") => Err(EngineWireError::Shape("BlockRemoved without block_hashes")),
         Some("AllBlocksCleared") => Ok(EngineEvent::Cleared),
-        Some(other) => Err(EngineWireError::UnknownTag(other.chars().take(64).collect())),
+        Some(other) => Err(EngineWireError::UnknownTag(
+            other.chars().take(64).collect(),
+        )),
         None => Err(EngineWireError::Shape("event without a type")),
     }
 }
@@ -281,7 +283,11 @@ fn decode_array_event(r: &mut Reader<'_>) -> Result<EngineEvent, EngineWireError
         "BlockStored" | "BlockRemoved" => {
             return Err(EngineWireError::Shape("event array too short"));
         }
-        other => return Err(EngineWireError::UnknownTag(other.chars().take(64).collect())),
+        other => {
+            return Err(EngineWireError::UnknownTag(
+                other.chars().take(64).collect(),
+            ))
+        }
     };
     for _ in 0..left {
         r.skip()?;
@@ -307,7 +313,9 @@ fn string(r: &mut Reader<'_>) -> Result<String, EngineWireError> {
 fn i64_of(r: &mut Reader<'_>) -> Result<i64, EngineWireError> {
     match r.int()? {
         Int::Signed(v) => Ok(v),
-        Int::Unsigned(v) => i64::try_from(v).map_err(|_| EngineWireError::Shape("integer too large")),
+        Int::Unsigned(v) => {
+            i64::try_from(v).map_err(|_| EngineWireError::Shape("integer too large"))
+        }
     }
 }
 
@@ -321,7 +329,9 @@ fn hash(r: &mut Reader<'_>) -> Result<EngineHash, EngineWireError> {
             .len()
             .checked_sub(8)
             .map(|start| &bytes[start..])
-            .ok_or(EngineWireError::Shape("a byte block hash shorter than 8 bytes"))?;
+            .ok_or(EngineWireError::Shape(
+                "a byte block hash shorter than 8 bytes",
+            ))?;
         let mut last = [0u8; 8];
         last.copy_from_slice(tail);
         return Ok(EngineHash(u64::from_be_bytes(last)));
@@ -445,11 +455,7 @@ fn encode_event(w: &mut Writer<'_>, event: &EngineEvent) {
             w.map16(8 + optional.iter().filter(|&&set| set).count());
             w.str("type");
             w.str("BlockStored");
-            w.str("block_hashes");
-            w.array(s.block_hashes.len());
-            for h in &s.block_hashes {
-                w.uint(h.0);
-            }
+            hash_list(w, &s.block_hashes);
             w.str("parent_block_hash");
             match s.parent {
                 Some(h) => w.uint(h.0),
@@ -503,11 +509,7 @@ fn encode_event(w: &mut Writer<'_>, event: &EngineEvent) {
             w.map(3 + usize::from(e.group_idx.is_some()));
             w.str("type");
             w.str("BlockRemoved");
-            w.str("block_hashes");
-            w.array(e.block_hashes.len());
-            for h in &e.block_hashes {
-                w.uint(h.0);
-            }
+            hash_list(w, &e.block_hashes);
             w.str("medium");
             opt_str(w, e.medium.as_deref());
             if let Some(group) = e.group_idx {
@@ -520,6 +522,14 @@ fn encode_event(w: &mut Writer<'_>, event: &EngineEvent) {
             w.str("type");
             w.str("AllBlocksCleared");
         }
+    }
+}
+
+fn hash_list(w: &mut Writer<'_>, hashes: &[EngineHash]) {
+    w.str("block_hashes");
+    w.array(hashes.len());
+    for h in hashes {
+        w.uint(h.0);
     }
 }
 
