@@ -4,7 +4,7 @@
 //! Environment variables are `KVROUTE_`-prefixed; the unprefixed names of earlier releases
 //! (`MODEL`, `WORKERS`, ...) still work as aliases ([`apply_env_aliases`]).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::builder::BoolishValueParser;
 use clap::Args;
 use kvroute_gateway::{
@@ -296,6 +296,15 @@ pub struct ServeFlags {
     #[arg(long = "worker", env = "KVROUTE_WORKERS", value_name = "ID=URL", value_delimiter = ',',
           value_parser = |spec: &str| WorkerConfig::parse(spec).map_err(|e| e.to_string()))]
     workers: Vec<WorkerConfig>,
+    /// A listed worker's own ZeroMQ KV event endpoint as ID=tcp://HOST:PORT (vLLM's and
+    /// SGLang's `--kv-events-config` `endpoint`, replay socket on PORT+1); repeatable, or
+    /// comma-separated in KVROUTE_WORKER_EVENTS. KV events then come from the engines
+    /// themselves (events.source = "engines"), re-hashed with --block-size, which must be the
+    /// engines' block size. No NATS then: the workers are the listed ones.
+    #[arg(long = "worker-events", env = "KVROUTE_WORKER_EVENTS", value_name = "ID=ENDPOINT",
+          value_delimiter = ',', conflicts_with_all = ["event_wire", "no_kv_events"],
+          value_parser = |spec: &str| WorkerConfig::parse_events(spec).map_err(|e| e.to_string()))]
+    worker_events: Vec<(u64, String)>,
     /// How workers publish KV events: kvroute's JetStream stream (`kvroute worker-sim`), or
     /// Dynamo 1.6 workers' NATS core subjects
     /// (`namespace.{NAMESPACE}.component.{COMPONENT}.endpoint.{ENDPOINT}.kv-events`)
@@ -358,6 +367,14 @@ impl ServeFlags {
         }
         if !self.workers.is_empty() {
             config.workers.clone_from(&self.workers);
+        }
+        for (id, endpoint) in &self.worker_events {
+            if let Some(worker) = config.workers.iter_mut().find(|w| w.id == *id) {
+                worker.events = Some(endpoint.clone());
+            }
+        }
+        if !self.worker_events.is_empty() {
+            config.events.source = EventsSource::Engines;
         }
         match self.event_wire.as_deref() {
             Some("dynamo") => config.events.source = EventsSource::Dynamo,
@@ -428,6 +445,11 @@ impl ConfigSource {
             None => base,
         };
         self.flags.apply(&mut config);
+        for (id, _) in &self.flags.worker_events {
+            if !config.workers.iter().any(|w| w.id == *id) {
+                bail!("--worker-events names worker {id}, which no --worker ID=URL lists");
+            }
+        }
         config.validate()?;
         config.check_workers_reachable()?;
         Ok(config)

@@ -247,3 +247,35 @@ fn the_example_parses_to_the_defaults_and_mistakes_are_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("block_sise"), "{stderr}");
 }
+
+#[test]
+fn worker_event_endpoints_select_the_engine_source() {
+    let flags = kvroute(
+        &[
+            "config",
+            "check",
+            "--worker=1=http://h:8000",
+            "--worker-events=1=tcp://h:5557",
+        ],
+        &[],
+    );
+    assert!(flags.contains("source = \"engines\""), "{flags}");
+    assert!(flags.contains("events = \"tcp://h:5557\""), "{flags}");
+    let env = kvroute(
+        &["config", "check"],
+        &[
+            ("KVROUTE_WORKERS", "1=http://h:8000"),
+            ("KVROUTE_WORKER_EVENTS", "1=tcp://h:5557"),
+        ],
+    );
+    assert_eq!(flags, env);
+
+    let output = Command::new(env!("CARGO_BIN_EXE_kvroute"))
+        .args(["config", "check", "--worker=1=http://h:8000"])
+        .arg("--worker-events=2=tcp://h:5557")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("names worker 2"), "{stderr}");
+}

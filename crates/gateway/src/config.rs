@@ -513,6 +513,11 @@ pub struct WorkerConfig {
     pub id: u64,
     /// Its OpenAI base URL (`http://host:port`).
     pub url: String,
+    /// With `events.source = "engines"`: the engine's own ZeroMQ KV event endpoint
+    /// (`tcp://host:5557`, vLLM's and SGLang's `--kv-events-config` `endpoint`; its replay
+    /// socket is expected on the next port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<String>,
 }
 
 impl WorkerConfig {
@@ -521,7 +526,33 @@ impl WorkerConfig {
         Self {
             id,
             url: url.into(),
+            events: None,
         }
+    }
+
+    /// This worker with its engine's KV event endpoint.
+    pub fn with_events(mut self, endpoint: impl Into<String>) -> Self {
+        self.events = Some(endpoint.into());
+        self
+    }
+
+    /// Parses `ID=tcp://HOST:PORT` (the `--worker-events` form): the worker id and its
+    /// engine's KV event endpoint.
+    pub fn parse_events(spec: &str) -> Result<(u64, String), ConfigError> {
+        let invalid = |why: String| ConfigError::Invalid {
+            field: "workers.events",
+            why,
+        };
+        let (id, endpoint) = spec.split_once('=').ok_or_else(|| {
+            invalid(format!(
+                "{spec:?} is not ID=ENDPOINT (e.g. 1=tcp://10.0.0.5:5557)"
+            ))
+        })?;
+        let id = id
+            .trim()
+            .parse()
+            .map_err(|_| invalid(format!("worker id {id:?} is not an unsigned integer")))?;
+        Ok((id, endpoint.trim().to_owned()))
     }
 
     /// Parses `ID=URL` (the flag and environment form).
@@ -592,6 +623,11 @@ pub enum EventsSource {
     Dynamo,
     /// An in-process bus (`kvroute demo`: workers in the same process, no NATS).
     InProcess,
+    /// Each worker's engine publishes its own KV events over ZeroMQ (vLLM, SGLang;
+    /// `kvroute worker-sim --event-wire vllm`): read from every listed worker's `events`
+    /// endpoint, re-hashed with `model.block_size` (a worker whose events show another block
+    /// size is refused). No NATS: the workers are the listed ones (no discovery).
+    Engines,
     /// No events: caches are predicted from routing (approximate mode).
     None,
 }
@@ -784,6 +820,35 @@ impl ServerConfig {
                 return invalid("workers", format!("worker id {} is given twice", worker.id));
             }
         }
+        for worker in &self.workers {
+            match (&worker.events, self.events.source) {
+                (None, EventsSource::Engines) => {
+                    return invalid(
+                        "workers",
+                        format!(
+                            "worker {}: events.source = \"engines\" needs its events endpoint",
+                            worker.id
+                        ),
+                    );
+                }
+                (Some(endpoint), _) => {
+                    let port = endpoint
+                        .strip_prefix("tcp://")
+                        .and_then(|rest| rest.rsplit_once(':'))
+                        .and_then(|(_, port)| port.parse::<u16>().ok());
+                    if port.is_none_or(|p| p == u16::MAX) {
+                        return invalid(
+                            "workers",
+                            format!(
+                                "worker {}: events endpoint {endpoint:?} is not tcp://HOST:PORT",
+                                worker.id
+                            ),
+                        );
+                    }
+                }
+                (None, _) => {}
+            }
+        }
         if self.events.snapshot_interval_secs == 0 {
             return invalid("events.snapshot_interval_secs", "must be at least 1".into());
         }
@@ -868,9 +933,14 @@ impl ServerConfig {
         Ok(())
     }
 
-    /// Whether the server follows NATS registrations.
+    /// Whether the server follows NATS registrations. Not with engines' own events: a worker
+    /// registered in NATS has no event endpoint to read, so only listed workers count.
     pub fn discovers_workers(&self) -> bool {
-        self.nats.discovery && self.events.source != EventsSource::InProcess
+        self.nats.discovery
+            && !matches!(
+                self.events.source,
+                EventsSource::InProcess | EventsSource::Engines
+            )
     }
 
     /// A commented TOML file with every setting at its default.
@@ -924,9 +994,12 @@ cooldown_secs = 5
 # [[workers]]
 # id = 1
 # url = "http://10.0.0.5:8000"
+# # With source = "engines": its engine's ZeroMQ KV event endpoint (replay on the next port).
+# events = "tcp://10.0.0.5:5557"
 
 [events]
-# kvroute (JetStream stream) | dynamo (Dynamo 1.6 NATS subjects) | in-process | none
+# kvroute (JetStream stream) | dynamo (Dynamo 1.6 NATS subjects) | engines (each listed
+# worker's own vLLM/SGLang ZeroMQ events) | in-process | none
 source = "kvroute"
 # With source = "none": seconds a routed request's blocks count as cached.
 approximate_ttl_secs = 120
@@ -1065,5 +1138,35 @@ mod tests {
             "round-robin".parse::<PolicyName>(),
             Ok(PolicyName::RoundRobin)
         );
+    }
+
+    #[test]
+    fn engine_event_endpoints() {
+        let toml = "[events]\nsource = \"engines\"\n[[workers]]\nid = 1\nurl = \"http://a:8000\"\nevents = \"tcp://a:5557\"\n";
+        let mut config = ServerConfig::from_toml_str(toml).unwrap();
+        assert_eq!(
+            config.workers,
+            vec![WorkerConfig::new(1, "http://a:8000").with_events("tcp://a:5557")]
+        );
+        config.validate().unwrap();
+        assert!(!config.discovers_workers());
+        assert_eq!(
+            ServerConfig::from_toml_str(&config.to_toml()).unwrap(),
+            config
+        );
+        for bad in ["a:5557", "tcp://a", "tcp://a:port", "tcp://a:65535"] {
+            config.workers[0].events = Some(bad.into());
+            let refused = config.validate().unwrap_err().to_string();
+            assert!(refused.contains("tcp://HOST:PORT"), "{bad}: {refused}");
+        }
+        config.workers[0].events = None;
+        let refused = config.validate().unwrap_err().to_string();
+        assert!(refused.contains("needs its events endpoint"), "{refused}");
+        assert_eq!(
+            WorkerConfig::parse_events(" 2 = tcp://b:5557").unwrap(),
+            (2, "tcp://b:5557".to_owned())
+        );
+        assert!(WorkerConfig::parse_events("tcp://b:5557").is_err());
+        assert!(WorkerConfig::parse_events("b=tcp://b:5557").is_err());
     }
 }

@@ -15,14 +15,15 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use kvroute_dispatch::{Registry, RoutingPolicy, SharedPolicy};
 use kvroute_events::{
-    in_process_bus, DynamoSource, InProcessBus, IngestConfig, IngestError, IngestStats, Ingestor,
-    NatsError, NatsSource, NatsSourceConfig, SnapshotSettings,
+    in_process_bus, DynamoSource, EngineEndpoint, EngineSource, EngineSourceConfig, InProcessBus,
+    IngestConfig, IngestError, IngestStats, Ingestor, NatsError, NatsSource, NatsSourceConfig,
+    SnapshotSettings,
 };
 use kvroute_index::{Index, IndexConfig, IndexStats, SharedIndex};
 use kvroute_preprocess::{PreprocessError, Preprocessor};
 use kvroute_protocol::WorkerId;
 use metrics::counter;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -435,6 +436,12 @@ impl Server {
                 "auth.routing_headers",
                 new.auth.routing_headers != current.auth.routing_headers,
             ),
+            // The engine source subscribes to the endpoints it started with.
+            (
+                "workers.events",
+                new.events.source == EventsSource::Engines
+                    && event_endpoints(&new) != event_endpoints(&current),
+            ),
         ];
         report.needs_restart = restart_only
             .into_iter()
@@ -553,6 +560,15 @@ async fn connect(config: &ServerConfig) -> Result<async_nats::Client, ServerErro
 }
 
 /// The ingestor of the configured source, and the bus when it is in-process.
+/// The listed workers' engine event endpoints, by worker id.
+fn event_endpoints(config: &ServerConfig) -> BTreeMap<u64, &str> {
+    config
+        .workers
+        .iter()
+        .filter_map(|w| Some((w.id, w.events.as_deref()?)))
+        .collect()
+}
+
 async fn spawn_ingestor(
     config: &ServerConfig,
     nats: Option<&async_nats::Client>,
@@ -600,6 +616,15 @@ async fn spawn_ingestor(
                 &config.nats.component,
                 Some(&config.nats.endpoint),
             );
+            (Some(Ingestor::spawn(source, index, ingest)), None)
+        }
+        (EventsSource::Engines, _) => {
+            let workers = event_endpoints(config)
+                .into_iter()
+                .map(|(id, endpoint)| EngineEndpoint::new(WorkerId(id), endpoint))
+                .collect();
+            let source =
+                EngineSource::new(EngineSourceConfig::new(workers, config.model.block_size));
             (Some(Ingestor::spawn(source, index, ingest)), None)
         }
         // `start` connects whenever the source uses NATS.

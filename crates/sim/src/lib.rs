@@ -9,7 +9,8 @@
 //!   virtual-time workers;
 //! - [`SimWorker`]: an OpenAI-compatible HTTP worker that preprocesses and hashes requests
 //!   exactly as the router does, follows a [`WorkerModel`] in real time, publishes its KV events
-//!   through a [`kvroute_events::Publisher`] and reports `cached_tokens` from its real pool
+//!   through a [`kvroute_events::Publisher`] or on vLLM's own ZeroMQ wire ([`SimEvents`]) and
+//!   reports `cached_tokens` from its real pool
 //!   (`kvroute demo`, `kvroute worker-sim`, the end-to-end tests).
 //!
 //! It does not route, index or replay: the router's side lives in `kvroute-gateway`,

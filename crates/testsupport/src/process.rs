@@ -56,6 +56,17 @@ impl Processes {
         &mut found.unwrap_or_else(|| panic!("no process {name}")).1
     }
 
+    /// SIGKILLs the process started as `name` and reaps it; it is no longer checked for an
+    /// early exit (a test that kills a process on purpose may start it again under a new name).
+    pub fn kill(&mut self, name: &str) {
+        let found = self.children.iter().position(|(n, _)| n == name);
+        let (_, mut child) = self
+            .children
+            .remove(found.unwrap_or_else(|| panic!("no process {name}")));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// Panics (with the logs) if a process exited early.
     pub fn check_alive(&mut self) {
         for (name, child) in &mut self.children {

@@ -44,6 +44,16 @@ impl RankOrder {
         self.reconnected = false;
     }
 
+    /// Whether the subscription was renewed since the last batch applied.
+    pub(crate) fn is_reconnected(&self) -> bool {
+        self.reconnected
+    }
+
+    /// The renewed subscription continues the same publisher (checked through replay).
+    pub(crate) fn continued(&mut self) {
+        self.reconnected = false;
+    }
+
     /// Starts over: the next batch is judged as a first one.
     pub(crate) fn reset(&mut self) {
         *self = Self::default();

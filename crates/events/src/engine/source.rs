@@ -13,7 +13,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use zeromq::{DealerSocket, Socket, SocketEvent, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+use zeromq::{
+    DealerSocket, Socket, SocketEvent, SocketOptions, SocketRecv, SocketSend, SubSocket, ZmqMessage,
+};
+
+/// How long one connection attempt to an engine's socket may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a subscription may stay silent before it is renewed.
+const IDLE_RESUBSCRIBE: Duration = Duration::from_secs(2);
+/// The pause between connection attempts to an engine that is not (yet) listening.
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(250);
 
 /// One worker's event endpoints, as its engine was started with them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,6 +170,7 @@ impl EngineSource {
                     next_event_id: 0,
                     events: Vec::new(),
                     refused_logged: false,
+                    last_applied: None,
                     out: tx.clone(),
                     counters: Arc::clone(&state.counters),
                 };
@@ -214,44 +224,88 @@ struct RankTask {
     /// Converted events not yet handed to the ingestor.
     events: Vec<RouterEvent>,
     refused_logged: bool,
+    /// The last batch applied and a hash of its bytes, to recognize its publisher again.
+    last_applied: Option<(u64, u64)>,
     out: mpsc::Sender<SourceItem>,
     counters: Arc<Counters>,
 }
 
 impl RankTask {
     async fn run(mut self) {
-        let mut socket = SubSocket::new();
-        let mut monitor = socket.monitor();
-        if socket.subscribe(&self.topic).await.is_err() {
-            return;
-        }
-        while let Err(error) = socket.connect(&self.endpoint).await {
-            tracing::debug!(%error, endpoint = %self.endpoint, "engine publisher not reachable yet");
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        tracing::info!(worker_id = %self.worker_id, dp_rank = %self.dp_rank, endpoint = %self.endpoint, "subscribed to engine KV events");
         loop {
-            tokio::select! {
-                message = socket.recv() => match message {
-                    Ok(message) => {
-                        self.live(message.into_vec()).await;
-                        if !self.flush().await {
-                            return;
+            let Some((mut socket, mut monitor)) = self.subscribe().await else {
+                return;
+            };
+            if self.order.is_reconnected() {
+                self.check_continuity().await;
+                if !self.flush().await {
+                    return;
+                }
+            }
+            loop {
+                tokio::select! {
+                    message = socket.recv() => match message {
+                        Ok(message) => {
+                            self.live(message.into_vec()).await;
+                            if !self.flush().await {
+                                return;
+                            }
                         }
-                    }
-                    Err(error) => {
-                        tracing::debug!(%error, "engine subscription error");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                event = monitor.next() => match event {
-                    Some(SocketEvent::Disconnected(_)) => {
-                        tracing::info!(worker_id = %self.worker_id, dp_rank = %self.dp_rank, "engine publisher disconnected");
-                        self.order.reconnected();
-                    }
-                    Some(_) => {}
-                    None => return,
-                },
+                        // The connection failed (a killed engine may show only this).
+                        Err(error) => {
+                            tracing::debug!(%error, "engine subscription error");
+                            break;
+                        }
+                    },
+                    event = monitor.next() => match event {
+                        Some(SocketEvent::Disconnected(_)) | None => {
+                            tracing::info!(worker_id = %self.worker_id, dp_rank = %self.dp_rank, "engine publisher disconnected: reconnecting");
+                            break;
+                        }
+                        Some(_) => {}
+                    },
+                    // zmq.rs 0.6 does not notice a peer whose process died (the stream just
+                    // ends: no error, no monitor event, no reconnection), so a silent
+                    // subscription is renewed: a restarted engine is heard within this.
+                    () = tokio::time::sleep(IDLE_RESUBSCRIBE) => break,
+                }
+            }
+            // A new socket rather than zmq.rs's own reconnection, whose backoff grows to 30 s.
+            // Whatever was published meanwhile comes back through replay. Dropping a socket
+            // whose peer died can block on zmq.rs's peer map: off the runtime's threads.
+            tokio::task::spawn_blocking(move || drop((socket, monitor)));
+            self.order.reconnected();
+        }
+    }
+
+    /// A SUB socket connected to the engine (retried until it is), with its event monitor;
+    /// `None` if the topic cannot be subscribed.
+    async fn subscribe(
+        &mut self,
+    ) -> Option<(
+        SubSocket,
+        impl futures_util::Stream<Item = SocketEvent> + Unpin,
+    )> {
+        loop {
+            let mut options = SocketOptions::default();
+            options.connect_timeout(CONNECT_TIMEOUT);
+            let mut socket = SubSocket::with_options(options);
+            let monitor = socket.monitor();
+            if socket.subscribe(&self.topic).await.is_err() {
+                return None;
+            }
+            // zmq.rs keeps retrying a refused connection with a growing backoff inside
+            // `connect`: bound each attempt and start over with a fresh socket instead.
+            let attempt = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(&self.endpoint));
+            match attempt.await.unwrap_or(Err(zeromq::ZmqError::NoMessage)) {
+                Ok(()) => {
+                    tracing::debug!(worker_id = %self.worker_id, dp_rank = %self.dp_rank, endpoint = %self.endpoint, "subscribed to engine KV events");
+                    return Some((socket, monitor));
+                }
+                Err(error) => {
+                    tracing::info!(%error, endpoint = %self.endpoint, "engine publisher not reachable yet");
+                    tokio::time::sleep(RECONNECT_INTERVAL).await;
+                }
             }
         }
     }
@@ -318,6 +372,40 @@ impl RankTask {
         self.apply(seq, frames.payload).await;
     }
 
+    /// After a renewed subscription: asks the replay socket for the last batch applied. The
+    /// same bytes mean the same publisher process (whatever it published meanwhile is applied);
+    /// anything else means the engine restarted (entries dropped, its buffer replayed from 0).
+    /// Without an answer the next live batch decides.
+    async fn check_continuity(&mut self) {
+        let (Some(endpoint), Some((last_seq, last_hash))) =
+            (self.replay.clone(), self.last_applied)
+        else {
+            return;
+        };
+        let fetched = tokio::time::timeout(self.replay_timeout, fetch_replay(&endpoint, last_seq));
+        let Ok(Ok(batches)) = fetched.await else {
+            return;
+        };
+        let same = batches
+            .first()
+            .is_some_and(|(seq, payload)| *seq == last_seq && payload_hash(payload) == last_hash);
+        if same {
+            self.order.continued();
+            for (seq, payload) in batches.into_iter().skip(1) {
+                if self.order.classify(seq) != Arrival::Next {
+                    // The buffer has a hole: the next live batch reveals the gap.
+                    break;
+                }
+                self.apply(seq, &payload).await;
+            }
+            return;
+        }
+        self.counters.inc(Counter::incarnation_changes);
+        tracing::info!(worker_id = %self.worker_id, dp_rank = %self.dp_rank, "engine restarted: dropping its entries");
+        self.drop_entries();
+        self.replay(0, u64::MAX).await;
+    }
+
     /// A gap nothing can fill: the rank's entries go and are rebuilt from new events.
     fn unhealed(&mut self) {
         self.counters.inc(Counter::gaps_unhealed);
@@ -380,6 +468,7 @@ impl RankTask {
 
     async fn apply(&mut self, seq: u64, payload: &[u8]) {
         self.order.applied(seq);
+        self.last_applied = Some((seq, payload_hash(payload)));
         let batch = match decode_engine_batch(payload) {
             Ok(batch) => batch,
             Err(error) => return self.malformed(format!("seq {seq}: {error}")).await,
@@ -423,6 +512,13 @@ impl RankTask {
         };
         self.counters.inc(counter);
     }
+}
+
+fn payload_hash(payload: &[u8]) -> u64 {
+    use std::hash::Hasher;
+    let mut hasher = rustc_hash::FxHasher::default();
+    hasher.write(payload);
+    hasher.finish()
 }
 
 /// One replay conversation: `["", start]` to the ROUTER, batches back until the end marker.
