@@ -117,115 +117,16 @@ struct Common {
 }
 
 pub fn run(args: ReplayArgs) -> Result<()> {
-    let (trace, trace_block_size, common, source) = match args.source {
-        Source::Trace {
-            file,
-            trace_block_size,
-            spread_ms,
-            common,
-        } => {
-            let opened =
-                File::open(&file).with_context(|| format!("opening {}", file.display()))?;
-            let trace = if file.extension().is_some_and(|e| e == "gz") {
-                read_jsonl(BufReader::new(MultiGzDecoder::new(opened)))
-            } else {
-                read_jsonl(BufReader::new(opened))
-            }
-            .with_context(|| format!("reading {}", file.display()))?;
-            let mut trace = trace;
-            if let Some(window) = spread_ms {
-                spread_simultaneous(&mut trace, window);
-            }
-            let source = match spread_ms {
-                Some(window) => json!({ "trace": file.display().to_string(), "spread_ms": window }),
-                None => json!({ "trace": file.display().to_string() }),
-            };
-            (trace, trace_block_size, common, source)
-        }
-        Source::Multimodal {
-            sessions,
-            trace_block_size,
-            write_trace,
-            common,
-        } => {
-            let config = MultimodalConfig::default()
-                .with_sessions(sessions)
-                .with_seed(common.seed)
-                .with_block_size(trace_block_size);
-            let trace = generate(&config);
-            if let Some(path) = &write_trace {
-                write_trace_file(&trace, path)?;
-            }
-            let source = json!({ "multimodal": config });
-            (trace, trace_block_size, common, source)
-        }
-    };
+    let Loaded {
+        trace,
+        trace_block_size,
+        common,
+        source,
+    } = args.source.load()?;
     let block_size = common.block_size.unwrap_or(trace_block_size);
     let workload = Workload::from_trace(&trace, trace_block_size, block_size)?;
-    let policies = if common.policy.is_empty() {
-        PolicyName::ALL
-            .into_iter()
-            .filter(|p| workload.has_media() || *p != PolicyName::TextOnly)
-            .collect()
-    } else {
-        common.policy.clone()
-    };
-    let cost = CostConfig::default()
-        .with_prefill_weight(common.prefill_weight)
-        .with_decode_weight(common.decode_weight)
-        .with_temperature(common.temperature);
-    let model = WorkerModel::default()
-        .with_capacity_blocks(common.capacity_blocks)
-        .with_speeds(
-            common.prefill_tokens_per_second,
-            common.decode_tokens_per_second,
-        )
-        .with_max_concurrency(common.max_concurrency);
-    let sync_delay_us = match common.sync_delay_ms {
-        Some(ms) if ms.is_finite() && ms >= 0.0 => Some((ms * 1000.0).round() as u64),
-        Some(ms) => anyhow::bail!("--sync-delay-ms {ms} is not a delay"),
-        None => None,
-    };
-    let config = ReplayConfig::default()
-        .with_workers(common.workers)
-        .with_model(model)
-        .with_speedup(common.speedup)
-        .with_sync_delay_us(sync_delay_us);
-
-    let runs = policies.len() * (1 + common.capacity_sweep.len());
-    let bar = ProgressBar::new((runs * workload.len()) as u64).with_style(
-        ProgressStyle::with_template("{msg:>14} [{bar:40}] {pos}/{len} requests, {eta} left")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    let run_one = |policy: PolicyName, config: &ReplayConfig| -> Result<ReplaySummary> {
-        bar.set_message(policy.as_str());
-        let start = bar.position();
-        let mut routers: Vec<_> = (0..common.replicas)
-            .map(|i| policy.build(cost, common.seed.wrapping_add(i)))
-            .collect();
-        let report = replay_replicas(&workload, config, &mut routers, &mut |done, _| {
-            bar.set_position(start + done as u64);
-        })?;
-        Ok(report.summary)
-    };
-    let mut results = Vec::with_capacity(policies.len());
-    for &policy in &policies {
-        results.push(run_one(policy, &config)?);
-    }
-    let mut sweep = Vec::new();
-    for &capacity in &common.capacity_sweep {
-        let at = config.with_model(model.with_capacity_blocks(Some(capacity)));
-        for &policy in &policies {
-            let summary = run_one(policy, &at)?;
-            sweep.push(CapacityPoint {
-                policy: summary.policy,
-                capacity_blocks: capacity,
-                hit_rate: summary.hit_rate,
-            });
-        }
-    }
-    bar.finish_and_clear();
+    let plan = common.plan(&workload)?;
+    let (results, sweep) = replay_all(&workload, &common, &plan)?;
 
     let ideal = workload.ideal();
     let report = json!({
@@ -233,8 +134,8 @@ pub fn run(args: ReplayArgs) -> Result<()> {
         "requests": workload.len(),
         "trace_block_size": trace_block_size,
         "block_size": block_size,
-        "worker_model": model,
-        "cost": cost,
+        "worker_model": plan.model,
+        "cost": plan.cost,
         "seed": common.seed,
         "ideal": {
             "hit_rate": ideal.hit_rate(),
@@ -254,7 +155,6 @@ pub fn run(args: ReplayArgs) -> Result<()> {
         None => println!("{text}"),
     }
     if let Some(dir) = &common.plots {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let title = format!(
             "{} requests, {} workers, {}-token blocks, capacity {}",
             workload.len(),
@@ -264,14 +164,193 @@ pub fn run(args: ReplayArgs) -> Result<()> {
                 .capacity_blocks
                 .map_or("unbounded".to_owned(), |c| format!("{c} blocks/worker"))
         );
-        write_file(&dir.join("policies.svg"), &policies_svg(&results, &title)?)?;
-        if !sweep.is_empty() {
-            let title = format!("hit rate over KV capacity ({} workers)", common.workers);
-            write_file(
-                &dir.join("capacity.svg"),
-                &capacity_svg(&sweep, ideal.hit_rate(), &title)?,
-            )?;
+        write_plots(
+            dir,
+            &title,
+            common.workers,
+            &results,
+            &sweep,
+            ideal.hit_rate(),
+        )?;
+    }
+    Ok(())
+}
+
+/// A trace read or generated, with what the report says of where it came from.
+struct Loaded {
+    trace: Vec<TraceRequest>,
+    trace_block_size: u32,
+    common: Common,
+    source: serde_json::Value,
+}
+
+impl Source {
+    fn load(self) -> Result<Loaded> {
+        match self {
+            Source::Trace {
+                file,
+                trace_block_size,
+                spread_ms,
+                common,
+            } => {
+                let opened =
+                    File::open(&file).with_context(|| format!("opening {}", file.display()))?;
+                let mut trace = if file.extension().is_some_and(|e| e == "gz") {
+                    read_jsonl(BufReader::new(MultiGzDecoder::new(opened)))
+                } else {
+                    read_jsonl(BufReader::new(opened))
+                }
+                .with_context(|| format!("reading {}", file.display()))?;
+                let source = match spread_ms {
+                    Some(window) => {
+                        spread_simultaneous(&mut trace, window);
+                        json!({ "trace": file.display().to_string(), "spread_ms": window })
+                    }
+                    None => json!({ "trace": file.display().to_string() }),
+                };
+                Ok(Loaded {
+                    trace,
+                    trace_block_size,
+                    common,
+                    source,
+                })
+            }
+            Source::Multimodal {
+                sessions,
+                trace_block_size,
+                write_trace,
+                common,
+            } => {
+                let config = MultimodalConfig::default()
+                    .with_sessions(sessions)
+                    .with_seed(common.seed)
+                    .with_block_size(trace_block_size);
+                let trace = generate(&config);
+                if let Some(path) = &write_trace {
+                    write_trace_file(&trace, path)?;
+                }
+                Ok(Loaded {
+                    trace,
+                    trace_block_size,
+                    common,
+                    source: json!({ "multimodal": config }),
+                })
+            }
         }
+    }
+}
+
+/// What the flags ask to replay.
+struct Plan {
+    policies: Vec<PolicyName>,
+    cost: CostConfig,
+    model: WorkerModel,
+    config: ReplayConfig,
+}
+
+impl Common {
+    fn plan(&self, workload: &Workload) -> Result<Plan> {
+        let policies = if self.policy.is_empty() {
+            PolicyName::ALL
+                .into_iter()
+                .filter(|p| workload.has_media() || *p != PolicyName::TextOnly)
+                .collect()
+        } else {
+            self.policy.clone()
+        };
+        let cost = CostConfig::default()
+            .with_prefill_weight(self.prefill_weight)
+            .with_decode_weight(self.decode_weight)
+            .with_temperature(self.temperature);
+        let model = WorkerModel::default()
+            .with_capacity_blocks(self.capacity_blocks)
+            .with_speeds(
+                self.prefill_tokens_per_second,
+                self.decode_tokens_per_second,
+            )
+            .with_max_concurrency(self.max_concurrency);
+        let sync_delay_us = match self.sync_delay_ms {
+            Some(ms) if ms.is_finite() && ms >= 0.0 => Some((ms * 1000.0).round() as u64),
+            Some(ms) => anyhow::bail!("--sync-delay-ms {ms} is not a delay"),
+            None => None,
+        };
+        let config = ReplayConfig::default()
+            .with_workers(self.workers)
+            .with_model(model)
+            .with_speedup(self.speedup)
+            .with_sync_delay_us(sync_delay_us);
+        Ok(Plan {
+            policies,
+            cost,
+            model,
+            config,
+        })
+    }
+}
+
+/// Every policy of the plan, then every policy at each capacity of the sweep, with a progress
+/// bar over all of them.
+fn replay_all(
+    workload: &Workload,
+    common: &Common,
+    plan: &Plan,
+) -> Result<(Vec<ReplaySummary>, Vec<CapacityPoint>)> {
+    let runs = plan.policies.len() * (1 + common.capacity_sweep.len());
+    let bar = ProgressBar::new((runs * workload.len()) as u64).with_style(
+        ProgressStyle::with_template("{msg:>14} [{bar:40}] {pos}/{len} requests, {eta} left")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let run_one = |policy: PolicyName, config: &ReplayConfig| -> Result<ReplaySummary> {
+        bar.set_message(policy.as_str());
+        let start = bar.position();
+        let mut routers: Vec<_> = (0..common.replicas)
+            .map(|i| policy.build(plan.cost, common.seed.wrapping_add(i)))
+            .collect();
+        let report = replay_replicas(workload, config, &mut routers, &mut |done, _| {
+            bar.set_position(start + done as u64);
+        })?;
+        Ok(report.summary)
+    };
+    let mut results = Vec::with_capacity(plan.policies.len());
+    for &policy in &plan.policies {
+        results.push(run_one(policy, &plan.config)?);
+    }
+    let mut sweep = Vec::new();
+    for &capacity in &common.capacity_sweep {
+        let at = plan
+            .config
+            .with_model(plan.model.with_capacity_blocks(Some(capacity)));
+        for &policy in &plan.policies {
+            let summary = run_one(policy, &at)?;
+            sweep.push(CapacityPoint {
+                policy: summary.policy,
+                capacity_blocks: capacity,
+                hit_rate: summary.hit_rate,
+            });
+        }
+    }
+    bar.finish_and_clear();
+    Ok((results, sweep))
+}
+
+/// policies.svg, and capacity.svg when there was a sweep, into `dir`.
+fn write_plots(
+    dir: &Path,
+    title: &str,
+    workers: usize,
+    results: &[ReplaySummary],
+    sweep: &[CapacityPoint],
+    ideal_hit_rate: f64,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_file(&dir.join("policies.svg"), &policies_svg(results, title)?)?;
+    if !sweep.is_empty() {
+        let title = format!("hit rate over KV capacity ({workers} workers)");
+        write_file(
+            &dir.join("capacity.svg"),
+            &capacity_svg(sweep, ideal_hit_rate, &title)?,
+        )?;
     }
     Ok(())
 }
