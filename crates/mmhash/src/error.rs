@@ -146,6 +146,17 @@ pub enum TokenError {
         /// The processor's limit.
         max: u32,
     },
+    /// The processor refuses the image because one side would be scaled below `min` pixels
+    /// (Phi-4-multimodal: `the aspect ratio is very extreme`).
+    #[error("the processor refuses {width}x{height}: a side would be scaled below {min} pixels")]
+    TooThin {
+        /// Image width.
+        width: u32,
+        /// Image height.
+        height: u32,
+        /// The processor's smallest side.
+        min: u32,
+    },
     /// A zero width or height, or a rule configured with a zero factor, patch or tile size.
     #[error("degenerate size: {0}")]
     Degenerate(&'static str),
@@ -165,9 +176,9 @@ pub enum ExpandError {
         /// Offset in the unexpanded prompt.
         at: usize,
     },
-    /// An image's pad count is not a whole number of rows, or it has no rows.
-    #[error("an image's visual tokens do not form whole rows")]
-    Rows,
+    /// An image's pads are laid out in tiles for a family without tiles, or the reverse.
+    #[error("an image's visual token layout does not fit the model's placeholder")]
+    Layout,
     /// The rendered prompt holds a different number of placeholders than images were given.
     #[error("prompt has {placeholders} image placeholders but {images} images were given")]
     PlaceholderCount {

@@ -6,7 +6,8 @@ use kvroute_protocol::{BlockExtraInfo, BlockMmObjectInfo, MediaId, MediaSpan};
 
 /// How a model's prompt marks an image and what its processor turns the mark into:
 /// `placeholder` becomes `prefix`, then `pad` once per visual token (rows separated by
-/// `row_break` when the family has one), then `suffix`. The media span covers that whole
+/// `row_break` when the family has one; Llama 4's tiles laid out with `tiles`), then `suffix`.
+/// The media span covers that whole
 /// replacement, as vLLM's `PlaceholderRange` does (for the Qwen and LLaVA presets, which have
 /// no prefix or suffix, that is exactly the pads), widened by `span_extend` tokens on each side.
 ///
@@ -28,6 +29,64 @@ pub struct PlaceholderSpec {
     pub suffix: Vec<u32>,
     /// Tokens before and after the replacement that its span also covers.
     pub span_extend: (usize, usize),
+    /// Llama 4's tile separators: images then have a [`PadLayout::Tiles`] layout, every other
+    /// family's a [`PadLayout::Rows`] one.
+    pub tiles: Option<TileTokens<u32>>,
+}
+
+/// Llama 4's tile separators (`Llama4Processor._prompt_split_image`): `column` between two
+/// tiles of a row, `row` after each row of tiles, `global` before the global tile's pads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TileTokens<T> {
+    /// `<|tile_x_separator|>`.
+    pub column: T,
+    /// `<|tile_y_separator|>`.
+    pub row: T,
+    /// `<|image|>`, the template's placeholder itself, which the processor writes again.
+    pub global: T,
+}
+
+/// How one image's pads are arranged, which decides where the family's separators go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PadLayout {
+    /// `rows` rows of `cols` pads, the spec's `row_break` (if any) between rows: Pixtral and
+    /// Mistral 3 have rows, every other family one row.
+    Rows {
+        /// Rows of pads.
+        rows: usize,
+        /// Pads per row.
+        cols: usize,
+    },
+    /// Llama 4: `rows` x `cols` local tiles of `per_tile` pads, then the global tile's
+    /// `per_tile` pads; an image of a single tile has the global tile only.
+    Tiles {
+        /// Rows of local tiles.
+        rows: usize,
+        /// Local tiles per row.
+        cols: usize,
+        /// Pads per tile.
+        per_tile: usize,
+    },
+}
+
+impl PadLayout {
+    /// All pads (visual tokens) of the image; `None` on overflow.
+    pub fn tokens(&self) -> Option<usize> {
+        match *self {
+            Self::Rows { rows, cols } => rows.checked_mul(cols),
+            Self::Tiles {
+                rows,
+                cols,
+                per_tile,
+            } => per_tile.checked_mul(Self::local_tiles(rows, cols)?.checked_add(1)?),
+        }
+    }
+
+    /// Local tiles written before the global one: none when the image is a single tile.
+    fn local_tiles(rows: usize, cols: usize) -> Option<usize> {
+        let tiles = rows.checked_mul(cols)?;
+        Some(if tiles > 1 { tiles } else { 0 })
+    }
 }
 
 /// `<|image_pad|>` in the Qwen2-VL, Qwen2.5-VL and Qwen3-VL tokenizers.
@@ -62,19 +121,65 @@ impl PlaceholderSpec {
             row_break: None,
             suffix,
             span_extend: (0, 0),
+            tiles: None,
         }
     }
 
-    /// Tokens that replace the placeholder of an image of `rows` rows of `tokens / rows`
-    /// pads.
+    /// Tokens that replace the placeholder of `image`; `None` on overflow.
     fn replacement_len(&self, image: &ImageTokens) -> Option<usize> {
-        let breaks = match self.row_break {
-            Some(_) => image.rows.saturating_sub(1),
-            None => 0,
+        let separators = match image.layout {
+            PadLayout::Rows { rows, .. } if self.row_break.is_some() => rows.saturating_sub(1),
+            PadLayout::Rows { .. } => 0,
+            // A column separator between tiles and a row separator after each row (one per
+            // tile in all), then the global marker.
+            PadLayout::Tiles { rows, cols, .. } => {
+                PadLayout::local_tiles(rows, cols)?.checked_add(1)?
+            }
         };
         (self.prefix.len() + self.suffix.len())
-            .checked_add(breaks)?
-            .checked_add(image.tokens)
+            .checked_add(separators)?
+            .checked_add(image.layout.tokens()?)
+    }
+
+    /// Writes `image`'s prefix, pads with their separators, and suffix.
+    fn write(&self, image: &ImageTokens, out: &mut Vec<u32>) {
+        out.extend_from_slice(&self.prefix);
+        let pads = |out: &mut Vec<u32>, n: usize| out.resize(out.len() + n, self.pad);
+        match (image.layout, self.tiles) {
+            (PadLayout::Rows { rows, cols }, _) => {
+                for row in 0..rows {
+                    if let (Some(row_break), true) = (self.row_break, row > 0) {
+                        out.push(row_break);
+                    }
+                    pads(out, cols);
+                }
+            }
+            (
+                PadLayout::Tiles {
+                    rows,
+                    cols,
+                    per_tile,
+                },
+                Some(tiles),
+            ) => {
+                if rows.saturating_mul(cols) > 1 {
+                    for _ in 0..rows {
+                        for col in 0..cols {
+                            if col > 0 {
+                                out.push(tiles.column);
+                            }
+                            pads(out, per_tile);
+                        }
+                        out.push(tiles.row);
+                    }
+                }
+                out.push(tiles.global);
+                pads(out, per_tile);
+            }
+            // Refused by expand_mixed before anything is written.
+            (PadLayout::Tiles { .. }, None) => {}
+        }
+        out.extend_from_slice(&self.suffix);
     }
 }
 
@@ -92,6 +197,8 @@ pub struct PlaceholderTokens {
     pub row_break: Option<&'static str>,
     /// Tokens the processor puts after the pads.
     pub suffix: &'static [&'static str],
+    /// Llama 4's tile separators.
+    pub tiles: Option<TileTokens<&'static str>>,
     /// Text the processor puts around the whole replacement (Gemma 3: `"\n\n"`), which the
     /// caller inserts around the placeholder's text before tokenizing: it merges with
     /// neighbouring text.
@@ -120,6 +227,7 @@ impl PlaceholderTokens {
                 pad: token,
                 row_break: None,
                 suffix: &[],
+                tiles: None,
                 text_around: None,
             }
         }
@@ -132,6 +240,7 @@ impl PlaceholderTokens {
                 pad: "<image_soft_token>",
                 row_break: None,
                 suffix: &["<end_of_image>"],
+                tiles: None,
                 text_around: Some("\n\n"),
             },
             "internvl" => Self {
@@ -140,6 +249,7 @@ impl PlaceholderTokens {
                 pad: "<IMG_CONTEXT>",
                 row_break: None,
                 suffix: &["</img>"],
+                tiles: None,
                 text_around: None,
             },
             "mistral3" | "pixtral" => Self {
@@ -148,8 +258,25 @@ impl PlaceholderTokens {
                 pad: "[IMG]",
                 row_break: Some("[IMG_BREAK]"),
                 suffix: &["[IMG_END]"],
+                tiles: None,
                 text_around: None,
             },
+            "llama4" => Self {
+                placeholder: "<|image|>",
+                prefix: &["<|image_start|>"],
+                pad: "<|patch|>",
+                row_break: None,
+                suffix: &["<|image_end|>"],
+                tiles: Some(TileTokens {
+                    column: "<|tile_x_separator|>",
+                    row: "<|tile_y_separator|>",
+                    global: "<|image|>",
+                }),
+                text_around: None,
+            },
+            // The transformers checkpoint's image token (id 200010); vLLM's remote-code
+            // `phi4mm` writes the same id, but from `<|image_N|>` text it inserts itself.
+            "phi4_multimodal" => repeat("<|endoftext10|>"),
             _ => return None,
         })
     }
@@ -173,19 +300,25 @@ impl PlaceholderTokens {
             },
             suffix: ids(self.suffix)?,
             span_extend: (around, around),
+            tiles: match self.tiles {
+                Some(tiles) => Some(TileTokens {
+                    column: token_id(tiles.column)?,
+                    row: token_id(tiles.row)?,
+                    global: token_id(tiles.global)?,
+                }),
+                None => None,
+            },
         })
     }
 }
 
-/// One image to expand: its id and its visual tokens, `rows` rows of `tokens / rows`.
+/// One image (or video) to expand: its id and how its visual tokens are laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ImageTokens {
     /// The media id.
     pub id: MediaId,
-    /// Visual tokens (pads) the image occupies.
-    pub tokens: usize,
-    /// Rows the pads form (1 for families without row breaks; `tokens` is a multiple of it).
-    pub rows: usize,
+    /// Its pads ([`VisionTokenRule::layout`](crate::VisionTokenRule::layout)).
+    pub layout: PadLayout,
 }
 
 impl ImageTokens {
@@ -193,8 +326,10 @@ impl ImageTokens {
     pub fn new(id: MediaId, tokens: usize) -> Self {
         Self {
             id,
-            tokens,
-            rows: 1,
+            layout: PadLayout::Rows {
+                rows: 1,
+                cols: tokens,
+            },
         }
     }
 }
@@ -264,11 +399,10 @@ pub fn expand_mixed(
             images: items.len(),
         });
     }
-    if items
-        .iter()
-        .any(|(_, image)| image.rows == 0 || image.tokens % image.rows != 0)
-    {
-        return Err(ExpandError::Rows);
+    if items.iter().any(|(spec, image)| {
+        matches!(image.layout, PadLayout::Tiles { .. }) != spec.tiles.is_some()
+    }) {
+        return Err(ExpandError::Layout);
     }
     let len = items
         .iter()
@@ -297,20 +431,7 @@ pub fn expand_mixed(
         out.tokens.extend_from_slice(&rest[..at]);
         rest = &rest[at + 1..];
         let start = out.tokens.len();
-        out.tokens.extend_from_slice(&spec.prefix);
-        match spec.row_break {
-            Some(row_break) if image.rows > 1 => {
-                let cols = image.tokens / image.rows;
-                for row in 0..image.rows {
-                    if row > 0 {
-                        out.tokens.push(row_break);
-                    }
-                    out.tokens.resize(out.tokens.len() + cols, spec.pad);
-                }
-            }
-            _ => out.tokens.resize(out.tokens.len() + image.tokens, spec.pad),
-        }
-        out.tokens.extend_from_slice(&spec.suffix);
+        spec.write(image, &mut out.tokens);
         let end = out.tokens.len();
         out.spans.push(MediaSpan::new(start, end - start, image.id));
     }
@@ -408,17 +529,51 @@ mod tests {
         };
         let images = [ImageTokens {
             id: MediaId(5),
-            tokens: 6,
-            rows: 3,
+            layout: PadLayout::Rows { rows: 3, cols: 2 },
         }];
         let out = expand(&[0, 7, 0], &spec, &images).unwrap();
         assert_eq!(out.tokens, [0, 9, 9, 4, 9, 9, 4, 9, 9, 5, 0]);
         assert_eq!(out.spans, [MediaSpan::new(0, 11, MediaId(5))]);
-        let ragged = [ImageTokens {
-            rows: 4,
-            ..images[0]
-        }];
-        assert_eq!(expand(&[7], &spec, &ragged), Err(ExpandError::Rows));
+    }
+
+    #[test]
+    fn tiles_are_separated_and_followed_by_the_global_tile() {
+        // Llama 4: start 1, end 2, patch 9, column 5, row 6, global (the placeholder) 7.
+        let spec = PlaceholderSpec {
+            tiles: Some(TileTokens {
+                column: 5,
+                row: 6,
+                global: 7,
+            }),
+            ..PlaceholderSpec::wrapped(7, vec![1], 9, vec![2])
+        };
+        let image = |rows, cols| ImageTokens {
+            id: MediaId(3),
+            layout: PadLayout::Tiles {
+                rows,
+                cols,
+                per_tile: 2,
+            },
+        };
+        let out = expand(&[0, 7, 0], &spec, &[image(2, 3)]).unwrap();
+        let row = [9, 9, 5, 9, 9, 5, 9, 9, 6];
+        let expected: Vec<u32> = [&[0, 1][..], &row, &row, &[7, 9, 9, 2, 0]].concat();
+        assert_eq!(out.tokens, expected);
+        assert_eq!(
+            out.spans,
+            [MediaSpan::new(1, expected.len() - 2, MediaId(3))]
+        );
+        // One tile: the global tile only.
+        let out = expand(&[7], &spec, &[image(1, 1)]).unwrap();
+        assert_eq!(out.tokens, [1, 7, 9, 9, 2]);
+        // A tile layout for a family without tiles, and the reverse, are refused.
+        let flat = PlaceholderSpec::repeat(7);
+        assert_eq!(
+            expand(&[7], &flat, &[image(1, 1)]),
+            Err(ExpandError::Layout)
+        );
+        let rows = [ImageTokens::new(MediaId(3), 4)];
+        assert_eq!(expand(&[7], &spec, &rows), Err(ExpandError::Layout));
     }
 
     #[test]

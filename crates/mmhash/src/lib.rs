@@ -54,8 +54,8 @@ mod video;
 pub use error::{ExpandError, FetchError, ImageError, MediaError, TokenError, VideoError};
 pub use exif::Orientation;
 pub use expand::{
-    block_media_info, expand, expand_mixed, Expanded, ImageTokens, PlaceholderSpec,
-    PlaceholderTokens, LLAVA_IMAGE_TOKEN, QWEN_IMAGE_PAD,
+    block_media_info, expand, expand_mixed, Expanded, ImageTokens, PadLayout, PlaceholderSpec,
+    PlaceholderTokens, TileTokens, LLAVA_IMAGE_TOKEN, QWEN_IMAGE_PAD,
 };
 pub use fetch::{fetch, is_public, FetchPolicy, Fetched};
 pub use format::ImageFormat;
@@ -71,7 +71,7 @@ pub use pipeline::{
 };
 pub use source::ImageSource;
 pub use tokens::{
-    AnyRes, PatchGrid, Resized, SmartResize, Tiles, TokenGrid, VisionTokenRule, GEMMA3_TOKENS,
-    LLAVA_1_5_TOKENS, QWEN_MAX_ASPECT_RATIO,
+    AnyRes, DynamicHd, Llama4Tiles, PatchGrid, Resized, SmartResize, Tiles, TokenGrid,
+    VisionTokenRule, GEMMA3_TOKENS, LLAVA_1_5_TOKENS, QWEN_MAX_ASPECT_RATIO,
 };
 pub use video::{probe_video, FrameSampling, QwenVideo, VideoInfo};

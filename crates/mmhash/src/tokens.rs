@@ -15,11 +15,16 @@
 //!   ratio plus a thumbnail) times `InternVLProcessor.image_seq_length`.
 //! * Pixtral, Mistral 3: `PixtralProcessor`: the image scaled into `longest_edge`, a grid of
 //!   `patch_size * spatial_merge_size` cells, one break token per row.
+//! * Llama 4: `Llama4ImageProcessor` (`find_supported_resolutions`, `get_best_fit`, in
+//!   float32 as torch computes them) and `Llama4Processor._prompt_split_image`.
+//! * Phi-4-multimodal: `Phi4MultimodalImageProcessor` (`_get_crop_layout`, the padding mask,
+//!   `_get_num_image_tokens`), which vLLM's `phi4mm` repeats.
 //!
 //! Every rule is checked case by case against the processors themselves
 //! (`tests/fixtures/processors`).
 
 use crate::error::TokenError;
+use crate::expand::PadLayout;
 
 /// Qwen's `smart_resize`: scale to multiples of `factor` keeping the aspect ratio, within
 /// `[min_pixels, max_pixels]`.
@@ -405,6 +410,235 @@ impl PatchGrid {
     }
 }
 
+/// Llama 4's tiling (`Llama4ImageProcessor`, `resize_to_max_canvas` false): the canvas of at
+/// most `max_tiles` square tiles that needs the least downscaling, or the least upscaling
+/// when the image fits one, smallest area on ties; each tile, and the global tile added when
+/// there is more than one, is `tokens_per_tile` tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Llama4Tiles {
+    /// Tile side (`size`, 336).
+    pub tile_size: u32,
+    /// `max_patches` (16).
+    pub max_tiles: u32,
+    /// `resize_to_max_canvas` (false): true picks the largest upscaling instead.
+    pub resize_to_max_canvas: bool,
+    /// `(tile_size / patch_size)^2 / downsample_ratio`: 144 for 336 px, patch 14 and pixel
+    /// shuffle ratio 0.5 (`Llama4Processor`'s `num_patches_per_chunk`).
+    pub tokens_per_tile: u32,
+}
+
+impl Llama4Tiles {
+    /// Llama 4 Scout and Maverick (`preprocessor_config.json`: 336 px, `max_patches` 16,
+    /// `resize_to_max_canvas` false; patch 14, `pixel_shuffle_ratio` 0.5).
+    pub const LLAMA4: Llama4Tiles = Llama4Tiles {
+        tile_size: 336,
+        max_tiles: 16,
+        resize_to_max_canvas: false,
+        tokens_per_tile: 144,
+    };
+
+    /// The canvases are enumerated in quadratic time: a configuration asking for more tiles
+    /// than this is refused.
+    const MAX_TILES: u32 = 1024;
+
+    /// The canvas in tiles, `(rows, columns)`.
+    ///
+    /// ```
+    /// use kvroute_mmhash::Llama4Tiles;
+    ///
+    /// assert_eq!(Llama4Tiles::LLAMA4.tiles(336, 336)?, (1, 1));
+    /// assert_eq!(Llama4Tiles::LLAMA4.tiles(640, 480)?, (2, 2));
+    /// assert_eq!(Llama4Tiles::LLAMA4.tiles(4000, 20)?, (1, 16));
+    /// # Ok::<(), kvroute_mmhash::TokenError>(())
+    /// ```
+    pub fn tiles(&self, width: u32, height: u32) -> Result<(u32, u32), TokenError> {
+        if width == 0 || height == 0 {
+            return Err(TokenError::Degenerate("zero width or height"));
+        }
+        if self.tile_size == 0 || !(1..=Self::MAX_TILES).contains(&self.max_tiles) {
+            return Err(TokenError::Degenerate(
+                "zero tile size, or tile limit not in 1..=1024",
+            ));
+        }
+        let canvases = Self::canvases(self.max_tiles);
+        // torch divides the int64 canvas by the int size in float32.
+        let (w, h) = (width as f32, height as f32);
+        let side = self.tile_size as f32;
+        let scales: Vec<f32> = canvases
+            .iter()
+            .map(|&(rows, cols)| {
+                let (scale_w, scale_h) = ((cols as f32 * side) / w, (rows as f32 * side) / h);
+                if scale_h > scale_w {
+                    scale_w
+                } else {
+                    scale_h
+                }
+            })
+            .collect();
+        let up = scales.iter().copied().filter(|&s| s >= 1.0);
+        let selected = if scales.iter().any(|&s| s >= 1.0) {
+            if self.resize_to_max_canvas {
+                up.fold(f32::NEG_INFINITY, f32::max)
+            } else {
+                up.fold(f32::INFINITY, f32::min)
+            }
+        } else {
+            scales.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+        };
+        // Among the canvases of the selected scale, the first of the smallest area
+        // (torch.argmin).
+        canvases
+            .iter()
+            .zip(&scales)
+            .filter(|(_, &scale)| scale == selected)
+            .map(|(&canvas, _)| canvas)
+            .min_by_key(|&(rows, cols)| rows * cols)
+            .ok_or(TokenError::Degenerate("no canvas"))
+    }
+
+    /// `find_supported_resolutions` in tiles, `(rows, columns)`, in its order: tile counts
+    /// from `max_tiles` down, each count's factorizations grouped by aspect ratio in order of
+    /// the ratio's first appearance.
+    fn canvases(max_tiles: u32) -> Vec<(u32, u32)> {
+        let mut groups: Vec<((u32, u32), Vec<(u32, u32)>)> = Vec::new();
+        for count in (1..=max_tiles).rev() {
+            for rows in (1..=count).filter(|r| count % r == 0) {
+                let cols = count / rows;
+                // Python keys a dict by the float rows / cols: equal ratios share a key.
+                let ratio = (rows / gcd(rows, cols), cols / gcd(rows, cols));
+                match groups.iter_mut().find(|(key, _)| *key == ratio) {
+                    Some((_, group)) => group.push((rows, cols)),
+                    None => groups.push((ratio, vec![(rows, cols)])),
+                }
+            }
+        }
+        groups.into_iter().flat_map(|(_, group)| group).collect()
+    }
+
+    /// The pads of one image: its local tiles (none when it is one tile) and the global tile.
+    pub fn layout(&self, width: u32, height: u32) -> Result<PadLayout, TokenError> {
+        let (rows, cols) = self.tiles(width, height)?;
+        Ok(PadLayout::Tiles {
+            rows: rows as usize,
+            cols: cols as usize,
+            per_tile: self.tokens_per_tile as usize,
+        })
+    }
+}
+
+fn gcd(a: u32, b: u32) -> u32 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Phi-4-multimodal's dynamic HD crops (`Phi4MultimodalImageProcessor`, and vLLM's `phi4mm`
+/// alike): the image cut into 448-px crops (as many as it covers, or, past `max_crops`, the
+/// grid of at most `max_crops` closest in aspect ratio), scaled into them and padded; the
+/// count is the global image's 256 tokens and 16 row ends, a separator, and the crops'
+/// features pooled 2x2 that are not all padding, with one row end per feature row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DynamicHd {
+    /// `dynamic_hd` (36 in the checkpoint's `preprocessor_config.json`; the vLLM fallback
+    /// and older processors say 16).
+    pub max_crops: u32,
+}
+
+impl DynamicHd {
+    /// `microsoft/Phi-4-multimodal-instruct`.
+    pub const PHI4_MULTIMODAL: DynamicHd = DynamicHd { max_crops: 36 };
+
+    /// Crop side (the SigLIP tower's 448 px; fixed in transformers and vLLM).
+    const CROP: u32 = 448;
+    /// Vision patch side (14): a crop is 32 x 32 features.
+    const PATCH: u32 = 14;
+    /// The processor refuses an image whose scaled side would be shorter.
+    const MIN_SIDE: u32 = 10;
+
+    /// Visual tokens for one image.
+    ///
+    /// ```
+    /// use kvroute_mmhash::DynamicHd;
+    ///
+    /// // One crop, no padding: 256 + 1 + 16 + 16 rows of (16 + 1).
+    /// assert_eq!(DynamicHd::PHI4_MULTIMODAL.tokens(448, 448)?, 545);
+    /// assert!(DynamicHd::PHI4_MULTIMODAL.tokens(5000, 3).is_err());
+    /// # Ok::<(), kvroute_mmhash::TokenError>(())
+    /// ```
+    pub fn tokens(&self, width: u32, height: u32) -> Result<u32, TokenError> {
+        if width == 0 || height == 0 {
+            return Err(TokenError::Degenerate("zero width or height"));
+        }
+        if self.max_crops == 0 {
+            return Err(TokenError::Degenerate("zero crops"));
+        }
+        let (cols, rows) = self.crops(width, height);
+        let crop = u64::from(Self::CROP);
+        let (target_w, target_h) = (crop * u64::from(cols), crop * u64::from(rows));
+        let (w, h) = (f64::from(width), f64::from(height));
+        let (ratio_w, ratio_h) = (target_w as f64 / w, target_h as f64 / h);
+        // Python's int() truncates; the products are non-negative.
+        let (new_w, new_h, pad_w, pad_h) = if ratio_w < ratio_h {
+            let new_h = (h * ratio_w) as u64;
+            (target_w, new_h, 0, target_h.saturating_sub(new_h))
+        } else {
+            let new_w = (w * ratio_h) as u64;
+            (new_w, target_h, target_w.saturating_sub(new_w), 0)
+        };
+        let min = u64::from(Self::MIN_SIDE);
+        if new_h.min(target_h) < min || new_w.min(target_w) < min {
+            return Err(TokenError::TooThin {
+                width,
+                height,
+                min: Self::MIN_SIDE,
+            });
+        }
+        // The attention mask: 32 features per crop side, the columns and rows that are
+        // padding (whole patches of it) masked; pooling keeps every other feature from the
+        // first, so a side of n unmasked features gives ceil(n / 2).
+        let features = u64::from(Self::CROP / Self::PATCH);
+        let patch = u64::from(Self::PATCH);
+        let unmasked = |side: u64, pad: u64| side - if pad >= patch { pad / patch } else { 0 };
+        let feat_cols = unmasked(features * u64::from(cols), pad_w).div_ceil(2);
+        let feat_rows = unmasked(features * u64::from(rows), pad_h).div_ceil(2);
+        let global = (features / 2) * (features / 2) + features / 2;
+        let total = global + 1 + feat_rows * (feat_cols + 1);
+        u32::try_from(total).map_err(|_| TokenError::Overflow)
+    }
+
+    /// The crop grid, `(columns, rows)`.
+    fn crops(&self, width: u32, height: u32) -> (u32, u32) {
+        let (cols, rows) = (width.div_ceil(Self::CROP), height.div_ceil(Self::CROP));
+        if u64::from(cols) * u64::from(rows) <= u64::from(self.max_crops) {
+            return (cols, rows);
+        }
+        // find_closest_aspect_ratio over every grid of at most max_crops, by crop count: the
+        // closest ratio, a later (larger) grid on a tie when the image is larger than half
+        // its area. Grids of one count never tie (checked for every count up to 36), so the
+        // order within a count, a Python set's, does not matter.
+        let aspect = f64::from(width) / f64::from(height);
+        let area = f64::from(width) * f64::from(height);
+        let max = self.max_crops;
+        let mut grids: Vec<(u32, u32)> = (1..=max)
+            .flat_map(|i| (1..=max / i).map(move |j| (i, j)))
+            .collect();
+        grids.sort_by_key(|&(i, j)| i * j);
+        let half_crop = 0.5 * f64::from(Self::CROP) * f64::from(Self::CROP);
+        let (mut best, mut best_diff) = ((1, 1), f64::INFINITY);
+        for (i, j) in grids {
+            let diff = (aspect - f64::from(i) / f64::from(j)).abs();
+            if diff < best_diff {
+                (best, best_diff) = ((i, j), diff);
+            } else if diff == best_diff && area > half_crop * f64::from(i) * f64::from(j) {
+                best = (i, j);
+            }
+        }
+        best
+    }
+}
+
 /// Where one image's visual tokens go: `rows` rows of `cols` tokens. Families without a row
 /// structure have a single row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -444,6 +678,10 @@ pub enum VisionTokenRule {
     Tiles(Tiles),
     /// Pixtral and Mistral 3: a grid of cells with row breaks.
     PatchGrid(PatchGrid),
+    /// Llama 4: tiles and a global tile.
+    Llama4(Llama4Tiles),
+    /// Phi-4-multimodal: dynamic HD crops.
+    DynamicHd(DynamicHd),
 }
 
 /// LLaVA-1.5 (CLIP ViT-L/14 at 336 px): `(336/14)^2 + 1 - 1` tokens per image.
@@ -457,8 +695,10 @@ impl VisionTokenRule {
     /// processor settings: `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `qwen3_vl_moe`, `llava`
     /// (LLaVA-1.5), `llava_next`, `llava_onevision`, `gemma3`, `internvl` (InternVL3 `-hf`),
     /// `mistral3`, `pixtral` (Pixtral 12B, whose `config.json` says `llava` with a `pixtral`
-    /// vision tower: pass `pixtral`). Llama 4 and Phi-4-multimodal are
-    /// [`TokenError::Unsupported`]; any other type is [`TokenError::UnknownModel`], never a guess.
+    /// vision tower: pass `pixtral`), `llama4`, `phi4_multimodal` and `phi4mm` (Phi-4-multimodal,
+    /// transformers and remote-code checkpoints). The remote-code InternVL (`internvl_chat`)
+    /// is [`TokenError::Unsupported`]; any other type is [`TokenError::UnknownModel`], never a
+    /// guess.
     ///
     /// ```
     /// use kvroute_mmhash::{TokenError, VisionTokenRule};
@@ -479,14 +719,8 @@ impl VisionTokenRule {
             "internvl" => Ok(Self::Tiles(Tiles::INTERNVL3)),
             "mistral3" => Ok(Self::PatchGrid(PatchGrid::MISTRAL3)),
             "pixtral" => Ok(Self::PatchGrid(PatchGrid::PIXTRAL_12B)),
-            "llama4" => Err(TokenError::Unsupported {
-                model_type: model_type.to_owned(),
-                reason: "its image processor needs torch, so no count was checked against it",
-            }),
-            "phi4_multimodal" | "phi4mm" => Err(TokenError::Unsupported {
-                model_type: model_type.to_owned(),
-                reason: "its image processor needs torch, so no count was checked against it",
-            }),
+            "llama4" => Ok(Self::Llama4(Llama4Tiles::LLAMA4)),
+            "phi4_multimodal" | "phi4mm" => Ok(Self::DynamicHd(DynamicHd::PHI4_MULTIMODAL)),
             "internvl_chat" => Err(TokenError::Unsupported {
                 model_type: model_type.to_owned(),
                 reason:
@@ -496,12 +730,17 @@ impl VisionTokenRule {
         }
     }
 
-    /// Where the visual tokens of one `width` x `height` image go: rows of tokens for Pixtral
-    /// and Mistral 3, a single row for every other family.
-    pub fn grid(&self, width: u32, height: u32) -> Result<TokenGrid, TokenError> {
+    /// How the visual tokens of one `width` x `height` image are laid out: rows of tokens
+    /// for Pixtral and Mistral 3, tiles for Llama 4, a single row for every other family.
+    pub fn layout(&self, width: u32, height: u32) -> Result<PadLayout, TokenError> {
+        let rows = |grid: TokenGrid| PadLayout::Rows {
+            rows: grid.rows as usize,
+            cols: grid.cols as usize,
+        };
         match self {
-            Self::PatchGrid(rule) => rule.grid(width, height),
-            _ => self.tokens(width, height).map(TokenGrid::flat),
+            Self::PatchGrid(rule) => rule.grid(width, height).map(rows),
+            Self::Llama4(rule) => rule.layout(width, height),
+            _ => self.tokens(width, height).map(TokenGrid::flat).map(rows),
         }
     }
 
@@ -514,6 +753,13 @@ impl VisionTokenRule {
             Self::Fixed(count) => Ok(*count),
             Self::Tiles(rule) => rule.tokens(width, height),
             Self::PatchGrid(rule) => rule.grid(width, height)?.tokens(),
+            Self::Llama4(rule) => {
+                let tokens = rule.layout(width, height)?.tokens();
+                tokens
+                    .and_then(|t| u32::try_from(t).ok())
+                    .ok_or(TokenError::Overflow)
+            }
+            Self::DynamicHd(rule) => rule.tokens(width, height),
         }
     }
 }

@@ -1,10 +1,13 @@
 //! Visual token counts and placeholder expansions against each family's Hugging Face processor
 //! (tests/fixtures/processors: the processors run on synthetic images of 400 sizes by
-//! visual_tokens.py; see its README for the configurations and their sources).
+//! visual_tokens.py; see its README for the configurations and their sources). Where the
+//! fixture spells the replacement out (`runs`: Llama 4's tiles and separators), it is compared
+//! token by token.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use kvroute_mmhash::{expand, ImageTokens, MediaId, PlaceholderTokens, VisionTokenRule};
+use serde_json::json;
 use serde_json::Value;
 use std::collections::HashMap;
 
@@ -17,7 +20,7 @@ fn fixture() -> Value {
 }
 
 /// The fixture's family names are `model_type`s, but for Qwen2.5-VL (the Qwen2-VL processor).
-const FAMILIES: [&str; 10] = [
+const FAMILIES: [&str; 12] = [
     "qwen2_vl",
     "qwen2_5_vl",
     "qwen3_vl",
@@ -28,6 +31,8 @@ const FAMILIES: [&str; 10] = [
     "internvl",
     "mistral3",
     "pixtral",
+    "llama4",
+    "phi4_multimodal",
 ];
 
 #[test]
@@ -45,12 +50,21 @@ fn every_family_counts_and_expands_as_its_processor() {
         texts.extend(tokens.prefix);
         texts.extend(tokens.suffix);
         texts.extend(tokens.row_break);
+        texts.extend(
+            tokens
+                .tiles
+                .iter()
+                .flat_map(|t| [t.column, t.row, t.global]),
+        );
+        texts.sort_unstable();
+        texts.dedup();
         let ids: HashMap<&str, u32> = texts
             .into_iter()
             .enumerate()
             .map(|(i, t)| (t, i as u32 + 1))
             .collect();
         let spec = tokens.resolve(|t| ids.get(t).copied()).unwrap();
+        let text: HashMap<u32, &str> = ids.iter().map(|(&t, &id)| (id, t)).collect();
         let cases = families[family].as_array().unwrap();
         assert_eq!(cases.len(), sizes.len(), "{family}");
         let (mut counted, mut refused) = (0, 0);
@@ -59,7 +73,7 @@ fn every_family_counts_and_expands_as_its_processor() {
                 size[0].as_u64().unwrap() as u32,
                 size[1].as_u64().unwrap() as u32,
             );
-            let got = rule.grid(width, height);
+            let got = rule.layout(width, height);
             if case.get("error").is_some() {
                 assert!(
                     got.is_err(),
@@ -68,17 +82,21 @@ fn every_family_counts_and_expands_as_its_processor() {
                 refused += 1;
                 continue;
             }
-            let grid = got.unwrap_or_else(|e| panic!("{family} {width}x{height}: {e}"));
-            let pads = grid.tokens().unwrap() as usize;
+            let layout = got.unwrap_or_else(|e| panic!("{family} {width}x{height}: {e}"));
+            let pads = layout.tokens().unwrap();
             assert_eq!(
                 pads as u64,
                 case["pads"].as_u64().unwrap(),
                 "{family} {width}x{height}"
             );
+            assert_eq!(
+                rule.tokens(width, height).unwrap() as usize,
+                pads,
+                "{family} {width}x{height}: tokens and layout"
+            );
             let image = ImageTokens {
                 id: MediaId(1),
-                tokens: pads,
-                rows: grid.rows as usize,
+                layout,
             };
             let out = expand(&[spec.placeholder], &spec, &[image]).unwrap();
             assert_eq!(
@@ -86,6 +104,13 @@ fn every_family_counts_and_expands_as_its_processor() {
                 case["total"].as_u64().unwrap(),
                 "{family} {width}x{height}: whole replacement"
             );
+            if let Some(runs) = case.get("runs") {
+                assert_eq!(
+                    &runs_of(&out.tokens, &text),
+                    runs,
+                    "{family} {width}x{height}: the replacement token by token"
+                );
+            }
             counted += 1;
         }
         assert!(
@@ -93,4 +118,17 @@ fn every_family_counts_and_expands_as_its_processor() {
             "{family}: {counted} counted, {refused} refused"
         );
     }
+}
+
+/// The tokens as `[text, repeats]` runs, as the fixture spells them.
+fn runs_of(tokens: &[u32], text: &HashMap<u32, &str>) -> Value {
+    let mut runs: Vec<(&str, u64)> = Vec::new();
+    for token in tokens {
+        let t = text[token];
+        match runs.last_mut() {
+            Some((last, n)) if *last == t => *n += 1,
+            _ => runs.push((t, 1)),
+        }
+    }
+    json!(runs)
 }

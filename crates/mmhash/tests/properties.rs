@@ -5,9 +5,9 @@
 
 use kvroute_blockhash::BlockHasher;
 use kvroute_mmhash::{
-    block_media_info, expand, probe, AnyRes, BlockExtraInfo, BlockMmObjectInfo, ExpandError,
-    IdMode, ImageSource, ImageTokens, MediaConfig, MediaId, MediaProcessor, MediaSpan,
-    PlaceholderSpec, SmartResize,
+    block_media_info, expand, probe, BlockExtraInfo, BlockMmObjectInfo, ExpandError, IdMode,
+    ImageSource, ImageTokens, MediaConfig, MediaId, MediaProcessor, MediaSpan, PadLayout,
+    PlaceholderSpec, TileTokens, VisionTokenRule,
 };
 use proptest::prelude::*;
 
@@ -33,14 +33,42 @@ fn naive_expand(
         next += 1;
         let start = out.len();
         out.extend(&spec.prefix);
-        for row in 0..image.rows {
-            match spec.row_break {
-                Some(row_break) if row > 0 => out.push(row_break),
-                _ => {}
+        match (image.layout, spec.tiles) {
+            (PadLayout::Rows { rows, cols }, _) => {
+                for row in 0..rows {
+                    match spec.row_break {
+                        Some(row_break) if row > 0 => out.push(row_break),
+                        _ => {}
+                    }
+                    for _ in 0..cols {
+                        out.push(spec.pad);
+                    }
+                }
             }
-            for _ in 0..image.tokens / image.rows {
-                out.push(spec.pad);
+            // Llama4Processor._prompt_split_image, with the tokens for its strings.
+            (
+                PadLayout::Tiles {
+                    rows,
+                    cols,
+                    per_tile,
+                },
+                Some(tiles),
+            ) => {
+                if rows * cols > 1 {
+                    for _ in 0..rows {
+                        for x in 0..cols {
+                            out.extend(std::iter::repeat_n(spec.pad, per_tile));
+                            if x < cols - 1 {
+                                out.push(tiles.column);
+                            }
+                        }
+                        out.push(tiles.row);
+                    }
+                }
+                out.push(tiles.global);
+                out.extend(std::iter::repeat_n(spec.pad, per_tile));
             }
+            (PadLayout::Tiles { .. }, None) => unreachable!("the strategies pair tiles with tiles"),
         }
         out.extend(&spec.suffix);
         spans.push((start, out.len(), image.id));
@@ -94,23 +122,51 @@ fn media_id(small: u64) -> MediaId {
     MediaId(small.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
-fn prompt_and_images() -> impl Strategy<Value = (Vec<u32>, Vec<ImageTokens>)> {
+/// A prompt and its images, laid out in rows or (Llama 4) in tiles.
+fn prompt_and_images(tiled: bool) -> impl Strategy<Value = (Vec<u32>, Vec<ImageTokens>)> {
     prop::collection::vec(
         prop_oneof![4 => 0u32..3, 1 => Just(PLACEHOLDER), 4 => 4u32..9],
         0..120,
     )
-    .prop_flat_map(|tokens| {
+    .prop_flat_map(move |tokens| {
         let count = tokens.iter().filter(|&&t| t == PLACEHOLDER).count();
-        let image = (0u64..4, 0usize..14, 1usize..4).prop_map(|(id, cols, rows)| ImageTokens {
-            id: media_id(id),
-            tokens: cols * rows,
-            rows,
-        });
+        let image = (0u64..4, 0usize..14, 0usize..4, 1usize..4).prop_map(
+            move |(id, pads, rows, tile_cols)| ImageTokens {
+                id: media_id(id),
+                layout: if tiled {
+                    PadLayout::Tiles {
+                        rows: rows + 1,
+                        cols: tile_cols,
+                        per_tile: pads,
+                    }
+                } else {
+                    PadLayout::Rows { rows, cols: pads }
+                },
+            },
+        );
         (Just(tokens), prop::collection::vec(image, count))
     })
 }
 
-fn spec() -> impl Strategy<Value = PlaceholderSpec> {
+/// A prompt, its images and the spec to expand them with.
+fn case() -> impl Strategy<Value = ((Vec<u32>, Vec<ImageTokens>), PlaceholderSpec)> {
+    any::<bool>().prop_flat_map(|tiled| (prompt_and_images(tiled), spec(tiled)))
+}
+
+fn spec(tiled: bool) -> impl Strategy<Value = PlaceholderSpec> {
+    let tiles = if tiled {
+        Just(Some(TileTokens {
+            column: 40,
+            row: 41,
+            global: PLACEHOLDER,
+        }))
+    } else {
+        Just(None)
+    };
+    (base_spec(), tiles).prop_map(|(spec, tiles)| PlaceholderSpec { tiles, ..spec })
+}
+
+fn base_spec() -> impl Strategy<Value = PlaceholderSpec> {
     prop_oneof![
         Just(PlaceholderSpec::repeat(PLACEHOLDER)),
         (
@@ -134,7 +190,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
     #[test]
-    fn expansion_and_block_info_match_naive((tokens, images) in prompt_and_images(), spec in spec(), block in 1usize..40) {
+    fn expansion_and_block_info_match_naive(((tokens, images), spec) in case(), block in 1usize..40) {
         let expanded = expand(&tokens, &spec, &images).unwrap();
         let (naive_tokens, naive_spans) = naive_expand(&tokens, &spec, &images);
         prop_assert_eq!(&expanded.tokens, &naive_tokens);
@@ -163,7 +219,7 @@ proptest! {
     }
 
     #[test]
-    fn wrong_image_count_is_an_error((tokens, mut images) in prompt_and_images(), extra in 0u64..4) {
+    fn wrong_image_count_is_an_error((tokens, mut images) in prompt_and_images(false), extra in 0u64..4) {
         images.push(ImageTokens::new(media_id(extra), 1));
         let is_count_error = matches!(
             expand(&tokens, &PlaceholderSpec::repeat(PLACEHOLDER), &images),
@@ -207,9 +263,14 @@ proptest! {
 
     #[test]
     fn token_rules_never_panic(width in any::<u32>(), height in any::<u32>()) {
-        let _ = SmartResize::QWEN2_VL.tokens(width, height);
-        let _ = SmartResize::QWEN3_VL.tokens(width, height);
-        let _ = AnyRes::llava_v1_6().tokens(width, height);
+        for family in [
+            "qwen2_vl", "qwen3_vl", "llava", "llava_next", "llava_onevision", "gemma3",
+            "internvl", "mistral3", "pixtral", "llama4", "phi4_multimodal",
+        ] {
+            let rule = VisionTokenRule::for_model_type(family).unwrap();
+            let _ = rule.tokens(width, height);
+            let _ = rule.layout(width, height);
+        }
     }
 }
 

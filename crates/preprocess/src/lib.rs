@@ -5,7 +5,8 @@
 //! with an exact cache of conversation segments ([`TextTokenizer`]), and image and video
 //! expansion through `kvroute-mmhash` ([`Preprocessor`]) for every family it counts (Qwen2-VL,
 //! Qwen2.5-VL, Qwen3-VL, LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision, Gemma 3, InternVL3,
-//! Mistral 3, Pixtral; videos for Qwen2-VL and Qwen2.5-VL). A default model, Qwen2-VL, is built in
+//! Mistral 3, Pixtral, Llama 4, Phi-4-multimodal; videos for Qwen2-VL and Qwen2.5-VL). A default
+//! model, Qwen2-VL, is built in
 //! ([`ModelFiles::bundled_qwen2_vl`]) so nothing needs downloading.
 //!
 //! It does not hash blocks (`kvroute-blockhash` takes a [`Prompt`]'s tokens and media spans),

@@ -155,7 +155,8 @@ impl Preprocessor {
         let template = ChatTemplate::new(&files.chat_template, files.special_tokens.clone())?;
         let model_type = files.model_type.as_deref().unwrap_or("");
         let vision = VisionTokenRule::for_model_type(model_type)
-            .map(|rule| with_checkpoint_config(rule, files.preprocessor_config.as_ref()));
+            .map(|rule| with_checkpoint_config(rule, files.preprocessor_config.as_ref()))
+            .and_then(|rule| placed_by_template(model_type, rule));
         let tokens = PlaceholderTokens::for_model_type(model_type);
         let placeholder = tokens.and_then(|tokens| tokens.resolve(|t| tokenizer.token_id(t)));
         let text_around = tokens.and_then(|tokens| {
@@ -309,23 +310,19 @@ impl Preprocessor {
         let mut counts = Vec::with_capacity(parts.len());
         for (part, loaded) in parts.iter().zip(loaded) {
             let image = loaded.image;
-            let grid = vision
-                .grid(image.info.width, image.info.height)
-                .and_then(|grid| Ok((grid, grid.tokens()?)))
+            let (layout, count) = vision
+                .layout(image.info.width, image.info.height)
+                .and_then(|layout| Ok((layout, layout.tokens().ok_or(TokenError::Overflow)?)))
                 .map_err(|source| PreprocessError::VisualTokens {
                     param: part.param(),
                     source,
                 })?;
-            let ((grid, count), id) = (grid, image.id);
-            counts.push(ImageTokens {
-                id,
-                tokens: count as usize,
-                rows: grid.rows as usize,
-            });
+            let id = image.id;
+            counts.push(ImageTokens { id, layout });
             images.push(PromptImage {
                 id,
                 forward_uuid: forward_uuid(part, id),
-                tokens: count as usize,
+                tokens: count,
                 info: image.info,
             });
         }
@@ -421,13 +418,37 @@ fn forward_uuid(part: &ImagePart<'_>, id: MediaId) -> String {
         .unwrap_or_else(|| kvroute_mmhash::forward_uuid(id))
 }
 
+/// Families whose image placeholder the engine writes itself rather than the chat template:
+/// vLLM's remote-code Phi-4-multimodal (`phi4mm`) inserts `<|image_N|>` text into the message
+/// (its template takes strings only) and replaces that, which kvroute does not emulate.
+fn placed_by_template(
+    model_type: &str,
+    rule: VisionTokenRule,
+) -> Result<VisionTokenRule, TokenError> {
+    if model_type.eq_ignore_ascii_case("phi4mm") {
+        return Err(TokenError::Unsupported {
+            model_type: model_type.to_owned(),
+            reason: "vLLM writes its <|image_N|> placeholders into the text itself, which kvroute \
+                     does not emulate; serve the transformers checkpoint (phi4_multimodal)",
+        });
+    }
+    Ok(rule)
+}
+
 /// The checkpoint's own processor settings override the family defaults, as the engine loads
 /// them: Qwen's pixel limits (`min_pixels`/`max_pixels`, or `size.shortest_edge` /
 /// `size.longest_edge` in newer configs), LLaVA-NeXT's and LLaVA-OneVision's
-/// `image_grid_pinpoints`.
+/// `image_grid_pinpoints`, Llama 4's `max_patches` and `resize_to_max_canvas`,
+/// Phi-4-multimodal's `dynamic_hd`.
 fn with_checkpoint_config(rule: VisionTokenRule, config: Option<&Value>) -> VisionTokenRule {
     let Some(config) = config else {
         return rule;
+    };
+    let number = |key: &str| {
+        config
+            .get(key)
+            .and_then(Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
     };
     match rule {
         VisionTokenRule::SmartResize(resize) => {
@@ -450,6 +471,21 @@ fn with_checkpoint_config(rule: VisionTokenRule, config: Option<&Value>) -> Visi
                 anyres.grid_pinpoints = pinpoints;
             }
             VisionTokenRule::AnyRes(anyres)
+        }
+        VisionTokenRule::Llama4(mut tiles) => {
+            if let Some(max) = number("max_patches") {
+                tiles.max_tiles = max;
+            }
+            if let Some(max_canvas) = config.get("resize_to_max_canvas").and_then(Value::as_bool) {
+                tiles.resize_to_max_canvas = max_canvas;
+            }
+            VisionTokenRule::Llama4(tiles)
+        }
+        VisionTokenRule::DynamicHd(mut crops) => {
+            if let Some(max) = number("dynamic_hd") {
+                crops.max_crops = max;
+            }
+            VisionTokenRule::DynamicHd(crops)
         }
         other => other,
     }

@@ -1,6 +1,7 @@
 //! Families beyond the bundled Qwen2-VL: Gemma 3's text-wrapped images (against the tokenizer
-//! run on the processor's own textual expansion), Qwen2-VL videos, Pixtral-style row breaks,
-//! and the typed refusals of what is not counted.
+//! run on the processor's own textual expansion), Llama 4's tiles (against the ids
+//! transformers' Llama4Processor gave the same conversation), Qwen2-VL videos, and the typed
+//! refusals of what is not counted.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
@@ -167,7 +168,7 @@ fn what_is_not_counted_is_refused_with_a_reason() {
     let error = run(&qwen, &fps).unwrap_err();
     assert_eq!(error.param(), Some("mm_processor_kwargs"));
 
-    // Llama 4's processor needs torch: no checked count, so its images are refused.
+    // vLLM writes remote-code Phi-4-multimodal's placeholders into the text itself.
     let dir = tempfile::tempdir().unwrap();
     let bundled = ModelFiles::bundled_qwen2_vl().unwrap();
     std::fs::write(dir.path().join("tokenizer.json"), &bundled.tokenizer_json).unwrap();
@@ -178,19 +179,19 @@ fn what_is_not_counted_is_refused_with_a_reason() {
     .unwrap();
     std::fs::write(
         dir.path().join("config.json"),
-        r#"{"model_type": "llama4"}"#,
+        r#"{"model_type": "phi4mm"}"#,
     )
     .unwrap();
-    let llama4 = Preprocessor::new(
+    let phi4mm = Preprocessor::new(
         &ModelFiles::from_dir(dir.path()).unwrap(),
         PreprocessConfig::default(),
     )
     .unwrap();
     let image = json!({"model": "m", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": image_url("coffee.png")}}]}]});
-    let error = run(&llama4, &image).unwrap_err();
+    let error = run(&phi4mm, &image).unwrap_err();
     assert_eq!(error.code(), "unsupported_media");
-    assert!(error.to_string().contains("torch"), "{error}");
+    assert!(error.to_string().contains("phi4_multimodal"), "{error}");
 }
 
 #[test]
@@ -208,4 +209,62 @@ fn fps_sampling_takes_the_request_fps() {
     assert_eq!(run(&qwen, &body).unwrap().videos[0].frames, 8);
     body["mm_processor_kwargs"] = json!({"fps": 4});
     assert_eq!(run(&qwen, &body).unwrap().videos[0].frames, 16);
+}
+
+fn llama4_dir() -> PathBuf {
+    fixtures().join("models/llama4-shaped")
+}
+
+#[test]
+fn llama4_images_expand_into_tiles_as_its_processor_does() {
+    let files = ModelFiles::from_dir(&llama4_dir()).unwrap();
+    let preprocessor = Preprocessor::new(&files, PreprocessConfig::default()).unwrap();
+    // make_llama4_shaped.py ran Llama4Processor on this conversation.
+    let expected: Value =
+        serde_json::from_slice(&std::fs::read(llama4_dir().join("expected.json")).unwrap())
+            .unwrap();
+    let mut messages = expected["messages"].clone();
+    let images = expected["images"].as_array().unwrap();
+    let mut next = images.iter();
+    for part in messages[0]["content"].as_array_mut().unwrap() {
+        if part["type"] == "image" {
+            let name = next.next().unwrap().as_str().unwrap();
+            *part = json!({"type": "image_url", "image_url": {"url": image_url(name)}});
+        }
+    }
+    let prompt = run(&preprocessor, &json!({"model": "m", "messages": messages})).unwrap();
+    let ids: Vec<u32> = serde_json::from_value(expected["input_ids"].clone()).unwrap();
+    assert_eq!(prompt.tokens, ids);
+
+    // chelsea.png (451x300) is two tiles side by side and the global tile; the 40x30 coffee
+    // one tile. Each span runs from <|image_start|> to <|image_end|>, as vLLM reports it.
+    assert_eq!(prompt.images[0].tokens, 3 * 144);
+    assert_eq!(prompt.images[1].tokens, 144);
+    let tokenizer = tokenizers::Tokenizer::from_bytes(&files.tokenizer_json).unwrap();
+    let id = |t: &str| tokenizer.token_to_id(t).unwrap();
+    for span in &prompt.media {
+        assert_eq!(prompt.tokens[span.start], id("<|image_start|>"));
+        assert_eq!(prompt.tokens[span.end() - 1], id("<|image_end|>"));
+    }
+    assert_eq!(prompt.media[0].len, 1 + 2 * 144 + 2 + 1 + 144 + 1);
+    assert_eq!(prompt.media[1].len, 1 + 1 + 144 + 1);
+
+    // The checkpoint's max_patches is the engine's: with one tile allowed, no local tiles.
+    let dir = tempfile::tempdir().unwrap();
+    for file in std::fs::read_dir(llama4_dir()).unwrap() {
+        let file = file.unwrap().path();
+        std::fs::copy(&file, dir.path().join(file.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("preprocessor_config.json"),
+        r#"{"max_patches": 1, "size": {"height": 336, "width": 336}}"#,
+    )
+    .unwrap();
+    let one_tile = Preprocessor::new(
+        &ModelFiles::from_dir(dir.path()).unwrap(),
+        PreprocessConfig::default(),
+    )
+    .unwrap();
+    let prompt = run(&one_tile, &json!({"model": "m", "messages": messages})).unwrap();
+    assert_eq!(prompt.images[0].tokens, 144);
 }
