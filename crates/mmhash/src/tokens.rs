@@ -448,7 +448,7 @@ impl Llama4Tiles {
     ///
     /// assert_eq!(Llama4Tiles::LLAMA4.tiles(336, 336)?, (1, 1));
     /// assert_eq!(Llama4Tiles::LLAMA4.tiles(640, 480)?, (2, 2));
-    /// assert_eq!(Llama4Tiles::LLAMA4.tiles(4000, 20)?, (1, 16));
+    /// assert_eq!(Llama4Tiles::LLAMA4.tiles(4000, 20)?, (1, 12)); // 12 x 336 = 4032 px wide
     /// # Ok::<(), kvroute_mmhash::TokenError>(())
     /// ```
     pub fn tiles(&self, width: u32, height: u32) -> Result<(u32, u32), TokenError> {
@@ -500,7 +500,9 @@ impl Llama4Tiles {
     /// from `max_tiles` down, each count's factorizations grouped by aspect ratio in order of
     /// the ratio's first appearance.
     fn canvases(max_tiles: u32) -> Vec<(u32, u32)> {
-        let mut groups: Vec<((u32, u32), Vec<(u32, u32)>)> = Vec::new();
+        // An aspect ratio in lowest terms, and its canvases.
+        type Group = ((u32, u32), Vec<(u32, u32)>);
+        let mut groups: Vec<Group> = Vec::new();
         for count in (1..=max_tiles).rev() {
             for rows in (1..=count).filter(|r| count % r == 0) {
                 let cols = count / rows;
