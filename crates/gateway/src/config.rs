@@ -792,13 +792,15 @@ impl ServerConfig {
 
     /// Checks what parsing cannot: ranges, URLs, duplicates, combinations.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_numbers()?;
+        self.validate_workers()?;
+        self.auth.load_keys()?;
+        self.validate_replica_sync()
+    }
+
+    /// Sizes, weights and times: in range.
+    fn validate_numbers(&self) -> Result<(), ConfigError> {
         let invalid = |field, why: String| Err(ConfigError::Invalid { field, why });
-        if self.model.block_size == 0 {
-            return invalid("model.block_size", "must be at least 1".into());
-        }
-        if self.model.max_prompt_tokens == 0 {
-            return invalid("model.max_prompt_tokens", "must be at least 1".into());
-        }
         let weights = [
             ("routing.prefill_weight", self.routing.prefill_weight),
             ("routing.decode_weight", self.routing.decode_weight),
@@ -813,49 +815,20 @@ impl ServerConfig {
                 return invalid(field, format!("must be a finite number >= 0, not {value}"));
             }
         }
-        let mut ids = HashSet::new();
-        for worker in &self.workers {
-            worker.worker()?;
-            if !ids.insert(worker.id) {
-                return invalid("workers", format!("worker id {} is given twice", worker.id));
-            }
-        }
-        for worker in &self.workers {
-            match (&worker.events, self.events.source) {
-                (None, EventsSource::Engines) => {
-                    return invalid(
-                        "workers",
-                        format!(
-                            "worker {}: events.source = \"engines\" needs its events endpoint",
-                            worker.id
-                        ),
-                    );
-                }
-                (Some(endpoint), _) => {
-                    let port = endpoint
-                        .strip_prefix("tcp://")
-                        .and_then(|rest| rest.rsplit_once(':'))
-                        .and_then(|(_, port)| port.parse::<u16>().ok());
-                    if port.is_none_or(|p| p == u16::MAX) {
-                        return invalid(
-                            "workers",
-                            format!(
-                                "worker {}: events endpoint {endpoint:?} is not tcp://HOST:PORT",
-                                worker.id
-                            ),
-                        );
-                    }
-                }
-                (None, _) => {}
-            }
-        }
-        if self.events.snapshot_interval_secs == 0 {
-            return invalid("events.snapshot_interval_secs", "must be at least 1".into());
-        }
-        if self.nats.registration_ttl_secs == 0 {
-            return invalid("nats.registration_ttl_secs", "must be at least 1".into());
-        }
         let at_least_one = [
+            ("model.block_size", u64::from(self.model.block_size)),
+            (
+                "model.max_prompt_tokens",
+                self.model.max_prompt_tokens as u64,
+            ),
+            (
+                "events.snapshot_interval_secs",
+                self.events.snapshot_interval_secs,
+            ),
+            (
+                "nats.registration_ttl_secs",
+                self.nats.registration_ttl_secs,
+            ),
             ("limits.max_connections", self.limits.max_connections as u64),
             ("limits.max_body_bytes", self.limits.max_body_bytes as u64),
             (
@@ -885,36 +858,82 @@ impl ServerConfig {
                 format!("must be at least {MIN_HEADER_BYTES}"),
             );
         }
-        self.auth.load_keys()?;
         if !(1..=5).contains(&self.nats.replicas) {
             return invalid("nats.replicas", "must be 1 to 5 (what NATS allows)".into());
         }
+        Ok(())
+    }
+
+    /// Each worker valid, listed once, with an events endpoint where the source needs one.
+    fn validate_workers(&self) -> Result<(), ConfigError> {
+        let invalid = |why: String| {
+            Err(ConfigError::Invalid {
+                field: "workers",
+                why,
+            })
+        };
+        let mut ids = HashSet::new();
+        for worker in &self.workers {
+            worker.worker()?;
+            if !ids.insert(worker.id) {
+                return invalid(format!("worker id {} is given twice", worker.id));
+            }
+            match &worker.events {
+                None if self.events.source == EventsSource::Engines => {
+                    return invalid(format!(
+                        "worker {}: events.source = \"engines\" needs its events endpoint",
+                        worker.id
+                    ));
+                }
+                Some(endpoint) => {
+                    let port = endpoint
+                        .strip_prefix("tcp://")
+                        .and_then(|rest| rest.rsplit_once(':'))
+                        .and_then(|(_, port)| port.parse::<u16>().ok());
+                    if port.is_none_or(|p| p == u16::MAX) {
+                        return invalid(format!(
+                            "worker {}: events endpoint {endpoint:?} is not tcp://HOST:PORT",
+                            worker.id
+                        ));
+                    }
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_replica_sync(&self) -> Result<(), ConfigError> {
+        let invalid = |field, why: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                why: why.to_owned(),
+            })
+        };
         let sync = &self.replica_sync;
-        if sync.enabled {
-            if sync.interval_ms == 0 {
-                return invalid("replica_sync.interval_ms", "must be at least 1".into());
-            }
-            if sync.heartbeat_ms < sync.interval_ms {
-                return invalid(
-                    "replica_sync.heartbeat_ms",
-                    "must be at least interval_ms".into(),
-                );
-            }
-            if sync.expiry_ms <= sync.heartbeat_ms {
-                return invalid(
-                    "replica_sync.expiry_ms",
-                    "must exceed heartbeat_ms (a live replica would expire)".into(),
-                );
-            }
-            if self.events.source == EventsSource::InProcess {
-                return invalid(
-                    "replica_sync.enabled",
-                    "replicas share load over NATS; an in-process event bus has no NATS".into(),
-                );
-            }
-            if sync.name.as_deref().is_some_and(str::is_empty) {
-                return invalid("replica_sync.name", "must not be empty".into());
-            }
+        if !sync.enabled {
+            return Ok(());
+        }
+        if sync.interval_ms == 0 {
+            return invalid("replica_sync.interval_ms", "must be at least 1");
+        }
+        if sync.heartbeat_ms < sync.interval_ms {
+            return invalid("replica_sync.heartbeat_ms", "must be at least interval_ms");
+        }
+        if sync.expiry_ms <= sync.heartbeat_ms {
+            return invalid(
+                "replica_sync.expiry_ms",
+                "must exceed heartbeat_ms (a live replica would expire)",
+            );
+        }
+        if self.events.source == EventsSource::InProcess {
+            return invalid(
+                "replica_sync.enabled",
+                "replicas share load over NATS; an in-process event bus has no NATS",
+            );
+        }
+        if sync.name.as_deref().is_some_and(str::is_empty) {
+            return invalid("replica_sync.name", "must not be empty");
         }
         Ok(())
     }
