@@ -187,6 +187,14 @@ def dynamo():
         write("dynamo_msgpack", f"event_{i}", dynamo_envelope([event], 2 + i))
 
 
+def engines():
+    """vLLM's and SGLang's golden payloads (kvroute-events' fixtures), as they are."""
+    fixtures = ROOT / "crates" / "events" / "tests" / "fixtures"
+    for path in sorted(fixtures.rglob("*.msgpack")):
+        name = "_".join(path.relative_to(fixtures).with_suffix("").parts)
+        write("engine_msgpack", name, path.read_bytes())
+
+
 def varint(n):
     out = bytearray()
     while True:
@@ -225,5 +233,6 @@ def snapshots():
 if __name__ == "__main__":
     events()
     dynamo()
+    engines()
     snapshots()
     chat(images())
