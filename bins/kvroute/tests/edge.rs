@@ -351,13 +351,15 @@ admin = true
     .await;
     assert_eq!(other.status, 200);
     assert_eq!(other.header("x-kvroute-overlap-blocks"), "0");
-    // The engine is told each tenant, so its own prefix cache keeps them apart too.
+    // The engine is told each tenant, so its own prefix cache keeps them apart too (tagged,
+    // so its KV events name the tenant's namespace).
     let salts: Vec<Value> = worker
         .bodies()
         .iter()
         .map(|b| b["cache_salt"].clone())
         .collect();
-    assert_eq!(salts, [json!("a"), json!("a"), json!("b")]);
+    let (a, b) = (json!("dynamo-cache-salt:a"), json!("dynamo-cache-salt:b"));
+    assert_eq!(salts, [a.clone(), a, b]);
 
     // A key added to the file works after SIGHUP.
     std::fs::write(&keys, "[[keys]]\nkey = \"key-new\"\n").unwrap();

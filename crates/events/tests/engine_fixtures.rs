@@ -7,7 +7,7 @@
 use kvroute_blockhash::{media_id_from_identifier, BlockHasher, MediaSpan};
 use kvroute_events::{
     decode_engine_batch, encode_engine_batch, EngineCache, EngineCacheConfig, EngineEvent,
-    EngineHash, EngineSkip, ExtraKey,
+    EngineHash, EngineSkip, ExtraKey, CACHE_SALT_PREFIX,
 };
 use kvroute_index::{Index, IndexConfig};
 use kvroute_protocol::{
@@ -393,6 +393,19 @@ fn sglang_payloads_decode_and_index_like_vllms() {
     );
     let mut cache = EngineCache::new(EngineCacheConfig::new(16)).unwrap();
     let KvCacheEventData::Stored(stored) = cache.convert(&batch.events[0]).unwrap() else {
+        panic!("a store");
+    };
+    let got: Vec<SequenceHash> = stored.blocks.iter().map(|b| b.block_hash).collect();
+    assert_eq!(got, want);
+    // The same salt in the tagged form kvroute's gateway forwards for a tenant: the same
+    // namespace.
+    let EngineEvent::Stored(mut tagged) = batch.events[0].clone() else {
+        panic!("a store");
+    };
+    tagged.cache_salt = Some(format!("{CACHE_SALT_PREFIX}tenant-1"));
+    let mut cache = EngineCache::new(EngineCacheConfig::new(16)).unwrap();
+    let KvCacheEventData::Stored(stored) = cache.convert(&EngineEvent::Stored(tagged)).unwrap()
+    else {
         panic!("a store");
     };
     let got: Vec<SequenceHash> = stored.blocks.iter().map(|b| b.block_hash).collect();

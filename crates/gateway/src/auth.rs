@@ -3,13 +3,20 @@
 use crate::config::ApiKeyConfig;
 use http::HeaderMap;
 use kvroute_blockhash::{BlockHasher, HashError};
+use kvroute_events::CACHE_SALT_PREFIX;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// A tenant: its name (forwarded as `cache_salt`) and the hasher of its cache namespace.
+/// A tenant: its name, the `cache_salt` forwarded for it and the hasher of its cache
+/// namespace.
 pub(crate) struct Tenant {
     pub(crate) name: Arc<str>,
+    /// The name in Dynamo's tagged form (`dynamo-cache-salt:NAME`): the engine salts its
+    /// prefix cache with it as with any string, and its KV events (vLLM's `extra_keys`,
+    /// SGLang's `cache_salt`) then name the namespace the request was hashed in, which an
+    /// untagged salt could not (docs/hashing.md).
+    pub(crate) salt: Arc<str>,
     pub(crate) hasher: BlockHasher,
 }
 
@@ -99,6 +106,7 @@ impl ApiKeys {
                     None => {
                         let tenant = Arc::new(Tenant {
                             name: name.as_str().into(),
+                            salt: format!("{CACHE_SALT_PREFIX}{name}").into(),
                             hasher: BlockHasher::builder(block_size)
                                 .cache_namespace(name)
                                 .build()?,

@@ -371,7 +371,7 @@ impl Gateway {
         let salt = caller
             .tenant
             .as_ref()
-            .map(|tenant| Arc::clone(&tenant.name));
+            .map(|tenant| Arc::clone(&tenant.salt));
         let runtime = tokio::runtime::Handle::current();
         let job = move || -> Result<Prepared, Refused> {
             let chat = ChatRequest::from_json(&body).map_err(|e| Box::new(preprocess_error(&e)))?;
@@ -419,7 +419,7 @@ impl Gateway {
         let salt = caller
             .tenant
             .as_ref()
-            .map(|tenant| Arc::clone(&tenant.name));
+            .map(|tenant| Arc::clone(&tenant.salt));
         let job = move || -> Result<Prepared, Refused> {
             let completion =
                 CompletionRequest::from_json(&body).map_err(|e| Box::new(preprocess_error(&e)))?;

@@ -325,10 +325,13 @@ impl EngineCache {
     /// `extra_keys` (vLLM) or its `cache_salt` (SGLang) carries.
     fn hasher_for(&mut self, event: &EngineStored) -> Result<u32, EngineSkip> {
         let lora = event.lora_name.clone().filter(|n| !n.is_empty());
+        // SGLang's own field: taken whole, as Dynamo does, or without the tag a router put on.
         let namespace = event
             .cache_salt
-            .clone()
+            .as_deref()
+            .map(|salt| salt.strip_prefix(CACHE_SALT_PREFIX).unwrap_or(salt))
             .filter(|s| !s.is_empty())
+            .map(str::to_owned)
             .or_else(|| cache_namespace(event, lora.as_deref()).map(str::to_owned));
         if lora.is_none() && namespace.is_none() {
             return Ok(0);
