@@ -101,7 +101,8 @@ counters! {
     engine_block_size_refused => "kvroute_events_engine_block_size_refused_total",
     /// Engine caches whose remembered blocks passed the bound: their entries were dropped.
     engine_overflows => "kvroute_events_engine_overflows_total",
-    /// Times the stream consumer was recreated after the connection or the server failed.
+    /// Times the stream consumer was recreated after the connection or the server failed, or
+    /// was found stalled (the stream held events it did not deliver: its NATS node died).
     consumer_restarts => "kvroute_events_consumer_restarts_total",
 }
 

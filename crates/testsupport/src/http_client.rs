@@ -86,17 +86,51 @@ impl HttpClient {
             .await
     }
 
+    /// `POST url` with a JSON body, or why no whole response came (a server killed before or
+    /// while answering, say).
+    pub async fn try_post(&self, url: &str, body: &Value) -> Result<Reply, String> {
+        let request = http::Request::post(url)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap();
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| e.to_string())?;
+        Self::try_read(response).await
+    }
+
+    /// `GET url`, or why no whole response came.
+    pub async fn try_get(&self, url: &str) -> Result<Reply, String> {
+        let response = self
+            .client
+            .get(url.parse().unwrap())
+            .await
+            .map_err(|e| e.to_string())?;
+        Self::try_read(response).await
+    }
+
     async fn read(response: http::Response<hyper::body::Incoming>) -> Reply {
+        Self::try_read(response).await.unwrap()
+    }
+
+    async fn try_read(response: http::Response<hyper::body::Incoming>) -> Result<Reply, String> {
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         let body = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-        Reply {
+        Ok(Reply {
             status,
             headers,
             body,
-        }
+        })
     }
 }
 

@@ -162,17 +162,74 @@ impl NatsCluster {
             .join(",")
     }
 
-    /// Waits until the cluster has a JetStream leader that can place 3 replicas (a new or
-    /// restarted cluster elects one within seconds).
-    pub async fn wait_for_jetstream(&self) {
+    /// The index of the node leading JetStream stream `stream` (a KV bucket's is
+    /// `KV_{bucket}`), waiting up to 30 s for one to be elected.
+    pub async fn leader_of(&self, stream: &str) -> usize {
+        let mut js = async_nats::jetstream::new(self.client().await);
+        // Ask often: a leaderless stream does not answer, and the default timeout is 5 s.
+        js.set_timeout(Duration::from_millis(500));
         let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut found) = js.get_stream(stream).await {
+                let leader = found
+                    .info()
+                    .await
+                    .ok()
+                    .and_then(|info| info.cluster.as_ref()?.leader.clone());
+                let node = leader.and_then(|name| name.strip_prefix("node")?.parse().ok());
+                if let Some(node) = node {
+                    return node;
+                }
+            }
+            assert!(Instant::now() < deadline, "stream {stream} has no leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits up to 30 s until each of `streams` has a leader and every copy current (a
+    /// restarted node has caught up), so that losing another node leaves a quorum of
+    /// up-to-date copies.
+    pub async fn wait_until_current(&self, streams: &[&str]) {
+        let mut js = async_nats::jetstream::new(self.client().await);
+        js.set_timeout(Duration::from_millis(500));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for name in streams {
+            loop {
+                let current = match js.get_stream(name).await {
+                    Ok(mut stream) => stream.info().await.ok().and_then(|info| {
+                        let cluster = info.cluster.as_ref()?;
+                        let copies = cluster.replicas.len() + usize::from(cluster.leader.is_some());
+                        Some(
+                            copies == info.config.num_replicas
+                                && cluster.replicas.iter().all(|r| r.current && !r.offline),
+                        )
+                    }),
+                    Err(_) => None,
+                };
+                if current == Some(true) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "stream {name} never caught up");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    /// A client of the cluster, given every node as a seed.
+    async fn client(&self) -> async_nats::Client {
         let seeds: Vec<async_nats::ServerAddr> = self
             .nodes
             .iter()
             .map(|n| n.url().parse().unwrap())
             .collect();
-        let client = async_nats::connect(seeds).await.unwrap();
-        let js = async_nats::jetstream::new(client);
+        async_nats::connect(seeds).await.unwrap()
+    }
+
+    /// Waits until the cluster has a JetStream leader that can place 3 replicas (a new or
+    /// restarted cluster elects one within seconds).
+    pub async fn wait_for_jetstream(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let js = async_nats::jetstream::new(self.client().await);
         loop {
             let probe = async_nats::jetstream::stream::Config {
                 name: "KVROUTE_TEST_PROBE".to_owned(),

@@ -109,6 +109,11 @@ impl NatsSourceConfig {
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// How long the consumer may stay silent before the connection count is checked.
 const RECONNECT_CHECK: Duration = Duration::from_millis(250);
+/// After this long without a message, the stream's leader is asked whether ours has events we
+/// were not given: an ordered consumer lives on one NATS node, and when that node dies while
+/// this client stays connected elsewhere, the client only notices after missing heartbeats
+/// (15 s each), if at all.
+const STALL_CHECK: Duration = Duration::from_secs(2);
 
 /// Events from the JetStream stream, for [`Ingestor::spawn`](crate::Ingestor::spawn).
 ///
@@ -136,6 +141,8 @@ pub struct NatsSource {
     store: Option<object_store::ObjectStore>,
     saved: u64,
     saved_at: Instant,
+    /// When a message last arrived, or the stream was last asked about a stall.
+    heard_at: Instant,
 }
 
 impl std::fmt::Debug for NatsSource {
@@ -284,6 +291,17 @@ impl EventSource for NatsSource {
                     if self.connects_now() != self.connects {
                         tracing::info!("reconnected to NATS: recreating the stream consumer");
                         self.messages = None;
+                    } else if self.heard_at.elapsed() >= STALL_CHECK {
+                        self.heard_at = Instant::now();
+                        let filter = match self.config.wire {
+                            StreamWire::Kvroute => Some(self.config.stream.event_filter()),
+                            StreamWire::DynamoJson => None,
+                        };
+                        let stream = self.config.stream.stream.clone();
+                        if stalled(self.js.clone(), stream, filter, self.delivered).await {
+                            tracing::warn!("the stream holds events the consumer did not deliver (its NATS node died?): recreating it");
+                            self.messages = None;
+                        }
                     }
                     return SourceItem::Idle;
                 }
@@ -303,6 +321,7 @@ impl EventSource for NatsSource {
                 return SourceItem::malformed(MalformedKind::Delivery, "no delivery metadata");
             };
             self.drained |= pending == 0;
+            self.heard_at = Instant::now();
             if sequence <= self.delivered {
                 continue; // replayed by a recreated consumer
             }
@@ -331,6 +350,7 @@ impl NatsSource {
             store: None,
             saved: 0,
             saved_at: Instant::now(),
+            heard_at: Instant::now(),
         }
     }
 
@@ -366,11 +386,21 @@ impl NatsSource {
                 return None;
             }
         };
-        let mut bytes = Vec::new();
-        match object.read_to_end(&mut bytes).await {
-            Ok(_) => Some(bytes),
-            Err(error) => {
+        // async-nats 0.49 panics inside the read when it cannot create the object's consumer
+        // (while the store's JetStream leader is being elected): in a task of its own, that
+        // panic is one more failed read, after which the stream is replayed instead.
+        let read = tokio::spawn(async move {
+            let mut bytes = Vec::new();
+            object.read_to_end(&mut bytes).await.map(|_| bytes)
+        });
+        match read.await {
+            Ok(Ok(bytes)) => Some(bytes),
+            Ok(Err(error)) => {
                 tracing::warn!(%error, "could not read the snapshot");
+                None
+            }
+            Err(error) => {
+                tracing::warn!(%error, "could not read the snapshot (the NATS client panicked)");
                 None
             }
         }
@@ -454,4 +484,26 @@ impl NatsSource {
         self.retry_at = Some(Instant::now() + self.delay);
         self.delay = (self.delay * 2).min(MAX_BACKOFF);
     }
+}
+
+/// Whether the leader of `stream` holds a message on `filter` (`None`: any) past `delivered`.
+/// Unknown (no answer) counts as no. (A free function: the source itself is not `Sync`.)
+async fn stalled(
+    js: jetstream::Context,
+    stream: String,
+    filter: Option<String>,
+    delivered: u64,
+) -> bool {
+    let Ok(stream) = js.get_stream(&stream).await else {
+        return false;
+    };
+    let last = match filter {
+        Some(filter) => stream
+            .get_last_raw_message_by_subject(&filter)
+            .await
+            .map(|message| message.sequence)
+            .ok(),
+        None => Some(stream.cached_info().state.last_sequence),
+    };
+    last.is_some_and(|last| last > delivered)
 }

@@ -3,8 +3,11 @@
 //! and who stopped heartbeating.
 //!
 //! Expiry is decided by the watcher, not by the server: nats-server 2.9 sends no marker when a
-//! value ages out, so a router drops a worker whose record was not refreshed within the TTL. Time
-//! spent disconnected from NATS does not count, so a NATS restart does not empty the registry.
+//! value ages out, so a router drops a worker whose record was not refreshed within the TTL. Only
+//! time the bucket was usable counts: while the router cannot reach the bucket (disconnected, or
+//! a NATS cluster re-electing the bucket's leader after a node died) workers cannot write their
+//! heartbeats either, so nobody's clock runs. Before dropping a worker the router reads its key
+//! from the bucket, so a watch that fell behind (its consumer lost with a node) expires no one.
 
 use super::{backoff, escape_token, NatsError};
 use async_nats::jetstream::{self, kv};
@@ -64,6 +67,12 @@ impl MembershipSettings {
 
     fn heartbeat_interval(&self) -> Duration {
         self.ttl / 3
+    }
+
+    /// After a failed heartbeat: soon, so that a bucket back from a leader election sees the
+    /// record again well within the TTL.
+    fn heartbeat_retry(&self) -> Duration {
+        self.heartbeat_interval() / 4
     }
 }
 
@@ -141,16 +150,21 @@ impl Registration {
                 source: source.into(),
             })?;
         let (stop, mut stopped) = watch::channel(false);
-        let interval = settings.heartbeat_interval();
+        let (interval, retry) = (settings.heartbeat_interval(), settings.heartbeat_retry());
         let task = tokio::spawn(async move {
             let mut failing = false;
             loop {
                 tokio::select! {
                     _ = stopped.changed() => break,
-                    () = tokio::time::sleep(interval) => {}
+                    () = tokio::time::sleep(if failing { retry } else { interval }) => {}
                 }
                 match store.put(&key, value.clone()).await {
-                    Ok(_) => failing = false,
+                    Ok(_) => {
+                        if failing {
+                            tracing::info!(%key, "registration heartbeat resumed");
+                        }
+                        failing = false;
+                    }
                     Err(error) => {
                         counter!("kvroute_registration_heartbeat_failures_total").increment(1);
                         if !failing {
@@ -223,7 +237,10 @@ impl LeftReason {
 
 /// Watches the registrations under `settings.key_prefix` and sends every change, starting with
 /// one [`MembershipChange::Joined`] per worker registered now. The task survives NATS restarts
-/// (it re-creates its watch) and ends when the receiver is dropped.
+/// and failovers (it re-creates its watch) and ends when the receiver is dropped.
+///
+/// A worker expires once its record has gone a TTL without a refresh while the bucket was
+/// usable, and a read of its key confirms it: see the module documentation.
 pub fn watch_members(
     client: async_nats::Client,
     store: kv::Store,
@@ -241,10 +258,23 @@ pub fn watch_members(
     rx
 }
 
+/// A registered worker as a router last saw it.
+struct Member {
+    record: WorkerRecord,
+    /// The bucket revision of the record last seen (a heartbeat is a new revision).
+    revision: u64,
+    /// When it was last seen, or when the clock was last held (bucket unusable).
+    seen: Instant,
+}
+
+/// What a sweep read from the bucket: `None` when the bucket could not be read (no NATS
+/// connection, no stream leader, a timeout); else the current entry of each key due to expire.
+type BucketRead = Option<Vec<(WorkerId, Option<kv::Entry>)>>;
+
 struct Members {
     filter: String,
     ttl: Duration,
-    known: HashMap<WorkerId, (WorkerRecord, Instant)>,
+    known: HashMap<WorkerId, Member>,
     keys: HashMap<String, WorkerId>,
     malformed_logged: bool,
 }
@@ -266,6 +296,8 @@ impl Members {
                     Ok(watch) => watch,
                     Err(error) => {
                         tracing::warn!(filter = %self.filter, %error, "watching registrations failed; retrying");
+                        // Unwatched is not unheard: hold the clocks until the watch is back.
+                        self.hold(Instant::now());
                         delay = backoff(delay, Duration::from_secs(2)).await;
                         continue;
                     }
@@ -284,8 +316,9 @@ impl Members {
                         None => break,
                     },
                     _ = sweep.tick() => {
-                        let connected = client.connection_state() == async_nats::connection::State::Connected;
-                        self.sweep(Instant::now(), connected)
+                        let now = Instant::now();
+                        let read = self.read(&client, &store, now).await;
+                        self.sweep(now, read)
                     }
                 };
                 for change in changes {
@@ -316,8 +349,13 @@ impl Members {
                 let changed = self
                     .known
                     .get(&id)
-                    .is_none_or(|(known, _)| *known != record);
-                self.known.insert(id, (record.clone(), now));
+                    .is_none_or(|known| known.record != record);
+                let member = Member {
+                    record: record.clone(),
+                    revision: entry.revision,
+                    seen: now,
+                };
+                self.known.insert(id, member);
                 if changed {
                     counter!("kvroute_membership_changes_total", "change" => "joined").increment(1);
                     vec![MembershipChange::Joined(record)]
@@ -334,26 +372,85 @@ impl Members {
         }
     }
 
-    /// Workers whose record is older than the TTL leave. While disconnected from NATS no
-    /// heartbeat can arrive, so the clock is held: every record counts as fresh.
-    fn sweep(&mut self, now: Instant, connected: bool) -> Vec<MembershipChange> {
-        if !connected {
-            for (_, seen) in self.known.values_mut() {
-                *seen = now;
-            }
-            return Vec::new();
-        }
-        let expired: Vec<WorkerId> = self
-            .known
+    /// The workers not seen for longer than the TTL, with their keys.
+    fn due(&self, now: Instant) -> Vec<(WorkerId, String)> {
+        self.keys
             .iter()
-            .filter(|(_, (_, seen))| now.duration_since(*seen) > self.ttl)
-            .map(|(id, _)| *id)
-            .collect();
-        self.keys.retain(|_, id| !expired.contains(id));
-        expired
-            .into_iter()
-            .filter_map(|id| self.leave(id, LeftReason::Expired))
+            .filter(|(_, id)| {
+                self.known
+                    .get(id)
+                    .is_some_and(|member| now.duration_since(member.seen) > self.ttl)
+            })
+            .map(|(key, id)| (*id, key.clone()))
             .collect()
+    }
+
+    /// Asks the bucket whether it is usable and reads the keys of the workers due to expire,
+    /// both from the bucket stream's leader (the workers' heartbeats need that leader; a
+    /// follower could answer from behind). Gives up after a quarter of the TTL: a bucket that
+    /// slow counts as unusable.
+    async fn read(
+        &self,
+        client: &async_nats::Client,
+        store: &kv::Store,
+        now: Instant,
+    ) -> BucketRead {
+        if self.known.is_empty() {
+            return Some(Vec::new());
+        }
+        if client.connection_state() != async_nats::connection::State::Connected {
+            return None;
+        }
+        let due = self.due(now);
+        let read = async {
+            if due.is_empty() {
+                store.stream.clone().info().await.ok()?;
+            }
+            let mut entries = Vec::with_capacity(due.len());
+            for (id, key) in due {
+                entries.push((id, latest(store, key).await?));
+            }
+            Some(entries)
+        };
+        tokio::time::timeout(self.ttl / 4, read)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Applies what `read` found. An unusable bucket holds every clock (no heartbeat could be
+    /// written); a key that has a newer revision than the watch delivered is a heartbeat the
+    /// watch missed; any other worker due leaves.
+    fn sweep(&mut self, now: Instant, read: BucketRead) -> Vec<MembershipChange> {
+        let Some(entries) = read else {
+            self.hold(now);
+            return Vec::new();
+        };
+        let mut changes = Vec::new();
+        for (id, entry) in entries {
+            let Some(member) = self.known.get(&id) else {
+                continue;
+            };
+            if let Some(entry) = entry.filter(|e| e.revision > member.revision) {
+                if entry.operation == kv::Operation::Put {
+                    counter!("kvroute_registration_watch_lagged_total").increment(1);
+                }
+                changes.extend(self.apply(&entry, now));
+                if self.known.get(&id).is_some_and(|member| member.seen == now) {
+                    continue;
+                }
+            }
+            self.keys.retain(|_, known| *known != id);
+            changes.extend(self.leave(id, LeftReason::Expired));
+        }
+        changes
+    }
+
+    /// Counts every worker as seen `now`.
+    fn hold(&mut self, now: Instant) {
+        for member in self.known.values_mut() {
+            member.seen = now;
+        }
     }
 
     fn leave(&mut self, worker_id: WorkerId, reason: LeftReason) -> Option<MembershipChange> {
@@ -361,6 +458,33 @@ impl Members {
         counter!("kvroute_membership_changes_total", "change" => reason.as_str()).increment(1);
         Some(MembershipChange::Left { worker_id, reason })
     }
+}
+
+/// The latest entry of `key` as the bucket stream's leader has it: `Some(None)` when the key
+/// has none (never written, or aged out), `None` when the leader did not answer.
+async fn latest(store: &kv::Store, key: String) -> Option<Option<kv::Entry>> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let subject = format!("{}{key}", store.prefix);
+    let message = match store.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(message) => message,
+        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => return Some(None),
+        Err(_) => return None,
+    };
+    let operation = message
+        .headers
+        .get("KV-Operation")
+        .and_then(|op| op.as_str().parse().ok())
+        .unwrap_or(kv::Operation::Put);
+    Some(Some(kv::Entry {
+        bucket: store.name.clone(),
+        key,
+        value: message.payload,
+        revision: message.sequence,
+        delta: 0,
+        created: message.time,
+        operation,
+        seen_current: true,
+    }))
 }
 
 #[cfg(test)]
@@ -432,23 +556,62 @@ mod tests {
     }
 
     #[test]
-    fn silence_expires_but_not_while_disconnected() {
+    fn silence_expires_but_not_while_the_bucket_is_unusable() {
         let mut members = members();
         let t0 = Instant::now();
         let record = WorkerRecord::new(WorkerId(2), "http://y:1").to_json();
-        members.apply(&entry("a.b.2", &record, kv::Operation::Put), t0);
+        let put = entry("a.b.2", &record, kv::Operation::Put);
+        members.apply(&put, t0);
         let late = t0 + Duration::from_secs(5);
-        assert!(members.sweep(late, false).is_empty());
-        assert!(members
-            .sweep(late + Duration::from_secs(2), true)
-            .is_empty());
+        assert_eq!(members.due(late), [(WorkerId(2), "a.b.2".to_owned())]);
+        // No leader: nobody could heartbeat, so the clock restarts.
+        assert!(members.sweep(late, None).is_empty());
+        assert!(members.due(late + Duration::from_secs(2)).is_empty());
+        let later = late + Duration::from_secs(4);
         assert_eq!(
-            members.sweep(late + Duration::from_secs(4), true),
+            members.sweep(later, Some(vec![(WorkerId(2), Some(put))])),
             [MembershipChange::Left {
                 worker_id: WorkerId(2),
                 reason: LeftReason::Expired
             }]
         );
         assert!(members.keys.is_empty());
+    }
+
+    #[test]
+    fn a_heartbeat_the_watch_missed_is_read_from_the_bucket() {
+        let mut members = members();
+        let t0 = Instant::now();
+        let record = WorkerRecord::new(WorkerId(3), "http://z:1").to_json();
+        let mut put = entry("a.b.3", &record, kv::Operation::Put);
+        members.apply(&put, t0);
+        put.revision = 7;
+        let late = t0 + Duration::from_secs(4);
+        assert!(members
+            .sweep(late, Some(vec![(WorkerId(3), Some(put.clone()))]))
+            .is_empty());
+        assert!(members.due(late + Duration::from_secs(2)).is_empty());
+        // Aged out of the bucket: gone.
+        let later = late + Duration::from_secs(4);
+        assert_eq!(
+            members.sweep(later, Some(vec![(WorkerId(3), None)])),
+            [MembershipChange::Left {
+                worker_id: WorkerId(3),
+                reason: LeftReason::Expired
+            }]
+        );
+        // A deletion the watch missed is a deregistration.
+        members.apply(&put, later);
+        let mut deleted = entry("a.b.3", "", kv::Operation::Delete);
+        deleted.revision = 8;
+        let last = later + Duration::from_secs(4);
+        assert_eq!(
+            members.sweep(last, Some(vec![(WorkerId(3), Some(deleted))])),
+            [MembershipChange::Left {
+                worker_id: WorkerId(3),
+                reason: LeftReason::Deregistered
+            }]
+        );
+        assert!(members.known.is_empty() && members.keys.is_empty());
     }
 }
