@@ -515,9 +515,17 @@ pub struct WorkerConfig {
     pub url: String,
     /// With `events.source = "engines"`: the engine's own ZeroMQ KV event endpoint
     /// (`tcp://host:5557`, vLLM's and SGLang's `--kv-events-config` `endpoint`; its replay
-    /// socket is expected on the next port).
+    /// socket is expected on the next port unless `events_replay` says otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub events: Option<String>,
+    /// The engine's replay endpoint (`replay_endpoint`), when it is not `events`' port + 1:
+    /// with several data-parallel ranks it cannot be, as rank `r` publishes on port + `r`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_replay: Option<String>,
+    /// The engine's data-parallel ranks (vLLM's `--data-parallel-size`, SGLang's attention DP):
+    /// rank `r` publishes on `events`' port + `r` and replays on `events_replay`'s + `r`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dp_ranks: Option<u32>,
 }
 
 impl WorkerConfig {
@@ -527,6 +535,8 @@ impl WorkerConfig {
             id,
             url: url.into(),
             events: None,
+            events_replay: None,
+            dp_ranks: None,
         }
     }
 
@@ -886,16 +896,39 @@ impl ServerConfig {
                     ));
                 }
                 Some(endpoint) => {
-                    let port = endpoint
-                        .strip_prefix("tcp://")
-                        .and_then(|rest| rest.rsplit_once(':'))
-                        .and_then(|(_, port)| port.parse::<u16>().ok());
-                    if port.is_none_or(|p| p == u16::MAX) {
+                    let ranks = worker.dp_ranks.unwrap_or(1);
+                    if ranks == 0 {
                         return invalid(format!(
-                            "worker {}: events endpoint {endpoint:?} is not tcp://HOST:PORT",
+                            "worker {}: dp_ranks must be at least 1",
                             worker.id
                         ));
                     }
+                    // Every rank's port, and by default its replay port (+1), must exist.
+                    let last = match worker.events_replay {
+                        None => ranks,
+                        Some(_) => ranks - 1,
+                    };
+                    let replay = worker.events_replay.iter().map(|r| (r, ranks - 1));
+                    for (endpoint, last) in std::iter::once((endpoint, last)).chain(replay) {
+                        let top = endpoint
+                            .strip_prefix("tcp://")
+                            .and_then(|rest| rest.rsplit_once(':'))
+                            .and_then(|(_, port)| port.parse::<u16>().ok())
+                            .and_then(|port| u32::from(port).checked_add(last));
+                        if top.is_none_or(|top| top > u32::from(u16::MAX)) {
+                            return invalid(format!(
+                                "worker {}: events endpoint {endpoint:?} is not tcp://HOST:PORT \
+                                 (with room for {ranks} rank(s))",
+                                worker.id
+                            ));
+                        }
+                    }
+                }
+                None if worker.events_replay.is_some() || worker.dp_ranks.is_some() => {
+                    return invalid(format!(
+                        "worker {}: events_replay and dp_ranks need its events endpoint",
+                        worker.id
+                    ));
                 }
                 None => {}
             }
@@ -1015,6 +1048,10 @@ cooldown_secs = 5
 # url = "http://10.0.0.5:8000"
 # # With source = "engines": its engine's ZeroMQ KV event endpoint (replay on the next port).
 # events = "tcp://10.0.0.5:5557"
+# # The engine's replay_endpoint if not the next port, and its data-parallel ranks (rank r
+# # publishes on events' port + r and replays on events_replay's port + r).
+# events_replay = "tcp://10.0.0.5:6557"
+# dp_ranks = 2
 
 [events]
 # kvroute (JetStream stream) | dynamo (Dynamo 1.6 NATS subjects) | engines (each listed
@@ -1178,7 +1215,27 @@ mod tests {
             let refused = config.validate().unwrap_err().to_string();
             assert!(refused.contains("tcp://HOST:PORT"), "{bad}: {refused}");
         }
+        // Two ranks: 5557 and 5558 publish, so the replay socket must be elsewhere.
+        config.workers[0].events = Some("tcp://a:65534".into());
+        config.workers[0].dp_ranks = Some(2);
+        assert!(config.validate().is_err(), "rank 1 would replay on 65536");
+        config.workers[0].events_replay = Some("tcp://a:6557".into());
+        config.validate().unwrap();
+        assert_eq!(
+            ServerConfig::from_toml_str(&config.to_toml()).unwrap(),
+            config
+        );
+        config.workers[0].dp_ranks = Some(0);
+        assert!(config.validate().is_err());
+        config.workers[0].dp_ranks = Some(u32::MAX);
+        assert!(config.validate().is_err());
         config.workers[0].events = None;
+        config.events.source = EventsSource::None;
+        let refused = config.validate().unwrap_err().to_string();
+        assert!(refused.contains("need its events endpoint"), "{refused}");
+        config.events.source = EventsSource::Engines;
+        config.workers[0].events_replay = None;
+        config.workers[0].dp_ranks = None;
         let refused = config.validate().unwrap_err().to_string();
         assert!(refused.contains("needs its events endpoint"), "{refused}");
         assert_eq!(

@@ -23,7 +23,7 @@ use kvroute_index::{Index, IndexConfig, IndexStats, SharedIndex};
 use kvroute_preprocess::{PreprocessError, Preprocessor};
 use kvroute_protocol::WorkerId;
 use metrics::counter;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -560,13 +560,21 @@ async fn connect(config: &ServerConfig) -> Result<async_nats::Client, ServerErro
 }
 
 /// The ingestor of the configured source, and the bus when it is in-process.
-/// The listed workers' engine event endpoints, by worker id.
-fn event_endpoints(config: &ServerConfig) -> BTreeMap<u64, &str> {
-    config
+/// The listed workers' engine event endpoints, in worker id order.
+fn event_endpoints(config: &ServerConfig) -> Vec<EngineEndpoint> {
+    let mut endpoints: Vec<EngineEndpoint> = config
         .workers
         .iter()
-        .filter_map(|w| Some((w.id, w.events.as_deref()?)))
-        .collect()
+        .filter_map(|w| {
+            let mut endpoint = EngineEndpoint::new(WorkerId(w.id), w.events.as_deref()?);
+            if let Some(replay) = &w.events_replay {
+                endpoint = endpoint.with_replay(Some(replay.clone()));
+            }
+            Some(endpoint.with_dp_ranks(w.dp_ranks.unwrap_or(1)))
+        })
+        .collect();
+    endpoints.sort_by_key(|e| e.worker_id);
+    endpoints
 }
 
 async fn spawn_ingestor(
@@ -619,10 +627,7 @@ async fn spawn_ingestor(
             (Some(Ingestor::spawn(source, index, ingest)), None)
         }
         (EventsSource::Engines, _) => {
-            let workers = event_endpoints(config)
-                .into_iter()
-                .map(|(id, endpoint)| EngineEndpoint::new(WorkerId(id), endpoint))
-                .collect();
+            let workers = event_endpoints(config);
             let source =
                 EngineSource::new(EngineSourceConfig::new(workers, config.model.block_size));
             (Some(Ingestor::spawn(source, index, ingest)), None)
