@@ -16,6 +16,9 @@ mod hash_tokens;
 #[path = "../mock_worker.rs"]
 #[allow(dead_code)]
 mod mock_worker;
+#[path = "../soak.rs"]
+#[allow(dead_code)] // its `main`
+mod soak;
 #[path = "../standalone_indexer.rs"]
 #[allow(dead_code)]
 mod standalone_indexer;
@@ -443,4 +446,16 @@ async fn custom_server_routes_with_its_own_policy_behind_its_own_middleware() {
     );
     assert_eq!(table["workers"][1]["overlap_blocks"], json!(0), "{table}");
     server.shutdown().await.unwrap();
+}
+
+/// The soak program, for a few seconds: every exchange gets the outcome a correct server
+/// gives (docs/operations.md has a 10-minute run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soak_runs_a_few_seconds_of_mixed_traffic_without_an_unexpected_outcome() {
+    let args = soak::Args::try_parse_from(["soak", "--duration", "3s", "--clients", "8"]).unwrap();
+    let summary = soak::run(&args, None).await.unwrap();
+    assert!(summary.requests >= 8, "{summary:?}");
+    assert_eq!(summary.unexpected, 0, "{summary:?}");
+    assert_eq!(summary.panics, 0, "{summary:?}");
+    assert!(summary.healthy_after, "{summary:?}");
 }
