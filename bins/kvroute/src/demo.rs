@@ -1,13 +1,14 @@
-//! `kvroute demo`: the gateway, an in-process event bus and simulated workers in one process.
+//! `kvroute demo`: the gateway, an in-process event bus (or vLLM's ZeroMQ wire on loopback)
+//! and simulated workers in one process.
 
 use crate::flags::ConfigSource;
-use anyhow::Result;
-use clap::Args;
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
 use kvroute_dispatch::Worker;
-use kvroute_events::PublisherConfig;
-use kvroute_gateway::{EventsSource, MetricsRender, Server, ServerConfig};
+use kvroute_events::{EnginePublisher, EnginePublisherConfig, PublisherConfig};
+use kvroute_gateway::{EventsSource, MetricsRender, Server, ServerConfig, WorkerConfig};
 use kvroute_protocol::WorkerId;
-use kvroute_sim::{SimConfig, SimWorker, WorkerModel};
+use kvroute_sim::{SimConfig, SimEvents, SimWorker, WorkerModel};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
@@ -20,8 +21,19 @@ pub struct DemoArgs {
     /// KV pool of each simulated worker, in blocks.
     #[arg(long, default_value_t = 4096)]
     capacity_blocks: usize,
+    /// Which engine the simulated workers publish KV events as: kvroute (its own events on an
+    /// in-process bus) or vLLM (exactly vLLM's ZeroMQ PUB and replay sockets on loopback, read
+    /// by the engine source as `kvroute serve --worker-events` does).
+    #[arg(long, value_enum, default_value_t = DemoEngine::Kvroute)]
+    engine: DemoEngine,
     #[command(flatten)]
     source: ConfigSource,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DemoEngine {
+    Kvroute,
+    Vllm,
 }
 
 /// The demo's configuration: the server's, on loopback, with its events on an in-process
@@ -38,6 +50,9 @@ fn demo_defaults() -> ServerConfig {
 }
 
 pub async fn run(args: DemoArgs, metrics: MetricsRender) -> Result<()> {
+    if args.engine == DemoEngine::Vllm {
+        return run_vllm(args, metrics).await;
+    }
     let mut config = args.source.load(demo_defaults())?;
     // Whatever a file says, the demo's workers live in this process.
     config.events.source = EventsSource::InProcess;
@@ -76,6 +91,63 @@ pub async fn run(args: DemoArgs, metrics: MetricsRender) -> Result<()> {
     }
     Ok(())
 }
+/// The demo with workers publishing vLLM's wire: their sockets are bound first, so the
+/// server starts with every worker's endpoints listed, as `kvroute serve --worker-events`.
+async fn run_vllm(args: DemoArgs, metrics: MetricsRender) -> Result<()> {
+    let mut config = args.source.load(demo_defaults())?;
+    let mut bound = Vec::new();
+    for n in 1..=args.num_workers {
+        let sockets =
+            EnginePublisherConfig::new("tcp://127.0.0.1:0").with_replay("tcp://127.0.0.1:0");
+        let publisher = EnginePublisher::bind(sockets)
+            .await
+            .context("binding a simulated worker's KV event sockets on loopback")?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let mut worker = WorkerConfig::new(n, format!("http://{}", listener.local_addr()?))
+            .with_events(publisher.endpoint());
+        worker.events_replay = publisher.replay_endpoint().map(str::to_owned);
+        println!(
+            "simulated worker {n} on {}, vLLM KV events on {} (replay {})",
+            worker.url,
+            publisher.endpoint(),
+            publisher.replay_endpoint().unwrap_or_default()
+        );
+        bound.push((worker, publisher, listener));
+    }
+    let workers: Vec<WorkerConfig> = bound.iter().map(|(w, _, _)| w.clone()).collect();
+    // Whatever a file says, the demo's workers are these (also after a reload).
+    let demo = move |config: &mut ServerConfig| {
+        config.events.source = EventsSource::Engines;
+        config.workers.clone_from(&workers);
+    };
+    demo(&mut config);
+    let (model, block_size) = (config.model.name.clone(), config.model.block_size);
+    let server = Server::builder(config).metrics(metrics).start().await?;
+    let mut sims = Vec::new();
+    for (worker, publisher, listener) in bound {
+        let engine = WorkerModel::default().with_capacity_blocks(Some(args.capacity_blocks));
+        let settings = SimConfig::new(WorkerId(worker.id), &model, block_size).with_engine(engine);
+        let events = SimEvents::from(publisher);
+        let sim = SimWorker::new(settings, Arc::clone(server.preprocessor()), events)?;
+        sims.push(sim.clone());
+        tokio::spawn(sim.serve(listener, std::future::pending()));
+    }
+    print_usage(server.local_addr(), &model);
+    server
+        .run_until_signal(|| {
+            let mut reloaded = args.source.load(demo_defaults());
+            if let Ok(config) = &mut reloaded {
+                demo(config);
+            }
+            reloaded.map_err(|error| format!("{error:#}"))
+        })
+        .await?;
+    for sim in &sims {
+        sim.kill();
+    }
+    Ok(())
+}
+
 fn print_usage(addr: SocketAddr, model: &str) {
     let base = format!("http://{addr}");
     println!(

@@ -256,3 +256,30 @@ async fn serve_in_front_of_vllm_wire_workers() {
     assert_eq!(overlaps(&gateway, &image).await.get(&owner), Some(&0));
     assert!(metric(&gateway, "kvroute_events_incarnation_changes_total").await >= 1);
 }
+
+/// `kvroute demo --engine vllm`: the same path in one process (workers on loopback
+/// ZeroMQ sockets, the engine source reading them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_over_the_vllm_wire() {
+    let mut processes = Processes::new();
+    let port = free_port();
+    processes.spawn(
+        "demo",
+        kvroute()
+            .args([
+                "demo",
+                "--engine",
+                "vllm",
+                "--model",
+                "m",
+                "--block-size",
+                "32",
+            ])
+            .args(["--listen", &format!("127.0.0.1:{port}")]),
+    );
+    processes.wait_for_port(port, "kvroute demo").await;
+    let gateway = Router::new(format!("http://127.0.0.1:{port}"));
+    let image = image_chat_request("chelsea.png", "What is in this image?");
+    gateway.assert_repeat_is_cache_hit(&image, BLOCK_SIZE).await;
+    assert!(metric(&gateway, "kvroute_events_applied_total").await >= 1);
+}
