@@ -387,8 +387,8 @@ impl Members {
 
     /// Asks the bucket whether it is usable and reads the keys of the workers due to expire,
     /// both from the bucket stream's leader (the workers' heartbeats need that leader; a
-    /// follower could answer from behind). Gives up after a quarter of the TTL: a bucket that
-    /// slow counts as unusable.
+    /// follower could answer from behind). Gives up after a quarter of the TTL (at least 1 s):
+    /// a bucket that slow counts as unusable.
     async fn read(
         &self,
         client: &async_nats::Client,
@@ -406,13 +406,17 @@ impl Members {
             if due.is_empty() {
                 store.stream.clone().info().await.ok()?;
             }
-            let mut entries = Vec::with_capacity(due.len());
-            for (id, key) in due {
-                entries.push((id, latest(store, key).await?));
-            }
-            Some(entries)
+            // All at once: read one by one, many due workers on a slow link would outlast the
+            // timeout and so never expire.
+            let reads = due
+                .into_iter()
+                .map(|(id, key)| async move { Some((id, latest(store, key).await?)) });
+            futures_util::future::join_all(reads)
+                .await
+                .into_iter()
+                .collect::<Option<Vec<_>>>()
         };
-        tokio::time::timeout(self.ttl / 4, read)
+        tokio::time::timeout(self.read_timeout(), read)
             .await
             .ok()
             .flatten()
@@ -444,6 +448,10 @@ impl Members {
             changes.extend(self.leave(id, LeftReason::Expired));
         }
         changes
+    }
+
+    fn read_timeout(&self) -> Duration {
+        (self.ttl / 4).max(Duration::from_secs(1))
     }
 
     /// Counts every worker as seen `now`.
