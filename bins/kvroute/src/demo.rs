@@ -53,9 +53,10 @@ pub async fn run(args: DemoArgs, metrics: MetricsRender) -> Result<()> {
     if args.engine == DemoEngine::Vllm {
         return run_vllm(args, metrics).await;
     }
-    let mut config = args.source.load(demo_defaults())?;
     // Whatever a file says, the demo's workers live in this process.
-    config.events.source = EventsSource::InProcess;
+    let demo = |config: &mut ServerConfig| config.events.source = EventsSource::InProcess;
+    let mut config = args.source.load(demo_defaults())?;
+    demo(&mut config);
     let (model, block_size) = (config.model.name.clone(), config.model.block_size);
     let server = Server::builder(config).metrics(metrics).start().await?;
 
@@ -78,19 +79,9 @@ pub async fn run(args: DemoArgs, metrics: MetricsRender) -> Result<()> {
             println!("simulated worker {id} on {url}");
         }
     }
-    print_usage(server.local_addr(), &model);
-    server
-        .run_until_signal(|| {
-            let reloaded = args.source.load(demo_defaults());
-            reloaded.map_err(|error| format!("{error:#}"))
-        })
-        .await?;
-    // The gateway has drained (or given up): whatever the workers still stream has no reader.
-    for sim in &sims {
-        sim.kill();
-    }
-    Ok(())
+    run_until_signal(server, &sims, &args.source, demo).await
 }
+
 /// The demo with workers publishing vLLM's wire: their sockets are bound first, so the
 /// server starts with every worker's endpoints listed, as `kvroute serve --worker-events`.
 async fn run_vllm(args: DemoArgs, metrics: MetricsRender) -> Result<()> {
@@ -132,17 +123,29 @@ async fn run_vllm(args: DemoArgs, metrics: MetricsRender) -> Result<()> {
         sims.push(sim.clone());
         tokio::spawn(sim.serve(listener, std::future::pending()));
     }
-    print_usage(server.local_addr(), &model);
+    run_until_signal(server, &sims, &args.source, demo).await
+}
+
+/// Prints how to try the demo, serves until a stop signal (reloading the configuration,
+/// adjusted by `demo`, on SIGHUP), then stops the simulated workers.
+async fn run_until_signal(
+    server: Server,
+    sims: &[SimWorker],
+    source: &ConfigSource,
+    demo: impl Fn(&mut ServerConfig),
+) -> Result<()> {
+    print_usage(server.local_addr(), &server.config().model.name);
     server
         .run_until_signal(|| {
-            let mut reloaded = args.source.load(demo_defaults());
+            let mut reloaded = source.load(demo_defaults());
             if let Ok(config) = &mut reloaded {
                 demo(config);
             }
             reloaded.map_err(|error| format!("{error:#}"))
         })
         .await?;
-    for sim in &sims {
+    // The gateway has drained (or given up): whatever the workers still stream has no reader.
+    for sim in sims {
         sim.kill();
     }
     Ok(())
