@@ -124,6 +124,25 @@ async fn watch_ready(traffic: Arc<Traffic>, routers: Vec<Router>) {
     }
 }
 
+/// Starts `LANES` clients per replica and the readiness watch.
+fn start_traffic(
+    traffic: &Arc<Traffic>,
+    routers: &[Router],
+) -> (
+    Vec<tokio::task::JoinHandle<()>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut clients = Vec::new();
+    for (replica, router) in routers.iter().enumerate() {
+        for lane in 0..LANES {
+            let client = client(traffic.clone(), router.clone(), replica, lane);
+            clients.push(tokio::spawn(client));
+        }
+    }
+    let ready_watch = tokio::spawn(watch_ready(traffic.clone(), routers.to_vec()));
+    (clients, ready_watch)
+}
+
 /// Waits until `router`'s index holds exactly what the workers hold: every prompt served, in
 /// full on each worker that served it and nowhere else.
 async fn assert_index_matches(router: &Router, served: &BTreeMap<usize, BTreeSet<u64>>) {
@@ -252,18 +271,7 @@ async fn replicas_route_as_one_through_a_nats_node_and_a_replica_dying() {
         min_ready: AtomicU64::new(WORKERS),
         ..Traffic::default()
     });
-    let mut clients = Vec::new();
-    for (replica, router) in routers.iter().enumerate() {
-        for lane in 0..LANES {
-            clients.push(tokio::spawn(client(
-                traffic.clone(),
-                router.clone(),
-                replica,
-                lane,
-            )));
-        }
-    }
-    let ready_watch = tokio::spawn(watch_ready(traffic.clone(), routers.clone()));
+    let (clients, ready_watch) = start_traffic(&traffic, &routers);
     traffic_for(&traffic, 100, &mut processes).await;
 
     // The node leading the registration bucket dies: the bucket elects another leader while
@@ -284,7 +292,7 @@ async fn replicas_route_as_one_through_a_nats_node_and_a_replica_dying() {
 
     // A pause: both indexes agree with what the workers hold.
     traffic.stop.store(true, Ordering::Relaxed);
-    for client in clients.drain(..) {
+    for client in clients {
         client.await.unwrap();
     }
     ready_watch.await.unwrap();
@@ -300,17 +308,7 @@ async fn replicas_route_as_one_through_a_nats_node_and_a_replica_dying() {
 
     // Traffic again, and replica 1 is SIGKILLed under it.
     traffic.stop.store(false, Ordering::Relaxed);
-    for (replica, router) in routers.iter().enumerate() {
-        for lane in 0..LANES {
-            clients.push(tokio::spawn(client(
-                traffic.clone(),
-                router.clone(),
-                replica,
-                lane,
-            )));
-        }
-    }
-    let ready_watch = tokio::spawn(watch_ready(traffic.clone(), routers.clone()));
+    let (clients, ready_watch) = start_traffic(&traffic, &routers);
     traffic_for(&traffic, 60, &mut processes).await;
     // Its clients start nothing more (as a load balancer would, once it notices); what they
     // have in flight, at most one request each, dies with it.
