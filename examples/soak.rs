@@ -477,6 +477,11 @@ pub struct Summary {
     pub panics: u64,
     /// Resident set samples, MiB, one a second.
     pub rss_mib: Vec<f64>,
+    /// The tokenizer's segment cache (bounded, 64 MiB of text and ids by default) at each
+    /// sample, MiB: it fills with every new message, so it accounts for part of the growth.
+    pub segment_cache_mib: Vec<f64>,
+    /// Blocks in the router's index at each sample.
+    pub index_blocks: Vec<u64>,
     /// The health check after the traffic stopped answered 200.
     pub healthy_after: bool,
 }
@@ -562,15 +567,19 @@ pub async fn run(args: &Args, metrics: Option<MetricsRender>) -> Result<Summary,
 
     let started = Instant::now();
     let deadline = started + args.duration;
-    let rss = Arc::new(Mutex::new(Vec::new()));
+    let samples = Arc::new(Mutex::new(Vec::new()));
     let sampler = {
-        let rss = Arc::clone(&rss);
+        let samples = Arc::clone(&samples);
+        let (preprocessor, index) = (Arc::clone(server.preprocessor()), server.index().clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tick.tick().await;
                 if let Some(mib) = rss_mib() {
-                    rss.lock().unwrap_or_else(|e| e.into_inner()).push(mib);
+                    let cache = preprocessor.cache_stats().bytes as f64 / f64::from(1 << 20);
+                    let blocks = index.stats().blocks;
+                    let mut samples = samples.lock().unwrap_or_else(|e| e.into_inner());
+                    samples.push((mib, cache, blocks));
                 }
             }
         })
@@ -618,13 +627,15 @@ pub async fn run(args: &Args, metrics: Option<MetricsRender>) -> Result<Summary,
         sim.kill();
     }
 
-    let rss_mib = rss.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let tally = std::mem::take(&mut *tally.lock().unwrap_or_else(|e| e.into_inner()));
     let summary = Summary {
         requests: requests.load(Ordering::Relaxed),
         unexpected: tally.unexpected,
         panics: panics.load(Ordering::Relaxed),
-        rss_mib,
+        rss_mib: samples.iter().map(|s| s.0).collect(),
+        segment_cache_mib: samples.iter().map(|s| s.1).collect(),
+        index_blocks: samples.iter().map(|s| s.2).collect(),
         healthy_after: health.status() == Some(200),
     };
     print_summary(&summary, &tally, elapsed);
@@ -675,6 +686,27 @@ fn print_summary(summary: &Summary, tally: &Tally, elapsed: Duration) {
             })
             .collect();
         println!("RSS per minute (MiB): {}", minutes.join(" | "));
+        let minute_ends = |values: Vec<String>| {
+            let ends: Vec<String> = values
+                .chunks(60)
+                .enumerate()
+                .filter_map(|(minute, chunk)| Some(format!("{}: {}", minute + 1, chunk.last()?)))
+                .collect();
+            ends.join(" | ")
+        };
+        let cache = summary
+            .segment_cache_mib
+            .iter()
+            .map(|mib| format!("{mib:.1}"));
+        println!(
+            "segment cache at each minute's end (MiB): {}",
+            minute_ends(cache.collect())
+        );
+        let blocks = summary.index_blocks.iter().map(u64::to_string);
+        println!(
+            "index blocks at each minute's end: {}",
+            minute_ends(blocks.collect())
+        );
     }
     println!(
         "unexpected outcomes: {}, panics: {}, healthy after: {}",
